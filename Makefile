@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create the venv and install.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL_DIR ?= models/efficientnet-lite0-imagenet
+INDEX_DIR ?= index_data
+DEMO := examples/grocery
+
+.PHONY: demo serve test lint typecheck pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Serving install: no torch.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Tests need the dev tools and the train extra (export test); torch==2.13.0 installs from local disk.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@ $(VENV)/.serve-installed
+
+# The demo index is rebuilt when the catalogue or the model changes.
+$(INDEX_DIR)/CURRENT: $(DEMO)/catalogue.csv $(MODEL_DIR)/model.json | $(VENV)/.serve-installed
+	$(BIN)/vps build-index --catalogue $(DEMO)/catalogue.csv --images-root $(DEMO)/images \
+		--out $(INDEX_DIR) --model $(MODEL_DIR)
+
+demo: $(VENV)/.serve-installed $(INDEX_DIR)/CURRENT
+	$(BIN)/vps serve --host $(HOST) --port $(PORT) --index-dir $(INDEX_DIR) --model-dir $(MODEL_DIR)
+
+serve: demo
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev-installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-installed
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) $(INDEX_DIR) .pytest_cache .mypy_cache .ruff_cache

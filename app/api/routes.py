@@ -1,0 +1,172 @@
+"""Routes: POST /search, health, readiness, info, metrics. A request goes: read_image (byte cap) ->
+runner (bounded pool) -> SearchEngine.search_image (app/search.py) -> SearchResponse."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.schemas import (
+    ErrorResponse,
+    Health,
+    ImageHit,
+    Info,
+    ModelInfo,
+    ProbedCategory,
+    ResultItem,
+    Routing,
+    SearchResponse,
+    Timings,
+)
+from app.api.upload import read_image
+from app.search import STAGES, SearchEngine, SearchOutcome, SearchParams
+from app.state import AppState
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500, 503)}
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.vps
+    return state
+
+
+def get_engine(state: Annotated[AppState, Depends(get_state)]) -> SearchEngine:
+    """The engine a request runs on, taken once at its start."""
+    return state.require_engine()
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
+async def search(
+    request: Request,
+    state: Annotated[AppState, Depends(get_state)],
+    engine: Annotated[SearchEngine, Depends(get_engine)],
+    k: Annotated[int | None, Query(ge=1, le=100, description="Number of SKUs")] = None,
+    category: Annotated[str | None, Query(min_length=1, max_length=200, description="Force a category")] = None,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False)] = None,
+    probe_mass: Annotated[float | None, Query(gt=0.0, le=1.0, allow_inf_nan=False)] = None,
+    max_probes: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    explain: bool = False,
+) -> SearchResponse:
+    settings = state.settings
+    t0 = time.perf_counter()
+    async with state.runner.admit():
+        state.metrics.inflight.inc()
+        try:
+            data = await read_image(request, settings.max_upload_bytes)
+            params = SearchParams(
+                k=k or settings.default_k,
+                category=category,
+                min_score=min_score,
+                probe_mass=probe_mass or settings.probe_mass or engine.manifest.probe_mass,
+                max_probes=max_probes or settings.max_probes or engine.manifest.max_probes,
+                explain=explain,
+            )
+            outcome = await state.runner.run(engine.search_image, data, params)
+        finally:
+            state.metrics.inflight.dec()
+    total = time.perf_counter() - t0
+    _observe(state, outcome)
+    return _response(engine, outcome, total)
+
+
+def _observe(state: AppState, outcome: SearchOutcome) -> None:
+    m = state.metrics
+    for stage in STAGES:
+        if stage in outcome.timings_s:
+            m.stage_duration.labels(stage=stage).observe(outcome.timings_s[stage])
+    m.shards_probed.observe(len(outcome.probes))
+    if not outcome.forced_category:
+        m.router_top_probability.observe(outcome.top_probability)
+
+
+def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float) -> SearchResponse:
+    card = engine.embedder.card
+    names = engine.categories
+
+    def item(hit_item: dict[str, Any], score: float) -> ResultItem:
+        return ResultItem(
+            sku=str(hit_item["sku"]),
+            score=round(score, 6),
+            category=str(hit_item["category"]),
+            title=hit_item.get("title"),
+            image=hit_item.get("image"),
+            attributes=hit_item.get("attributes") or {},
+        )
+
+    ms = {stage: round(outcome.timings_s.get(stage, 0.0) * 1000, 3) for stage in STAGES}
+    return SearchResponse(
+        results=[item(h.item, h.score) for h in outcome.results],
+        routing=Routing(
+            probed=[
+                ProbedCategory(category=names[p.category], probability=round(p.probability, 6)) for p in outcome.probes
+            ],
+            forced=outcome.forced_category,
+        ),
+        model=ModelInfo(name=card.name, version=card.version, sha256=card.sha256, dim=card.output.dim),
+        index_version=engine.manifest.version,
+        timings_ms=Timings(**ms, total=round(total_s * 1000, 3)),
+        hits=[
+            ImageHit(sku=str(h.item["sku"]), score=round(h.score, 6), image=h.item.get("image"))
+            for h in outcome.image_hits
+        ]
+        if outcome.image_hits
+        else None,
+    )
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Health:
+    state.require_engine()
+    return Health(status="ready")
+
+
+@router.get("/v1/info", response_model=Info, responses={503: {"model": ErrorResponse}})
+async def info(
+    state: Annotated[AppState, Depends(get_state)], engine: Annotated[SearchEngine, Depends(get_engine)]
+) -> Info:
+    s = state.settings
+    return Info(
+        model=engine.embedder.card.model_dump(),
+        index=engine.manifest.summary(),
+        categories=engine.categories,
+        limits={
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_k": 100,
+            "default_k": s.default_k,
+            "formats": ["jpeg", "png", "webp"],
+        },
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

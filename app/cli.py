@@ -1,0 +1,122 @@
+"""`vps`: serve, build-index, export-model, grocery-catalogue."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.logs import configure_logging
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual product search")
+log = logging.getLogger("app.cli")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes")] = 1,
+    index_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_INDEX_DIR")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_MODEL_DIR")] = None,
+) -> None:
+    """Serve the CURRENT index version over HTTP."""
+    import uvicorn
+
+    # Options travel as VPS_* variables so that every worker process reads the same settings.
+    if index_dir is not None:
+        os.environ["VPS_INDEX_DIR"] = str(index_dir)
+    if model_dir is not None:
+        os.environ["VPS_MODEL_DIR"] = str(model_dir)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "app.main:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@cli.command("build-index")
+def build_index_cmd(
+    catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV: sku,category,image[,title,...]")],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the image paths")],
+    out: Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")] = Path("index_data"),
+    model: Annotated[Path, typer.Option(help="Model directory")] = Path("models/efficientnet-lite0-imagenet"),
+    backend: Annotated[str, typer.Option(help="faiss or hnswlib")] = "faiss",
+    m: Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M")] = 32,
+    ef_construction: Annotated[int, typer.Option(min=8, max=4096)] = 200,
+    ef_search: Annotated[int, typer.Option(min=8, max=4096)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, max=512)] = 32,
+    threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
+) -> None:
+    """Embed a catalogue and publish a new index version."""
+    from app.pipeline.build_index import BuildOptions, build_index
+
+    configure_logging("INFO")
+    if backend not in ("faiss", "hnswlib"):
+        raise typer.BadParameter("backend must be faiss or hnswlib", param_hint="--backend")
+    chosen: Literal["faiss", "hnswlib"] = "faiss" if backend == "faiss" else "hnswlib"
+    options = BuildOptions(
+        backend=chosen,
+        M=m,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
+        batch_size=batch_size,
+        threads=threads,
+    )
+    result = build_index(catalogue, images_root, out, model, options)
+    m_ = result.manifest
+    typer.echo(
+        f"built {m_.version}: {m_.n_items} images in {len(m_.categories)} categories, "
+        f"{len(result.problems)} skipped (see {result.version_dir / 'build_report.json'})"
+    )
+    for p in result.problems[:20]:
+        typer.echo(f"  skipped line {p.line}: {p.image}: {p.reason}", err=True)
+
+
+@cli.command("export-model")
+def export_model_cmd(
+    out: Annotated[Path, typer.Option(help="Model directory to write")] = Path("models/efficientnet-lite0-imagenet"),
+) -> None:
+    """Export ImageNet EfficientNet-Lite0 to ONNX with its model card (needs the `train` extra)."""
+    from app.pipeline.export_model import export_imagenet_model
+
+    configure_logging("INFO")
+    card = export_imagenet_model(out)
+    typer.echo(f"exported {out / 'model.onnx'} sha256={card.sha256}")
+
+
+@cli.command("grocery-catalogue")
+def grocery_catalogue_cmd(
+    dataset: Annotated[Path, typer.Option(exists=True, file_okay=False, help="GroceryStoreDataset root")],
+    split: Annotated[str, typer.Option(help="train, val or iconic")],
+    out: Annotated[Path, typer.Option(help="CSV to write")],
+) -> None:
+    """Write a catalogue CSV for one split of the GroceryStoreDataset."""
+    from app.pipeline.catalogue import write_catalogue
+    from app.pipeline.grocery import split_rows
+
+    if split not in ("train", "val", "iconic"):
+        raise typer.BadParameter("split must be train, val or iconic", param_hint="--split")
+    rows = split_rows(dataset, split)
+    write_catalogue(out, rows)
+    typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+def main() -> None:
+    cli()

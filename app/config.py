@@ -1,0 +1,40 @@
+"""Service settings: one typed object, read from `VPS_*` environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
+
+    index_dir: Path = Field(Path("index_data"), description="Directory holding CURRENT and index versions")
+    model_dir: Path = Field(
+        Path("models/efficientnet-lite0-imagenet"), description="Directory with model.onnx and model.json"
+    )
+
+    # Untrusted input limits.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Byte cap of one image")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="Pixel cap, read from the header")
+
+    # Concurrency: a bounded pool runs decode, inference and search; admission control in front of it.
+    pool_threads: int = Field(2, ge=1, le=64, description="Worker threads for decode/embed/search")
+    max_inflight: int = Field(8, ge=1, le=4096, description="Requests admitted at once; more get 503")
+    retry_after_s: int = Field(1, ge=1, le=3600)
+    ort_intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads")
+    ort_inter_op_threads: int = Field(1, ge=1, le=64)
+
+    # Search defaults (a request may override within the API's bounds).
+    default_k: int = Field(10, ge=1, le=100)
+    # None: use the value the index build chose and recorded in its manifest.
+    probe_mass: float | None = Field(None, gt=0.0, le=1.0, description="Router probability mass to probe")
+    max_probes: int | None = Field(None, ge=1, le=1000, description="Most shards searched per query")
+    ef_search: int | None = Field(None, ge=8, le=4096, description="HNSW efSearch at query time")
+    overfetch: int = Field(4, ge=1, le=50, description="Images fetched per wanted SKU before grouping")
+    warmup_queries: int = Field(3, ge=0, le=100)
+
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")

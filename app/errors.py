@@ -1,0 +1,71 @@
+"""The service's one error taxonomy. Each error has a stable code and HTTP status; messages are safe to show
+(they never carry exception text from a library). The mapping to HTTP lives in `app.api.errors`."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    code = "internal_error"
+    status = 500
+    message = "internal error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+
+
+class EmptyBody(ServiceError):
+    code, status, message = "empty_body", 400, "the request carries no image bytes"
+
+
+class MissingImage(ServiceError):
+    code, status, message = "missing_image", 400, "send the image as multipart field 'image' or as the raw body"
+
+
+class CorruptImage(ServiceError):
+    code, status, message = "corrupt_image", 400, "the image could not be decoded (corrupt or truncated)"
+
+
+class ImageTooLarge(ServiceError):
+    code, status, message = "image_too_large", 413, "the image exceeds the byte limit"
+
+
+class UnsupportedFormat(ServiceError):
+    code, status, message = "unsupported_format", 415, "unsupported image format; send JPEG, PNG or WebP"
+
+
+class TooManyPixels(ServiceError):
+    code, status, message = "too_many_pixels", 422, "the image has too many pixels"
+
+
+class InvalidParameter(ServiceError):
+    code, status, message = "invalid_parameter", 422, "a request parameter is invalid"
+
+
+class UnknownCategory(ServiceError):
+    code, status, message = "unknown_category", 422, "unknown category"
+
+
+class Unauthorized(ServiceError):
+    code, status, message = "unauthorized", 401, "a bearer token is required"
+
+
+class Forbidden(ServiceError):
+    code, status, message = "forbidden", 403, "the bearer token is not valid"
+
+
+class Overloaded(ServiceError):
+    code, status, message = "overloaded", 503, "the service is at capacity; retry shortly"
+
+
+class NotReady(ServiceError):
+    code, status, message = "not_ready", 503, "the service is not ready"
+
+
+class InternalError(ServiceError):
+    code, status, message = "internal_error", 500, "internal error"
+
+
+class ArtifactError(Exception):
+    """An artifact (model, index) failed verification at load. Never mapped to a request: start-up fails."""

@@ -1,0 +1,158 @@
+"""The index manifest: read, verify, write; and the atomic CURRENT pointer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import ArtifactError
+from app.hashing import sha256_file
+
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    sha256: str
+    dim: int = Field(gt=0)
+
+
+class CategoryEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shard: str = Field(description="Shard file, relative to the version directory")
+    n_vectors: int = Field(gt=0)
+    n_skus: int = Field(gt=0)
+    offset: int = Field(ge=0, description="Item-table row of the shard's vector 0")
+    sha256: str
+
+
+class BuildParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    M: int
+    ef_construction: int
+    ef_search: int
+    max_subcentroids: int
+    router_temperature: float
+    images_total: int
+    images_failed: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    version: str
+    created: str
+    model: ModelRef
+    metric: Literal["cosine"] = "cosine"
+    backend: Literal["faiss", "hnswlib"]
+    dim: int = Field(gt=0)
+    n_items: int = Field(ge=0)
+    categories: list[CategoryEntry]
+    router: str = "router.npz"
+    items: str = "items.jsonl"
+    item_offsets: str = "items.offsets.npy"
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    probe_mass: float = Field(gt=0.0, le=1.0)
+    max_probes: int = Field(ge=1)
+    build: BuildParams
+    files: dict[str, FileEntry]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "created": self.created,
+            "backend": self.backend,
+            "metric": self.metric,
+            "dim": self.dim,
+            "n_items": self.n_items,
+            "n_categories": len(self.categories),
+            "model": self.model.model_dump(),
+            "build": self.build.model_dump(),
+        }
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = version_dir / MANIFEST_FILE
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"manifest missing: {path}") from exc
+    except ValueError as exc:
+        raise ArtifactError(f"manifest invalid: {path}: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"manifest {path}: format_version expected {FORMAT_VERSION}, got {manifest.format_version}")
+    return manifest
+
+
+def verify_files(version_dir: Path, manifest: Manifest) -> None:
+    """Check every file's size, then its sha256, against the manifest. A truncated memory-mapped file would
+    crash the process at query time, so nothing is served before this passes."""
+    referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
+    missing = referenced - manifest.files.keys()
+    if missing:
+        raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
+    for rel, entry in manifest.files.items():
+        path = safe_join(version_dir, rel)
+        if not path.is_file():
+            raise ArtifactError(f"index file {path}: missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ArtifactError(f"index file {path}: size expected {entry.size}, got {size}")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise ArtifactError(f"index file {path}: sha256 expected {entry.sha256}, got {digest}")
+
+
+def write_manifest(version_dir: Path, manifest: Manifest) -> None:
+    (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """Join a manifest-relative path, refusing anything that escapes the version directory."""
+    candidate = (root / rel).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise ArtifactError(f"manifest path escapes the version directory: {rel!r}")
+    return candidate
+
+
+def resolve_current(index_dir: Path) -> Path:
+    pointer = index_dir / CURRENT_FILE
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"no index: {pointer} is missing (run `vps build-index`)") from exc
+    if not _VERSION_RE.match(name):
+        raise ArtifactError(f"{pointer}: not a version name: {name[:80]!r}")
+    version_dir = index_dir / name
+    if not version_dir.is_dir():
+        raise ArtifactError(f"{pointer}: version directory {version_dir} is missing")
+    return version_dir
+
+
+def publish_current(index_dir: Path, version: str) -> None:
+    """Point CURRENT at `version` atomically (write a temp file, fsync, rename over)."""
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"not a version name: {version!r}")
+    tmp = index_dir / f".{CURRENT_FILE}.{os.getpid()}.tmp"
+    with tmp.open("w") as fh:
+        fh.write(version + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, index_dir / CURRENT_FILE)

@@ -1,0 +1,129 @@
+"""Shard backends behind one port. faiss is the serving default because it memory-maps; hnswlib is in-RAM and
+mutable, kept for small live segments and for benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+import faiss
+import hnswlib
+import numpy as np
+
+from app.errors import ArtifactError
+
+Backend = Literal["faiss", "hnswlib"]
+SHARD_SUFFIX: dict[str, str] = {"faiss": ".faiss", "hnswlib": ".hnsw"}
+
+
+class ShardIndex(Protocol):
+    """Port: one category's vectors. `search` returns (scores, local ids) of shape (nq, k'); -1 pads."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class FaissHnswShard:
+    def __init__(self, index: faiss.Index) -> None:
+        self._index = index
+
+    @classmethod
+    def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswShard:
+        # MMAP_IFC + READ_ONLY: the graph and vectors stay file-backed pages, shared by every worker process.
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
+        # read_index returns the concrete class. (downcast_index would hand back a second, non-owning wrapper
+        # while this one, the owner, is freed: a dangling pointer.)
+        if not isinstance(index, faiss.IndexHNSW):
+            raise ArtifactError(f"shard {path}: expected an HNSW index, got {type(index).__name__}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ArtifactError(f"shard {path}: metric expected inner product, got {index.metric_type}")
+        index.hnsw.efSearch = ef_search
+        return cls(index)
+
+    @staticmethod
+    def build(vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        faiss.write_index(index, str(path))
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, ids
+
+
+class HnswlibShard:
+    def __init__(self, index: hnswlib.Index, dim: int) -> None:
+        self._index = index
+        self._dim = dim
+
+    @classmethod
+    def load(cls, path: Path, *, dim: int, ef_search: int) -> HnswlibShard:
+        index = hnswlib.Index(space="ip", dim=dim)
+        try:
+            index.load_index(str(path))
+        except RuntimeError as exc:
+            raise ArtifactError(f"shard {path}: hnswlib cannot read it") from exc
+        index.set_ef(ef_search)
+        index.set_num_threads(1)
+        return cls(index, dim)
+
+    @staticmethod
+    def build(vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
+        index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+        index.init_index(max_elements=len(vectors), ef_construction=ef_construction, M=M, random_seed=0)
+        index.add_items(np.ascontiguousarray(vectors, dtype=np.float32), np.arange(len(vectors)))
+        index.save_index(str(path))
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.get_current_count())
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        kk = min(k, self.ntotal)
+        labels, distances = self._index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=kk)
+        # hnswlib's "ip" distance is 1 - inner product.
+        scores = (1.0 - distances).astype(np.float32)
+        ids = labels.astype(np.int64)
+        if kk < k:
+            pad = k - kk
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, ids
+
+
+def build_shard(backend: Backend, vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
+    builder = FaissHnswShard.build if backend == "faiss" else HnswlibShard.build
+    builder(vectors, path, M=M, ef_construction=ef_construction)
+
+
+def load_shard(backend: Backend, path: Path, *, dim: int, ef_search: int) -> ShardIndex:
+    shard: ShardIndex
+    if backend == "faiss":
+        shard = FaissHnswShard.load(path, ef_search=ef_search)
+    else:
+        shard = HnswlibShard.load(path, dim=dim, ef_search=ef_search)
+    if shard.dim != dim:
+        raise ArtifactError(f"shard {path}: dim expected {dim} (manifest), got {shard.dim}")
+    return shard

@@ -1,0 +1,112 @@
+"""create_app(settings): the FastAPI app. Its lifespan loads and checks the heavy resources, warms them up,
+then marks the service ready. Requests enter through `app/api/routes.py`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from PIL import Image
+
+from app.api.errors import error_response, install_error_handlers
+from app.api.routes import router
+from app.config import Settings
+from app.errors import ArtifactError
+from app.index.loader import load_engine
+from app.logs import configure_logging
+from app.metrics import Metrics
+from app.runner import BoundedRunner
+from app.search import SearchEngine, SearchParams
+from app.state import AppState
+
+log = logging.getLogger("app")
+
+EngineLoader = Callable[[Settings], SearchEngine]
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def warm_up(engine: SearchEngine, queries: int) -> None:
+    """Run the whole path a few times so the first real request does not pay for lazy initialisation."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    for _ in range(queries):
+        engine.search_image(buf.getvalue(), SearchParams(k=5))
+
+
+def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAPI:
+    metrics = Metrics()
+    state = AppState(
+        settings=settings,
+        metrics=metrics,
+        runner=BoundedRunner(settings.pool_threads, settings.max_inflight),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        try:
+            engine = await anyio.to_thread.run_sync(loader, settings)
+            await anyio.to_thread.run_sync(warm_up, engine, settings.warmup_queries)
+        except ArtifactError as exc:
+            # Never ready; one line names the file and both values.
+            state.load_error = str(exc)
+            metrics.index_reloads.labels(result="failed").inc()
+            log.error("index or model refused: %s", exc)
+        else:
+            state.engine = engine
+            state.ready = True
+            metrics.index_reloads.labels(result="success").inc()
+            metrics.index_items.set(engine.manifest.n_items)
+            metrics.build_info.labels(model=engine.embedder.card.name, index_version=engine.manifest.version).set(1)
+            log.info("ready", extra={"startup_s": round(time.perf_counter() - t0, 4)})
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.runner.shutdown()
+
+    app = FastAPI(
+        title="Visual product search",
+        version="0.1.0",
+        summary="POST a product photo, get the top-k matching SKUs.",
+        lifespan=lifespan,
+    )
+    app.state.vps = state
+    install_error_handlers(app, settings.retry_after_s, metrics)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            response = error_response(500, "internal_error", "internal error", request_id)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.requests.labels(route=template, status=str(response.status_code)).inc()
+        metrics.request_duration.labels(route=template).observe(time.perf_counter() - t0)
+        response.headers["X-Request-ID"] = request_id
+        return response
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory` and `vps serve`: settings from the environment, JSON logs."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

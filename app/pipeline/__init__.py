@@ -1,0 +1,1 @@
+"""Offline jobs: export the model, build an index version."""

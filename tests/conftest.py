@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.pipeline.build_index import BuildOptions, build_index
+from tests.helpers import make_catalogue, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_catalogue(tmp_path_factory.mktemp("catalogue"))
+
+
+def _build(tmp: Path, catalogue: Path, model: Path, backend: str) -> Path:
+    out = tmp / f"index_{backend}"
+    build_index(
+        catalogue,
+        catalogue.parent,
+        out,
+        model,
+        BuildOptions(backend=backend, M=8, ef_construction=40, progress=False),  # type: ignore[arg-type]
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def faiss_index(tmp_path_factory: pytest.TempPathFactory, catalogue: Path, tiny_model: Path) -> Path:
+    return _build(tmp_path_factory.mktemp("idx"), catalogue, tiny_model, "faiss")
+
+
+@pytest.fixture(scope="session")
+def hnswlib_index(tmp_path_factory: pytest.TempPathFactory, catalogue: Path, tiny_model: Path) -> Path:
+    return _build(tmp_path_factory.mktemp("idx"), catalogue, tiny_model, "hnswlib")
+
+
+@pytest.fixture
+def settings_for(tiny_model: Path):  # type: ignore[no-untyped-def]
+    def make(index_dir: Path, **overrides: object) -> Settings:
+        return Settings(index_dir=index_dir, model_dir=tiny_model, warmup_queries=1, **overrides)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dataset_dir() -> Path:
+    value = os.environ.get("VPS_DATASET_DIR")
+    if not value:
+        pytest.skip("VPS_DATASET_DIR is not set: the shared grocery dataset tests need it (.ci/run sets it)")
+    path = Path(value)
+    if not (path / "train.txt").is_file():
+        pytest.fail(f"VPS_DATASET_DIR={value} does not hold the grocery dataset (no train.txt)")
+    return path

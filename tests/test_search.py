@@ -1,0 +1,105 @@
+"""The pipeline's grouping and routing over real faiss shards, with fake embedder and router behind the ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.errors import UnknownCategory
+from app.index.items import ItemTable
+from app.index.manifest import Manifest
+from app.index.shards import FaissHnswShard
+from app.search import SearchEngine, SearchParams, Shard
+
+
+class FixedRouter:
+    def __init__(self, probs: list[float], names: list[str]) -> None:
+        self._probs = np.asarray(probs)
+        self._names = names
+
+    @property
+    def categories(self) -> list[str]:
+        return self._names
+
+    @property
+    def dim(self) -> int:
+        return 4
+
+    def probabilities(self, query: np.ndarray) -> np.ndarray:
+        return self._probs
+
+
+def _engine(tmp_path: Path, probs: list[float]) -> SearchEngine:
+    # Category "a": sku x twice (0.9 and 0.8 to the query), sku y once (0.7). Category "b": sku z (0.95).
+    q = np.array([1.0, 0, 0, 0], dtype=np.float32)
+
+    def at(cos: float, axis: int) -> np.ndarray:
+        v = np.zeros(4, dtype=np.float32)
+        v[0], v[axis] = cos, np.sqrt(1 - cos**2)
+        return v
+
+    a = np.stack([at(0.9, 1), at(0.8, 2), at(0.7, 3)])
+    b = np.stack([at(0.95, 1)])
+    items: list[dict[str, Any]] = [
+        {"sku": "x", "category": "a", "image": "x1.jpg"},
+        {"sku": "x", "category": "a", "image": "x2.jpg"},
+        {"sku": "y", "category": "a", "image": "y.jpg"},
+        {"sku": "z", "category": "b", "image": "z.jpg"},
+    ]
+    shards = []
+    for name, vecs, offset in (("a", a, 0), ("b", b, 3)):
+        FaissHnswShard.build(vecs, tmp_path / f"{name}.faiss", M=8, ef_construction=16)
+        shards.append(Shard(name, offset, FaissHnswShard.load(tmp_path / f"{name}.faiss", ef_search=16)))
+    ItemTable.write(items, tmp_path / "items.jsonl", tmp_path / "off.npy")
+    engine = SearchEngine(
+        embedder=None,  # type: ignore[arg-type]  # search_vector never embeds
+        router=FixedRouter(probs, ["a", "b"]),
+        shards=shards,
+        items=ItemTable.load(tmp_path / "items.jsonl", tmp_path / "off.npy"),
+        manifest=Manifest.model_construct(),
+        max_image_pixels=1000,
+        overfetch=4,
+    )
+    engine.query = q  # type: ignore[attr-defined]
+    return engine
+
+
+def test_groups_by_sku_keeping_the_best_image(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.6, 0.4])
+    out = engine.search_vector(engine.query, SearchParams(k=10, probe_mass=1.0, max_probes=2))  # type: ignore[attr-defined]
+    assert [h.item["sku"] for h in out.results] == ["z", "x", "y"]
+    assert [h.item["image"] for h in out.results] == ["z.jpg", "x1.jpg", "y.jpg"]
+    assert out.results[1].score == pytest.approx(0.9, abs=1e-5)
+
+
+def test_routing_limits_the_shards_searched(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.95, 0.05])
+    out = engine.search_vector(engine.query, SearchParams(k=10, probe_mass=0.9, max_probes=2))  # type: ignore[attr-defined]
+    assert [h.item["sku"] for h in out.results] == ["x", "y"]
+    assert [p.category for p in out.probes] == [0]
+
+
+def test_k_and_min_score(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.5, 0.5])
+    q = engine.query  # type: ignore[attr-defined]
+    assert len(engine.search_vector(q, SearchParams(k=1, probe_mass=1.0, max_probes=2)).results) == 1
+    out = engine.search_vector(q, SearchParams(k=10, min_score=0.85, probe_mass=1.0, max_probes=2))
+    assert [h.item["sku"] for h in out.results] == ["z", "x"]
+
+
+def test_explain_lists_image_hits(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.5, 0.5])
+    out = engine.search_vector(engine.query, SearchParams(k=2, probe_mass=1.0, max_probes=2, explain=True))  # type: ignore[attr-defined]
+    assert [h.item["image"] for h in out.image_hits] == ["z.jpg", "x1.jpg", "x2.jpg", "y.jpg"]
+    assert len(out.results) == 2
+
+
+def test_forced_category(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.99, 0.01])
+    out = engine.search_vector(engine.query, SearchParams(k=10, category="b"))  # type: ignore[attr-defined]
+    assert [h.item["sku"] for h in out.results] == ["z"] and out.forced_category
+    with pytest.raises(UnknownCategory):
+        engine.search_vector(engine.query, SearchParams(category="nope"))  # type: ignore[attr-defined]
