@@ -59,3 +59,19 @@ def dataset_dir() -> Path:
     if not (path / "train.txt").is_file():
         pytest.fail(f"VPS_DATASET_DIR={value} does not hold the grocery dataset (no train.txt)")
     return path
+
+
+# Figures measured by data tests, printed at the end of the run so CI logs carry them.
+MEASURED: dict[str, object] = {}
+
+
+@pytest.fixture
+def measured() -> dict[str, object]:
+    return MEASURED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if MEASURED:
+        terminalreporter.section("measured on the shared dataset")
+        for key, value in MEASURED.items():
+            terminalreporter.write_line(f"{key}: {value}")

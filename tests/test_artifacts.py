@@ -82,7 +82,7 @@ def test_model_hash_must_match_its_card(tmp_path: Path) -> None:
     card = json.loads((model / "model.json").read_text())
     card["sha256"] = "0" * 64
     (model / "model.json").write_text(json.dumps(card))
-    with pytest.raises(ArtifactError, match="sha256 expected 0{64} \\(model.json\\), got"):
+    with pytest.raises(ArtifactError, match=r"sha256 expected 0{64} \(model\.json\), got"):
         OnnxEmbedder(model)
 
 
