@@ -101,6 +101,56 @@ def export_model_cmd(
     typer.echo(f"exported {out / 'model.onnx'} sha256={card.sha256}")
 
 
+@cli.command()
+def train(
+    catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training catalogue CSV")],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, history.json")],
+    val_queries: Annotated[Path | None, typer.Option(help="Query CSV for validation (other photos)")] = None,
+    studio_catalogue: Annotated[Path | None, typer.Option(help="Studio-image catalogue CSV, also validated")] = None,
+    loss: Annotated[str, typer.Option(help="ms, proxy_anchor or triplet")] = "ms",
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    p: Annotated[int, typer.Option("--P", min=2, help="SKUs per batch")] = 16,
+    k: Annotated[int, typer.Option("--K", min=2, help="Photos per SKU in a batch")] = 4,
+    dim: Annotated[int, typer.Option(min=8, max=2048)] = 512,
+    train_size: Annotated[int, typer.Option(min=64, max=512)] = 192,
+    freeze_blocks: Annotated[int, typer.Option(min=0, max=16)] = 8,
+    lr: Annotated[float, typer.Option()] = 3e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
+    steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
+    eval_every: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Fine-tune the embedding model by deep metric learning (needs the `train` extra). Resumes from OUT/last.pt."""
+    from app.pipeline.train_embedding import TrainConfig
+    from app.pipeline.train_embedding import train as run_training
+
+    configure_logging("INFO")
+    if loss not in ("ms", "proxy_anchor", "triplet"):
+        raise typer.BadParameter("loss must be ms, proxy_anchor or triplet", param_hint="--loss")
+    cfg = TrainConfig(
+        catalogue=catalogue,
+        images_root=images_root,
+        out_dir=out,
+        val_queries=val_queries,
+        studio_catalogue=studio_catalogue,
+        loss=loss,  # type: ignore[arg-type]
+        epochs=epochs,
+        P=p,
+        K=k,
+        dim=dim,
+        train_size=train_size,
+        freeze_blocks=freeze_blocks,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        steps_per_epoch=steps_per_epoch,
+        eval_every=eval_every,
+    )
+    state = run_training(cfg)
+    typer.echo(f"best: {state['best']}")
+
+
 @cli.command("grocery-catalogue")
 def grocery_catalogue_cmd(
     dataset: Annotated[Path, typer.Option(exists=True, file_okay=False, help="GroceryStoreDataset root")],
