@@ -92,12 +92,21 @@ def build_index_cmd(
 @cli.command("export-model")
 def export_model_cmd(
     out: Annotated[Path, typer.Option(help="Model directory to write")] = Path("models/efficientnet-lite0-imagenet"),
+    checkpoint: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A `vps train` best.pt; default: ImageNet")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name for the card (default: the directory name)")] = None,
+    version: Annotated[str, typer.Option(help="Model version for the card")] = "1.0.0",
 ) -> None:
-    """Export ImageNet EfficientNet-Lite0 to ONNX with its model card (needs the `train` extra)."""
-    from app.pipeline.export_model import export_imagenet_model
+    """Export an embedding model to ONNX with its model card (needs the `train` extra): ImageNet
+    EfficientNet-Lite0, or a fine-tuned checkpoint from `vps train`."""
+    from app.pipeline.export_model import export_checkpoint, export_imagenet_model
 
     configure_logging("INFO")
-    card = export_imagenet_model(out)
+    if checkpoint is None:
+        card = export_imagenet_model(out)
+    else:
+        card = export_checkpoint(checkpoint, out, name or out.name, version)
     typer.echo(f"exported {out / 'model.onnx'} sha256={card.sha256}")
 
 
@@ -149,6 +158,22 @@ def train(
     )
     state = run_training(cfg)
     typer.echo(f"best: {state['best']}")
+
+
+@cli.command("quantize-model")
+def quantize_model_cmd(
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="fp32 model directory")],
+    calibration: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV of photos")],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Directory for the int8 model")],
+    n_images: Annotated[int, typer.Option(min=8, max=10000)] = 256,
+) -> None:
+    """Static int8 (QDQ) quantisation calibrated on catalogue photos."""
+    from app.pipeline.quantize import quantize_model
+
+    configure_logging("INFO")
+    card = quantize_model(model, calibration, images_root, out, n_images=n_images)
+    typer.echo(f"quantised {out / 'model.onnx'} sha256={card.sha256}")
 
 
 @cli.command("grocery-catalogue")

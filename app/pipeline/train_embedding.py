@@ -32,6 +32,7 @@ from app.embedding import ModelInput, preprocess
 from app.imaging import decode_image
 from app.pipeline.augment import shelf_augment
 from app.pipeline.catalogue import CatalogueRow, read_catalogue
+from app.pipeline.evaluation import sku_recall
 
 log = logging.getLogger(__name__)
 
@@ -242,26 +243,6 @@ class EvalSet:
                 x = torch.from_numpy(np.stack([preprocess(im, EVAL_INPUT) for im in self.images[i : i + self.batch]]))
                 self._trunk.append(model.trunk(x))
         return np.vstack([model.rest(h).numpy() for h in self._trunk])
-
-
-def sku_recall(
-    queries: np.ndarray, query_skus: list[str], catalogue: np.ndarray, catalogue_skus: list[str], ks: tuple[int, ...]
-) -> dict[int, float]:
-    """Fraction of queries whose SKU is among the top-k distinct SKUs of an exact cosine search."""
-    sims = queries @ catalogue.T
-    order = np.argsort(-sims, axis=1, kind="stable")
-    hits = dict.fromkeys(ks, 0)
-    for qi, row in enumerate(order):
-        ranked: list[str] = []
-        for j in row:
-            sku = catalogue_skus[j]
-            if sku not in ranked:
-                ranked.append(sku)
-                if len(ranked) == max(ks):
-                    break
-        for k in ks:
-            hits[k] += query_skus[qi] in ranked[:k]
-    return {k: hits[k] / max(1, len(query_skus)) for k in ks}
 
 
 # --- training ---------------------------------------------------------------------------------------------------
