@@ -1,9 +1,13 @@
 """Category router: which shards to search for a query.
 
-First version: nearest centroid. Each category has one or more unit centroids (k-means sub-centroids for large
-categories, since one mean blurs a varied category); a category's score is its best centroid's cosine, and a
-softmax with a temperature turns scores into probabilities. Shards are probed in descending probability until
-the cumulative mass reaches `probe_mass` or `max_probes` shards are taken.
+Two adapters behind the `Router` port, both stored in `router.npz` (no pickle):
+- `LinearRouter` (the build's default): a softmax classifier over embeddings, trained with class-balanced
+  cross-entropy, temperature-scaled on a held-out part of the catalogue. Categories with too few images to learn
+  from keep nearest-centroid weights (their centroid times a shared learnt scale, plus a shared bias), so they
+  stay in the same calibrated softmax.
+- `CentroidRouter` (first version, kept for comparison): each category's best k-means sub-centroid cosine,
+  softmax with a temperature.
+Shards are probed in descending probability until the cumulative mass reaches `probe_mass` or `max_probes`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from app.errors import ArtifactError
 
 ROUTER_FORMAT = "centroid-v1"
+LINEAR_FORMAT = "linear-v1"
 
 
 class Router(Protocol):
@@ -174,18 +179,144 @@ class CentroidRouter:
                 temperature=np.asarray(self.temperature, dtype=np.float64),
             )
 
+    def predict_proba(self, queries: np.ndarray) -> np.ndarray:
+        out: np.ndarray = softmax(self.category_scores(queries) / self.temperature)
+        return out
+
+
+def class_centroids(vectors: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    cents = np.zeros((n_classes, vectors.shape[1]), dtype=np.float32)
+    for c in range(n_classes):
+        members = vectors[labels == c]
+        if len(members):
+            cents[c] = members.mean(axis=0)
+    out: np.ndarray = cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising the negative log-likelihood of held-out labels (Guo et al. 2017)."""
+    best_t, best_nll = 1.0, np.inf
+    for t in np.geomspace(0.05, 20.0, 80):
+        p = softmax(logits / t)[np.arange(len(labels)), labels]
+        nll = float(-np.log(np.maximum(p, 1e-12)).mean())
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+class LinearRouter:
+    def __init__(self, categories: list[str], weights: np.ndarray, bias: np.ndarray, temperature: float) -> None:
+        if weights.shape[0] != len(categories) or bias.shape != (len(categories),):
+            raise ValueError("weights, bias and categories disagree")
+        if temperature <= 0 or not np.isfinite(temperature):
+            raise ValueError("temperature must be a positive number")
+        self._categories = list(categories)
+        self._w = np.ascontiguousarray(weights, dtype=np.float32)
+        self._b = bias.astype(np.float32)
+        self.temperature = float(temperature)
+
+    @property
+    def categories(self) -> list[str]:
+        return self._categories
+
+    @property
+    def dim(self) -> int:
+        return int(self._w.shape[1])
+
+    def logits(self, queries: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.atleast_2d(queries).astype(np.float32) @ self._w.T + self._b
+        return out
+
+    def probabilities(self, query: np.ndarray) -> np.ndarray:
+        out: np.ndarray = softmax(self.logits(query)[0] / self.temperature)
+        return out
+
+    def predict_proba(self, queries: np.ndarray) -> np.ndarray:
+        out: np.ndarray = softmax(self.logits(queries) / self.temperature)
+        return out
+
     @classmethod
-    def load(cls, path: Path) -> CentroidRouter:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                fmt = str(data["format"])
-                if fmt != ROUTER_FORMAT:
-                    raise ArtifactError(f"router {path}: format expected {ROUTER_FORMAT}, got {fmt}")
-                return cls(
-                    [str(c) for c in data["categories"]],
-                    data["centroids"],
-                    data["owner"],
-                    float(data["temperature"]),
-                )
-        except (OSError, KeyError, ValueError) as exc:
-            raise ArtifactError(f"router {path}: cannot read it ({type(exc).__name__})") from exc
+    def fit(
+        cls,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        categories: list[str],
+        *,
+        min_images: int = 5,
+        l2: float = 1e-4,
+        steps: int = 400,
+        lr: float = 0.05,
+        seed: int = 0,
+    ) -> LinearRouter:
+        """Class-balanced softmax regression (full-batch Adam). Categories with fewer than `min_images` images
+        are not given free weights: they use centroid * scale + shared bias (nearest-centroid fallback)."""
+        x = np.asarray(vectors, dtype=np.float64)
+        n, d = x.shape
+        c = len(categories)
+        counts = np.bincount(labels, minlength=c)
+        if (counts == 0).any():
+            raise ValueError(f"categories without images: {[categories[i] for i in np.flatnonzero(counts == 0)]}")
+        fallback = counts < min_images
+        cents = class_centroids(x, labels, c).astype(np.float64)
+        sample_w = (1.0 / counts[labels]) / c  # class-balanced: every category weighs the same in total
+        onehot = np.zeros((n, c))
+        onehot[np.arange(n), labels] = 1.0
+
+        rng = np.random.default_rng(seed)
+        params = {
+            "w": cents * 10.0 + rng.normal(scale=1e-3, size=(c, d)),  # start at nearest-centroid
+            "b": np.zeros(c),
+            "s": np.array([10.0]),  # fallback scale
+            "b0": np.array([0.0]),  # fallback bias
+        }
+        m = {k: np.zeros_like(v) for k, v in params.items()}
+        v2 = {k: np.zeros_like(v) for k, v in params.items()}
+        for t in range(1, steps + 1):
+            w = np.where(fallback[:, None], params["s"] * cents, params["w"])
+            b = np.where(fallback, params["b0"], params["b"])
+            g = (softmax(x @ w.T + b) - onehot) * sample_w[:, None]  # dLoss/dlogits
+            gw, gb = g.T @ x, g.sum(axis=0)
+            grads = {
+                "w": np.where(fallback[:, None], 0.0, gw + l2 * params["w"]),
+                "b": np.where(fallback, 0.0, gb),
+                "s": np.array([float((gw[fallback] * cents[fallback]).sum())]),
+                "b0": np.array([float(gb[fallback].sum())]),
+            }
+            for k in params:
+                m[k] = 0.9 * m[k] + 0.1 * grads[k]
+                v2[k] = 0.999 * v2[k] + 0.001 * grads[k] ** 2
+                params[k] -= lr * (m[k] / (1 - 0.9**t)) / (np.sqrt(v2[k] / (1 - 0.999**t)) + 1e-8)
+        w = np.where(fallback[:, None], params["s"] * cents, params["w"])
+        b = np.where(fallback, params["b0"], params["b"])
+        return cls(categories, w.astype(np.float32), b.astype(np.float32), 1.0)
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as fh:
+            np.savez(
+                fh,
+                format=np.asarray(LINEAR_FORMAT),
+                categories=np.asarray(self._categories, dtype=str),
+                weights=self._w,
+                bias=self._b,
+                temperature=np.asarray(self.temperature, dtype=np.float64),
+            )
+
+
+AnyRouter = CentroidRouter | LinearRouter
+
+
+def load_router(path: Path) -> AnyRouter:
+    """Load either router format from router.npz (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            fmt = str(data["format"])
+            categories = [str(c) for c in data["categories"]]
+            temperature = float(data["temperature"])
+            if fmt == LINEAR_FORMAT:
+                return LinearRouter(categories, data["weights"], data["bias"], temperature)
+            if fmt == ROUTER_FORMAT:
+                return CentroidRouter(categories, data["centroids"], data["owner"], temperature)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ArtifactError(f"router {path}: cannot read it ({type(exc).__name__})") from exc
+    raise ArtifactError(f"router {path}: unknown format {fmt!r}")

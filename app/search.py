@@ -27,6 +27,7 @@ class SearchParams:
     probe_mass: float = 0.9
     max_probes: int = 3
     explain: bool = False
+    open_set: bool = True  # apply the manifest's per-category thresholds (an explicit min_score overrides)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SearchOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     image_hits: list[Hit] = field(default_factory=list)
     top_probability: float = 0.0
+    match: bool = True
 
 
 @dataclass
@@ -155,6 +157,11 @@ class SearchEngine:
             if len(results) >= params.k and not params.explain:
                 break
         results = results[: params.k]
+        if results and params.min_score is None and params.open_set:
+            top = results[0]
+            threshold = self.manifest.thresholds.get(str(top.item["category"]), self.manifest.global_threshold)
+            if top.score < threshold:
+                results = []  # nothing in the catalogue is close enough: an unknown product
         t3 = time.perf_counter()
         return SearchOutcome(
             results=results,
@@ -163,4 +170,5 @@ class SearchEngine:
             timings_s={"route": t1 - t0, "search": t2 - t1, "group": t3 - t2},
             image_hits=image_hits,
             top_probability=top_probability,
+            match=bool(results),
         )

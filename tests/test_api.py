@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from app.config import Settings
 from app.index.loader import load_engine
@@ -21,7 +23,10 @@ from tests.helpers import SKUS, encode, live_server, product_image
 @pytest.fixture(scope="module", params=["faiss", "hnswlib"])
 def server(request: pytest.FixtureRequest, tiny_model: Path) -> Iterator[str]:
     index = request.getfixturevalue(f"{request.param}_index")
-    settings = Settings(index_dir=index, model_dir=tiny_model, warmup_queries=1, max_upload_bytes=200_000)
+    # Closed-set retrieval checks: the open-set thresholds are tested on their own below.
+    settings = Settings(
+        index_dir=index, model_dir=tiny_model, warmup_queries=1, max_upload_bytes=200_000, open_set=False
+    )
     with live_server(create_app(settings)) as base:
         yield base
 
@@ -56,6 +61,24 @@ def test_raw_body_and_forced_category(server: str) -> None:
     assert body["routing"] == {"probed": [{"category": "milk", "probability": 1.0}], "forced": True}
     assert {x["sku"] for x in body["results"]} == {"blue-milk", "white-milk"}
     assert len(body["hits"]) == 6  # explain: the image-level hits before grouping
+
+
+def test_open_set_answers_no_match_and_min_score_overrides(faiss_index: Path, tiny_model: Path) -> None:
+    """A photo of no catalogue product falls below the calibrated thresholds: match=false, no results; a known
+    product still matches; an explicit min_score replaces the thresholds."""
+    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, warmup_queries=0)
+    rng = np.random.default_rng(3)
+    unknown = encode(Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)), "PNG")
+    with live_server(create_app(settings)) as base:
+        r = httpx.post(f"{base}/search", content=unknown)
+        assert r.status_code == 200 and r.json()["match"] is False and r.json()["results"] == []
+        r = httpx.post(f"{base}/search", content=unknown, params={"min_score": -1})
+        assert r.json()["match"] is True and r.json()["results"]
+        info = httpx.get(f"{base}/v1/info").json()
+        top = r.json()["results"][0]
+        assert top["score"] < info["index"]["thresholds"][top["category"]]
+        r = httpx.post(f"{base}/search", content=_query("blue-milk"))
+        assert r.json()["match"] is True and r.json()["results"][0]["sku"] == "blue-milk"
 
 
 def test_png_labelled_as_jpeg_is_accepted(server: str) -> None:
@@ -175,7 +198,13 @@ def gated_loader(settings: Settings) -> SearchEngine:
 def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_model: Path) -> None:
     """With one admission slot held by a slow request, the next request is refused immediately."""
     settings = Settings(
-        index_dir=faiss_index, model_dir=tiny_model, max_inflight=1, pool_threads=1, retry_after_s=2, warmup_queries=0
+        index_dir=faiss_index,
+        model_dir=tiny_model,
+        max_inflight=1,
+        pool_threads=1,
+        retry_after_s=2,
+        warmup_queries=0,
+        open_set=False,
     )
     GatedEngine.gate.clear()
     with live_server(create_app(settings, loader=gated_loader)) as base:

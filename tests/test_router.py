@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app.errors import ArtifactError
-from app.router import CentroidRouter, select_probes
+from app.router import CentroidRouter, load_router, select_probes
 
 
 def test_probes_until_mass_is_reached() -> None:
@@ -49,7 +49,7 @@ def test_router_round_trips_without_pickle(tmp_path: Path) -> None:
     x, labels = _clusters()
     router = CentroidRouter.fit(x, labels, ["a", "b", "c"], max_subcentroids=3, min_points_per_centroid=20)
     router.save(tmp_path / "router.npz")
-    loaded = CentroidRouter.load(tmp_path / "router.npz")
+    loaded = load_router(tmp_path / "router.npz")
     assert loaded.categories == ["a", "b", "c"]
     assert np.allclose(loaded.probabilities(x[0]), router.probabilities(x[0]))
 
@@ -57,4 +57,4 @@ def test_router_round_trips_without_pickle(tmp_path: Path) -> None:
 def test_corrupt_router_is_refused(tmp_path: Path) -> None:
     (tmp_path / "router.npz").write_bytes(b"not a zip")
     with pytest.raises(ArtifactError):
-        CentroidRouter.load(tmp_path / "router.npz")
+        load_router(tmp_path / "router.npz")

@@ -65,7 +65,10 @@ async def search(
     engine: Annotated[SearchEngine, Depends(get_engine)],
     k: Annotated[int | None, Query(ge=1, le=100, description="Number of SKUs")] = None,
     category: Annotated[str | None, Query(min_length=1, max_length=200, description="Force a category")] = None,
-    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False)] = None,
+    min_score: Annotated[
+        float | None,
+        Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="Score floor; replaces the open-set thresholds"),
+    ] = None,
     probe_mass: Annotated[float | None, Query(gt=0.0, le=1.0, allow_inf_nan=False)] = None,
     max_probes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     explain: bool = False,
@@ -83,6 +86,7 @@ async def search(
                 probe_mass=probe_mass or settings.probe_mass or engine.manifest.probe_mass,
                 max_probes=max_probes or settings.max_probes or engine.manifest.max_probes,
                 explain=explain,
+                open_set=settings.open_set,
             )
             outcome = await state.runner.run(engine.search_image, data, params)
         finally:
@@ -118,6 +122,7 @@ def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float) -> S
 
     ms = {stage: round(outcome.timings_s.get(stage, 0.0) * 1000, 3) for stage in STAGES}
     return SearchResponse(
+        match=outcome.match,
         results=[item(h.item, h.score) for h in outcome.results],
         routing=Routing(
             probed=[

@@ -59,6 +59,7 @@ class ImageHit(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    match: bool = Field(description="False when no catalogue item scores above the open-set threshold")
     results: list[ResultItem]
     routing: Routing
     model: ModelInfo

@@ -13,7 +13,7 @@ from app.errors import ArtifactError
 from app.index.items import ItemTable
 from app.index.manifest import read_manifest, resolve_current, safe_join, verify_files
 from app.index.shards import load_shard
-from app.router import CentroidRouter
+from app.router import load_router
 from app.search import SearchEngine, Shard
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_version(version_dir: Path, embedder: Embedder, settings: Settings) -> S
     if manifest.dim != embedder.dim:
         raise ArtifactError(f"{version_dir / 'manifest.json'}: dim expected {embedder.dim} (model), got {manifest.dim}")
 
-    router = CentroidRouter.load(safe_join(version_dir, manifest.router))
+    router = load_router(safe_join(version_dir, manifest.router))
     if router.dim != embedder.dim:
         raise ArtifactError(f"router {manifest.router}: dim expected {embedder.dim} (model), got {router.dim}")
     names = [c.name for c in manifest.categories]

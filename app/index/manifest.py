@@ -48,8 +48,6 @@ class BuildParams(BaseModel):
     M: int
     ef_construction: int
     ef_search: int
-    max_subcentroids: int
-    router_temperature: float
     images_total: int
     images_failed: int
 
@@ -68,9 +66,13 @@ class Manifest(BaseModel):
     router: str = "router.npz"
     items: str = "items.jsonl"
     item_offsets: str = "items.offsets.npy"
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    category_source: Literal["catalogue", "kmeans"] = "catalogue"
     probe_mass: float = Field(gt=0.0, le=1.0)
     max_probes: int = Field(ge=1)
+    # Open set: a query whose top hit scores below its category's threshold answers "match": false.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    global_threshold: float = -1.0
+    router_report: dict[str, Any] = Field(default_factory=dict)
     build: BuildParams
     files: dict[str, FileEntry]
 
@@ -83,6 +85,12 @@ class Manifest(BaseModel):
             "dim": self.dim,
             "n_items": self.n_items,
             "n_categories": len(self.categories),
+            "category_source": self.category_source,
+            "probe_mass": self.probe_mass,
+            "max_probes": self.max_probes,
+            "thresholds": self.thresholds,
+            "global_threshold": self.global_threshold,
+            "router": self.router_report,
             "model": self.model.model_dump(),
             "build": self.build.model_dump(),
         }

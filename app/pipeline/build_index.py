@@ -13,11 +13,12 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -38,7 +39,8 @@ from app.index.manifest import (
 )
 from app.index.shards import SHARD_SUFFIX, Backend, build_shard
 from app.pipeline.catalogue import CatalogueRow, RowProblem, read_catalogue
-from app.router import CentroidRouter
+from app.pipeline.router_training import train_router
+from app.router import class_centroids
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,13 @@ class BuildOptions:
     M: int = 32
     ef_construction: int = 200
     ef_search: int = 64
-    max_subcentroids: int = 4
     batch_size: int = 32
     threads: int = 2
-    # Measured on grocery val with the frozen ImageNet model and the centroid router: 0.9/3 probes 1.8 shards
-    # but loses 8 points of recall@5 to routing; 0.99/4 probes 2.7 shards and loses 2.
-    probe_mass: float = 0.99
-    max_probes: int = 4
+    # Router and probing: probe_mass is chosen by measurement (app/pipeline/router_training.py).
+    max_probes: int = 8
+    max_routing_loss: float = 0.005
+    router_min_images: int = 5
+    target_precision: float = 0.9
     progress: bool = True
 
 
@@ -119,6 +121,44 @@ def _chunks(rows: Sequence[CatalogueRow], n: int) -> Iterator[Sequence[Catalogue
         yield rows[i : i + n]
 
 
+def assign_clusters(vectors: np.ndarray, rows: list[CatalogueRow]) -> tuple[list[CatalogueRow], int]:
+    """Categories for a catalogue without them: spherical k-means over SKU mean embeddings (a SKU never spans
+    two shards). k is the candidate with the best silhouette score; it is recorded in the router report."""
+    skus = sorted({r.sku for r in rows})
+    sku_index = {s: i for i, s in enumerate(skus)}
+    labels = np.asarray([sku_index[r.sku] for r in rows])
+    means = class_centroids(vectors, labels, len(skus))
+    candidates = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k <= max(2, len(skus) // 3)]
+    best_k, best_score, best_assign = 1, -np.inf, np.zeros(len(skus), dtype=np.int64)
+    for k in candidates:
+        km = faiss.Kmeans(means.shape[1], k, niter=25, seed=0, spherical=True, min_points_per_centroid=1)
+        km.train(np.ascontiguousarray(means, dtype=np.float32))
+        assign = km.index.search(np.ascontiguousarray(means, dtype=np.float32), 1)[1][:, 0]
+        score = _silhouette(means, assign)
+        if score > best_score:
+            best_k, best_score, best_assign = k, score, assign
+    named = [replace(r, category=f"cluster-{int(best_assign[sku_index[r.sku]]):03d}") for r in rows]
+    return named, best_k
+
+
+def _silhouette(x: np.ndarray, assign: np.ndarray) -> float:
+    """Mean silhouette with cosine distance (exact; SKU counts are small enough)."""
+    d = 1.0 - x @ x.T
+    clusters = np.unique(assign)
+    if len(clusters) < 2:
+        return -1.0
+    scores = []
+    for i in range(len(x)):
+        own = assign == assign[i]
+        if own.sum() <= 1:
+            scores.append(0.0)
+            continue
+        a = d[i, own].sum() / (own.sum() - 1)
+        b = min(d[i, assign == c].mean() for c in clusters if c != assign[i])
+        scores.append((b - a) / max(a, b, 1e-12))
+    return float(np.mean(scores))
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "category"
 
@@ -168,6 +208,11 @@ def _write_version(
     options: BuildOptions,
     total: int,
 ) -> Manifest:
+    category_source = "catalogue"
+    if not any(r.category for r in rows):
+        rows, n_clusters = assign_clusters(vectors, rows)
+        category_source = "kmeans"
+        log.info("no category column: clustered the catalogue", extra={"clusters": n_clusters})
     categories = sorted({r.category for r in rows})
     cat_index = {c: i for i, c in enumerate(categories)}
     labels = np.asarray([cat_index[r.category] for r in rows])
@@ -194,7 +239,18 @@ def _write_version(
         )
         offset += len(members)
 
-    router = CentroidRouter.fit_calibrated(vectors, labels, categories, max_subcentroids=options.max_subcentroids)
+    # The router sees rows in catalogue order (its held-out split takes the last photos of each SKU).
+    back = np.argsort(order, kind="stable")
+    router, report = train_router(
+        vectors[back],
+        labels[back],
+        categories,
+        [rows[i].sku for i in back],
+        min_images=options.router_min_images,
+        max_probes=options.max_probes,
+        max_loss=options.max_routing_loss,
+        target_precision=options.target_precision,
+    )
     router.save(vdir / "router.npz")
 
     item_rows: list[dict[str, Any]] = [
@@ -202,8 +258,8 @@ def _write_version(
         for r in rows
     ]
     ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")
-    report = {"images_total": total, "images_embedded": len(rows), "problems": [p.__dict__ for p in problems]}
-    (vdir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    build_report = {"images_total": total, "images_embedded": len(rows), "problems": [p.__dict__ for p in problems]}
+    (vdir / "build_report.json").write_text(json.dumps(build_report, indent=2) + "\n")
 
     files = {
         str(p.relative_to(vdir)): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
@@ -222,14 +278,16 @@ def _write_version(
         dim=embedder.dim,
         n_items=len(rows),
         categories=entries,
-        probe_mass=options.probe_mass,
-        max_probes=options.max_probes,
+        category_source=category_source,
+        probe_mass=report.probe_mass,
+        max_probes=report.max_probes,
+        thresholds=report.thresholds,
+        global_threshold=report.global_threshold,
+        router_report=report.as_dict(),
         build=BuildParams(
             M=options.M,
             ef_construction=options.ef_construction,
             ef_search=options.ef_search,
-            max_subcentroids=options.max_subcentroids,
-            router_temperature=router.temperature,
             images_total=total,
             images_failed=len(problems),
         ),

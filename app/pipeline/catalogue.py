@@ -7,14 +7,15 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REQUIRED = ("sku", "category", "image")
+REQUIRED = ("sku", "image")
+COLUMNS = ("sku", "category", "image")
 
 
 @dataclass(frozen=True)
 class CatalogueRow:
     line: int
     sku: str
-    category: str
+    category: str  # "" when the catalogue has no category column: the build clusters instead
     image: str
     title: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
@@ -35,22 +36,26 @@ def read_catalogue(path: Path) -> tuple[list[CatalogueRow], list[RowProblem]]:
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED if c not in header]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected sku,category,image[,title,...]")
+            raise ValueError(f"{path}: missing column(s) {missing}; expected sku,[category,]image[,title,...]")
+        has_category = "category" in header
         reader.fieldnames = header
         for line, raw in enumerate(reader, start=2):
             rec = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-            if not all(rec.get(c) for c in REQUIRED):
+            needed = COLUMNS if has_category else REQUIRED
+            if not all(rec.get(c) for c in needed):
                 problems.append(RowProblem(line, rec.get("image", ""), "missing sku, category or image"))
                 continue
-            attributes = {k: v for k, v in rec.items() if k not in (*REQUIRED, "title") and v}
+            attributes = {k: v for k, v in rec.items() if k not in (*COLUMNS, "title") and v}
             rows.append(
-                CatalogueRow(line, rec["sku"], rec["category"], rec["image"], rec.get("title") or None, attributes)
+                CatalogueRow(
+                    line, rec["sku"], rec.get("category", ""), rec["image"], rec.get("title") or None, attributes
+                )
             )
     return rows, problems
 
 
 def write_catalogue(path: Path, rows: list[dict[str, str]]) -> None:
-    columns = list(REQUIRED) + sorted({k for r in rows for k in r} - set(REQUIRED))
+    columns = list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
