@@ -176,6 +176,27 @@ def quantize_model_cmd(
     typer.echo(f"quantised {out / 'model.onnx'} sha256={card.sha256}")
 
 
+@cli.command()
+def evaluate(
+    index: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Index directory (with CURRENT)")],
+    queries: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Query CSV: sku,category,image")],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Directory for report.json and report.html")],
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: VPS_MODEL_DIR)")] = None,
+) -> None:
+    """Measure an index with query photos; writes report.json and a self-contained report.html
+    (needs the `eval` extra for the plots)."""
+    from app.pipeline.evaluate import evaluate_index
+
+    configure_logging("WARNING")
+    report = evaluate_index(index, model or Settings().model_dir, queries, images_root, out)
+    r = report["retrieval"]
+    typer.echo(
+        f"recall@1={r['recall@1']:.4f} recall@5={r['recall@5']:.4f} router top-1={report['routing']['top1_accuracy']} "
+        f"-> {out / 'report.html'}"
+    )
+
+
 @cli.command("grocery-catalogue")
 def grocery_catalogue_cmd(
     dataset: Annotated[Path, typer.Option(exists=True, file_okay=False, help="GroceryStoreDataset root")],

@@ -30,3 +30,40 @@ def test_duplicate_images_of_one_sku_count_once() -> None:
 
 def test_no_queries() -> None:
     assert sku_recall(np.empty((0, 2)), [], np.eye(2), ["a", "b"], (1, 5)) == {1: 0.0, 5: 0.0}
+
+
+def test_recall_precision_map_hand_computed() -> None:
+    from app.pipeline.evaluation import map_at_k, precision_at_k, recall_at_k
+
+    ranked = [["a", "b", "c"], ["b", "a"], ["c", "d", "e"], []]
+    truth = ["a", "a", "x", "a"]  # ranks: 1, 2, absent, empty answer
+    assert recall_at_k(ranked, truth, 1) == 0.25
+    assert recall_at_k(ranked, truth, 2) == 0.5
+    assert precision_at_k(ranked, truth, 2) == (0.5 + 0.5) / 4
+    assert map_at_k(ranked, truth, 10) == (1 + 0.5) / 4
+    assert recall_at_k([], [], 5) == 0.0
+
+
+def test_classification_report_with_zero_support_and_never_predicted() -> None:
+    from app.pipeline.evaluation import classification_report, confusion_matrix
+
+    # Classes: 0 (3 samples), 1 (1 sample), 2 (no samples, predicted once).
+    m = confusion_matrix([0, 0, 0, 1], [0, 0, 2, 0], 3)
+    assert m.tolist() == [[2, 0, 1], [1, 0, 0], [0, 0, 0]]
+    rep = classification_report(m, ["a", "b", "c"])
+    assert rep["a"] == {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3}
+    assert rep["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert rep["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert rep["micro avg"]["precision"] == 0.5
+    assert rep["macro avg"]["recall"] == (2 / 3 + 0) / 2  # c has no support: left out
+    assert rep["weighted avg"]["recall"] == (2 / 3 * 3 + 0) / 4
+
+
+def test_overlap_and_pr_curve() -> None:
+    from app.pipeline.evaluation import overlap_at_k, pr_curve
+
+    assert overlap_at_k([np.array([1, 2, 3])], [np.array([3, 2, 9])], 3) == 2 / 3
+    curve = pr_curve(np.array([0.9, 0.8, 0.8, 0.5]), np.array([True, False, True, False]))
+    assert curve["threshold"] == [0.9, 0.8, 0.5]  # the tie at 0.8 is one point
+    assert curve["precision"] == [1.0, 2 / 3, 0.5]
+    assert curve["recall"] == [0.5, 1.0, 1.0]

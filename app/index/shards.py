@@ -27,6 +27,10 @@ class ShardIndex(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def vectors(self) -> np.ndarray:
+        """All stored vectors in id order (for evaluation against exact search)."""
+        ...
+
 
 class FaissHnswShard:
     def __init__(self, index: faiss.Index) -> None:
@@ -67,6 +71,10 @@ class FaissHnswShard:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, ids
+
+    def vectors(self) -> np.ndarray:
+        out: np.ndarray = self._index.reconstruct_n(0, self.ntotal)
+        return out
 
 
 class HnswlibShard:
@@ -111,6 +119,9 @@ class HnswlibShard:
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores, ids
+
+    def vectors(self) -> np.ndarray:
+        return np.asarray(self._index.get_items(list(range(self.ntotal))), dtype=np.float32)
 
 
 def build_shard(backend: Backend, vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:

@@ -26,3 +26,94 @@ def sku_recall(
         for k in ks:
             hits[k] += query_skus[qi] in ranked[:k]
     return {k: hits[k] / len(query_skus) for k in ks}
+
+
+def recall_at_k(ranked: list[list[str]], truth: list[str], k: int) -> float:
+    """Fraction of queries whose true SKU is in the first k of its ranked SKU list."""
+    return sum(t in r[:k] for r, t in zip(ranked, truth, strict=True)) / len(truth) if truth else 0.0
+
+
+def precision_at_k(ranked: list[list[str]], truth: list[str], k: int) -> float:
+    """Mean fraction of the first k slots holding the true SKU. Results are one row per SKU, so at most one
+    slot can: precision@k = hits / k, and an answer shorter than k still counts k slots."""
+    return sum((t in r[:k]) / k for r, t in zip(ranked, truth, strict=True)) / len(truth) if truth else 0.0
+
+
+def map_at_k(ranked: list[list[str]], truth: list[str], k: int) -> float:
+    """Mean average precision at k with one relevant SKU per query: 1/rank when within k, else 0."""
+    total = 0.0
+    for r, t in zip(ranked, truth, strict=True):
+        if t in r[:k]:
+            total += 1.0 / (r.index(t) + 1)
+    return total / len(truth) if truth else 0.0
+
+
+def confusion_matrix(y_true: list[int], y_pred: list[int], n: int) -> np.ndarray:
+    m = np.zeros((n, n), dtype=np.int64)
+    for t, p in zip(y_true, y_pred, strict=True):
+        m[t, p] += 1
+    return m
+
+
+def classification_report(matrix: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: truth), plus micro, macro and
+    weighted averages. A class never predicted has precision 0; a class with no support has recall 0 and is left
+    out of the macro average (it has nothing to recall)."""
+    tp = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0).astype(np.float64)
+    support = matrix.sum(axis=1).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    out: dict[str, dict[str, float]] = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
+    total = support.sum()
+    present = support > 0
+    micro = float(tp.sum() / total) if total else 0.0
+    out["micro avg"] = {"precision": micro, "recall": micro, "f1": micro, "support": int(total)}
+    out["macro avg"] = {
+        key: float(vals[present].mean()) if present.any() else 0.0
+        for key, vals in (("precision", precision), ("recall", recall), ("f1", f1))
+    } | {"support": int(total)}
+    w = support / total if total else support
+    out["weighted avg"] = {
+        "precision": float((precision * w).sum()),
+        "recall": float((recall * w).sum()),
+        "f1": float((f1 * w).sum()),
+        "support": int(total),
+    }
+    return out
+
+
+def overlap_at_k(approx_ids: list[np.ndarray], exact_ids: list[np.ndarray], k: int) -> float:
+    """ANN recall@k: mean fraction of the exact top-k ids found in the approximate top-k."""
+    if len(exact_ids) == 0:
+        return 0.0
+    hits = [
+        len(set(a[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
+        for a, e in zip(approx_ids, exact_ids, strict=True)
+    ]
+    return float(np.mean(hits))
+
+
+def pr_curve(scores: np.ndarray, correct: np.ndarray) -> dict[str, list[float]]:
+    """Precision and recall of 'answer only when the top score >= t', for every distinct t (descending)."""
+    order = np.argsort(-scores, kind="stable")
+    s, c = scores[order], correct[order].astype(np.float64)
+    tp = np.cumsum(c)
+    accepted = np.arange(1, len(c) + 1)
+    last_of_tie = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, dtype=bool)
+    total_correct = max(1.0, float(c.sum()))
+    return {
+        "threshold": s[last_of_tie].tolist(),
+        "precision": (tp / accepted)[last_of_tie].tolist(),
+        "recall": (tp / total_correct)[last_of_tie].tolist(),
+    }
