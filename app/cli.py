@@ -63,6 +63,11 @@ def build_index_cmd(
     ef_search: Annotated[int, typer.Option(min=8, max=4096)] = 64,
     batch_size: Annotated[int, typer.Option(min=1, max=512)] = 32,
     threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
+    calibration_queries: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="CSV of real query photos of catalogue SKUs for calibration"),
+    ] = None,
+    calibration_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
 ) -> None:
     """Embed a catalogue and publish a new index version."""
     from app.pipeline.build_index import BuildOptions, build_index
@@ -79,7 +84,15 @@ def build_index_cmd(
         batch_size=batch_size,
         threads=threads,
     )
-    result = build_index(catalogue, images_root, out, model, options)
+    result = build_index(
+        catalogue,
+        images_root,
+        out,
+        model,
+        options,
+        calibration_queries=calibration_queries,
+        calibration_root=calibration_root,
+    )
     m_ = result.manifest
     typer.echo(
         f"built {m_.version}: {m_.n_items} images in {len(m_.categories)} categories, "

@@ -39,7 +39,7 @@ from app.index.manifest import (
 )
 from app.index.shards import SHARD_SUFFIX, Backend, build_shard
 from app.pipeline.catalogue import CatalogueRow, RowProblem, read_catalogue
-from app.pipeline.router_training import train_router
+from app.pipeline.router_training import Calibration, train_router
 from app.router import class_centroids
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,27 @@ def _silhouette(x: np.ndarray, assign: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+def _calibration_set(
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None, rows: list[CatalogueRow], cat_index: dict[str, int]
+) -> Calibration | None:
+    """Keep the calibration queries whose SKU is in the catalogue; their category is the catalogue's (so it also
+    works when the build clustered the categories)."""
+    if calibration is None:
+        return None
+    cal_vectors, cal_rows = calibration
+    sku_category = {r.sku: r.category for r in rows}
+    keep = [i for i, r in enumerate(cal_rows) if r.sku in sku_category]
+    if len(keep) < len(cal_rows):
+        log.warning("calibration queries of unknown SKUs ignored", extra={"count": len(cal_rows) - len(keep)})
+    if not keep:
+        return None
+    return Calibration(
+        vectors=cal_vectors[keep],
+        labels=np.asarray([cat_index[sku_category[cal_rows[i].sku]] for i in keep]),
+        skus=np.asarray([cal_rows[i].sku for i in keep]),
+    )
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "category"
 
@@ -170,7 +191,12 @@ def build_index(
     model_dir: Path,
     options: BuildOptions = BuildOptions(),
     embedder: Embedder | None = None,
+    calibration_queries: Path | None = None,
+    calibration_root: Path | None = None,
 ) -> BuildResult:
+    """Build and publish a version. `calibration_queries` (a CSV of real query photos of catalogue SKUs, images
+    under `calibration_root`, default `images_root`) makes the router's temperature, probe_mass and open-set
+    thresholds measured on real queries instead of held-out catalogue photos."""
     rows, problems = read_catalogue(catalogue)
     for p in problems:
         log.warning("catalogue row skipped", extra={"line": p.line, "reason": p.reason})
@@ -180,12 +206,23 @@ def build_index(
     problems = problems + embed_problems
     if not kept:
         raise ValueError(f"{catalogue}: no image could be embedded ({len(problems)} problems)")
+    calibration = None
+    if calibration_queries is not None:
+        cal_rows, cal_problems = read_catalogue(calibration_queries)
+        cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(
+            cal_rows, calibration_root or images_root, embedder, options
+        )
+        for p in cal_problems + cal_embed_problems:
+            log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
+        calibration = (cal_vectors, cal_kept)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".building-{uuid.uuid4().hex[:12]}"
     (staging / "shards").mkdir(parents=True)
     try:
-        manifest = _write_version(staging, vectors, kept, problems, embedder, options, total=len(rows))
+        manifest = _write_version(
+            staging, vectors, kept, problems, embedder, options, total=len(rows), calibration=calibration
+        )
         final = out_dir / manifest.version
         staging.rename(final)  # the version appears whole or not at all
     except BaseException:
@@ -207,6 +244,7 @@ def _write_version(
     embedder: Embedder,
     options: BuildOptions,
     total: int,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
 ) -> Manifest:
     category_source = "catalogue"
     if not any(r.category for r in rows):
@@ -246,6 +284,7 @@ def _write_version(
         labels[back],
         categories,
         [rows[i].sku for i in back],
+        calibration=_calibration_set(calibration, rows, cat_index),
         min_images=options.router_min_images,
         max_probes=options.max_probes,
         max_loss=options.max_routing_loss,
