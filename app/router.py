@@ -1,12 +1,10 @@
 """Category router: which shards to search for a query.
 
-Two adapters behind the `Router` port, both stored in `router.npz` (no pickle):
-- `LinearRouter` (the build's default): a softmax classifier over embeddings, trained with class-balanced
-  cross-entropy, temperature-scaled on a held-out part of the catalogue. Categories with too few images to learn
-  from keep nearest-centroid weights (their centroid times a shared learnt scale, plus a shared bias), so they
-  stay in the same calibrated softmax.
-- `CentroidRouter` (first version, kept for comparison): each category's best k-means sub-centroid cosine,
-  softmax with a temperature.
+`LinearRouter`, stored in `router.npz` (no pickle): a softmax classifier over embeddings, trained with
+class-balanced cross-entropy and temperature-scaled (app/pipeline/router_training.py). Categories with too few
+images to learn from keep nearest-centroid weights (their centroid times a shared learnt scale, plus a shared
+bias), so they stay in the same calibrated softmax. (The first version was nearest-centroid alone; on grocery val
+with the frozen model it gave router top-1 0.753, the linear router 0.858.)
 Shards are probed in descending probability until the cumulative mass reaches `probe_mass` or `max_probes`.
 """
 
@@ -16,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import faiss
 import numpy as np
 
 from app.errors import ArtifactError
 
-ROUTER_FORMAT = "centroid-v1"
 LINEAR_FORMAT = "linear-v1"
 
 
@@ -62,126 +58,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
     return out
-
-
-class CentroidRouter:
-    def __init__(self, categories: list[str], centroids: np.ndarray, owner: np.ndarray, temperature: float) -> None:
-        if centroids.ndim != 2 or len(owner) != len(centroids):
-            raise ValueError("centroids and owner disagree")
-        if temperature <= 0 or not np.isfinite(temperature):
-            raise ValueError("temperature must be a positive number")
-        self._categories = list(categories)
-        self._centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        self._owner = owner.astype(np.int64)
-        self.temperature = float(temperature)
-
-    @property
-    def categories(self) -> list[str]:
-        return self._categories
-
-    @property
-    def dim(self) -> int:
-        return int(self._centroids.shape[1])
-
-    def category_scores(self, queries: np.ndarray) -> np.ndarray:
-        """(nq, n_categories): each category's best centroid cosine."""
-        sims = np.atleast_2d(queries).astype(np.float32) @ self._centroids.T
-        scores = np.full((sims.shape[0], len(self._categories)), -np.inf, dtype=np.float32)
-        np.maximum.at(scores.T, self._owner, sims.T)
-        return scores
-
-    def probabilities(self, query: np.ndarray) -> np.ndarray:
-        out: np.ndarray = softmax(self.category_scores(query)[0] / self.temperature)
-        return out
-
-    # --- fitting and storage -------------------------------------------------------------------------------
-    @classmethod
-    def fit(
-        cls,
-        vectors: np.ndarray,
-        labels: np.ndarray,
-        categories: list[str],
-        *,
-        max_subcentroids: int = 4,
-        min_points_per_centroid: int = 20,
-        temperature: float = 0.05,
-        seed: int = 0,
-    ) -> CentroidRouter:
-        centroids: list[np.ndarray] = []
-        owner: list[int] = []
-        for c in range(len(categories)):
-            members = np.ascontiguousarray(vectors[labels == c], dtype=np.float32)
-            if len(members) == 0:
-                raise ValueError(f"category {categories[c]!r} has no vectors")
-            n_sub = min(max_subcentroids, len(members) // min_points_per_centroid)
-            if n_sub >= 2:
-                km = faiss.Kmeans(
-                    members.shape[1],
-                    n_sub,
-                    niter=20,
-                    seed=seed,
-                    spherical=True,
-                    verbose=False,
-                    min_points_per_centroid=1,
-                )
-                km.train(members)
-                cents = np.asarray(km.centroids, dtype=np.float32)
-            else:
-                cents = members.mean(axis=0, keepdims=True)
-            cents = cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
-            centroids.append(cents)
-            owner.extend([c] * len(cents))
-        return cls(categories, np.vstack(centroids), np.asarray(owner), temperature)
-
-    @classmethod
-    def fit_calibrated(
-        cls,
-        vectors: np.ndarray,
-        labels: np.ndarray,
-        categories: list[str],
-        *,
-        max_subcentroids: int = 4,
-        holdout: float = 0.2,
-        seed: int = 0,
-    ) -> CentroidRouter:
-        """Fit centroids on part of the catalogue, choose the temperature that minimises the negative
-        log-likelihood of the held-out part, then refit the centroids on everything with that temperature."""
-        rng = np.random.default_rng(seed)
-        held = rng.random(len(vectors)) < holdout
-        # Keep every category represented in the fitting part.
-        for c in range(len(categories)):
-            idx = np.flatnonzero(labels == c)
-            if not (~held[idx]).any():
-                held[idx[0]] = False
-        temperature = 0.05
-        if held.sum() >= 10:
-            draft = cls.fit(vectors[~held], labels[~held], categories, max_subcentroids=max_subcentroids, seed=seed)
-            scores = draft.category_scores(vectors[held])
-            truth = labels[held]
-            best_nll = np.inf
-            for t in np.geomspace(0.005, 1.0, 40):
-                logp = np.log(np.maximum(softmax(scores / t)[np.arange(len(truth)), truth], 1e-12))
-                nll = float(-logp.mean())
-                if nll < best_nll:
-                    best_nll, temperature = nll, float(t)
-        return cls.fit(
-            vectors, labels, categories, max_subcentroids=max_subcentroids, temperature=temperature, seed=seed
-        )
-
-    def save(self, path: Path) -> None:
-        with path.open("wb") as fh:
-            np.savez(
-                fh,
-                format=np.asarray(ROUTER_FORMAT),
-                categories=np.asarray(self._categories, dtype=str),
-                centroids=self._centroids,
-                owner=self._owner,
-                temperature=np.asarray(self.temperature, dtype=np.float64),
-            )
-
-    def predict_proba(self, queries: np.ndarray) -> np.ndarray:
-        out: np.ndarray = softmax(self.category_scores(queries) / self.temperature)
-        return out
 
 
 def class_centroids(vectors: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -303,11 +179,8 @@ class LinearRouter:
             )
 
 
-AnyRouter = CentroidRouter | LinearRouter
-
-
-def load_router(path: Path) -> AnyRouter:
-    """Load either router format from router.npz (no pickle)."""
+def load_router(path: Path) -> LinearRouter:
+    """Load router.npz (no pickle)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             fmt = str(data["format"])
@@ -315,8 +188,6 @@ def load_router(path: Path) -> AnyRouter:
             temperature = float(data["temperature"])
             if fmt == LINEAR_FORMAT:
                 return LinearRouter(categories, data["weights"], data["bias"], temperature)
-            if fmt == ROUTER_FORMAT:
-                return CentroidRouter(categories, data["centroids"], data["owner"], temperature)
     except (OSError, KeyError, ValueError) as exc:
         raise ArtifactError(f"router {path}: cannot read it ({type(exc).__name__})") from exc
     raise ArtifactError(f"router {path}: unknown format {fmt!r}")

@@ -27,20 +27,11 @@ from app.pipeline.evaluation import (
     pr_curve,
     precision_at_k,
     recall_at_k,
+    top_skus,
 )
 from app.search import STAGES, SearchParams
 
 KS = (1, 5, 10)
-
-
-def _ranked_skus(scores: np.ndarray, skus: np.ndarray, k: int) -> list[str]:
-    ranked: list[str] = []
-    for j in np.argsort(-scores, kind="stable"):
-        if skus[j] not in ranked:
-            ranked.append(str(skus[j]))
-            if len(ranked) == k:
-                break
-    return ranked
 
 
 def evaluate_index(
@@ -82,7 +73,7 @@ def evaluate_index(
         truth.append(row.sku)
         routed_rank.append([str(h.item["sku"]) for h in routed.results])
         exhaustive_rank.append([str(h.item["sku"]) for h in exhaustive.results])
-        exact_rank.append(_ranked_skus(sims, item_skus, 10))
+        exact_rank.append(top_skus(sims, item_skus, 10))
         ann_ids.append(np.asarray([h.row for h in exhaustive.image_hits[:10]]))
         exact_ids.append(np.argsort(-sims, kind="stable")[:10])
         shards_probed.append(len(routed.probes))

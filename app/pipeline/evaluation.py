@@ -5,6 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def top_skus(scores: np.ndarray, skus: np.ndarray | list[str], k: int) -> list[str]:
+    """The first k distinct SKUs by descending score (each SKU ranked by its best image); -inf scores are
+    excluded (masked out). Ties keep catalogue order."""
+    ranked: list[str] = []
+    for j in np.argsort(-scores, kind="stable"):
+        if np.isneginf(scores[j]):
+            break
+        if skus[j] not in ranked:
+            ranked.append(str(skus[j]))
+            if len(ranked) == k:
+                break
+    return ranked
+
+
 def sku_recall(
     queries: np.ndarray, query_skus: list[str], catalogue: np.ndarray, catalogue_skus: list[str], ks: tuple[int, ...]
 ) -> dict[int, float]:
@@ -13,16 +27,9 @@ def sku_recall(
     if len(query_skus) == 0:
         return dict.fromkeys(ks, 0.0)
     sims = queries @ catalogue.T
-    order = np.argsort(-sims, axis=1, kind="stable")
     hits = dict.fromkeys(ks, 0)
-    for qi, row in enumerate(order):
-        ranked: list[str] = []
-        for j in row:
-            sku = catalogue_skus[j]
-            if sku not in ranked:
-                ranked.append(sku)
-                if len(ranked) == max(ks):
-                    break
+    for qi in range(len(query_skus)):
+        ranked = top_skus(sims[qi], catalogue_skus, max(ks))
         for k in ks:
             hits[k] += query_skus[qi] in ranked[:k]
     return {k: hits[k] / len(query_skus) for k in ks}

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from app.pipeline.evaluation import top_skus
 from app.router import LinearRouter, fit_temperature, select_probes
 
 PROBE_MASS_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -146,18 +147,6 @@ def train_router(
     return router, report
 
 
-def _top_skus(scores: np.ndarray, skus: np.ndarray, k: int) -> list[str]:
-    ranked: list[str] = []
-    for j in np.argsort(-scores, kind="stable"):
-        if np.isneginf(scores[j]):
-            break
-        if skus[j] not in ranked:
-            ranked.append(str(skus[j]))
-            if len(ranked) == k:
-                break
-    return ranked
-
-
 def _measure(
     router: LinearRouter,
     q_vec: np.ndarray,
@@ -180,7 +169,7 @@ def _measure(
 
     # Exact search, so that the measured loss is the router's alone.
     sims = q_vec @ c_vec.T
-    exhaustive = [_top_skus(sims[i], c_sku, 5) for i in range(n)]
+    exhaustive = [top_skus(sims[i], c_sku, 5) for i in range(n)]
     ex1 = float(np.mean([e[:1] == [q_sku[i]] for i, e in enumerate(exhaustive)])) if n else 0.0
     ex5 = float(np.mean([q_sku[i] in e for i, e in enumerate(exhaustive)])) if n else 0.0
     candidates: list[dict[str, float]] = []
@@ -190,7 +179,7 @@ def _measure(
         for i in range(n):
             probes = select_probes(probs[i], probe_mass=mass, max_probes=max_probes)
             allowed = np.isin(c_lab, [p.category for p in probes])
-            got = _top_skus(np.where(allowed, sims[i], -np.inf), c_sku, 5)
+            got = top_skus(np.where(allowed, sims[i], -np.inf), c_sku, 5)
             hits1 += got[:1] == [q_sku[i]]
             hits5 += q_sku[i] in got
             shards += len(probes)
