@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL_DIR ?= models/efficientnet-lite0-imagenet
+MODEL_DIR ?= models/grocery-lite0-ms512
 INDEX_DIR ?= index_data
 DEMO := examples/grocery
 

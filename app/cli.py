@@ -56,7 +56,7 @@ def build_index_cmd(
     catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV: sku,category,image[,title,...]")],
     images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the image paths")],
     out: Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")] = Path("index_data"),
-    model: Annotated[Path, typer.Option(help="Model directory")] = Path("models/efficientnet-lite0-imagenet"),
+    model: Annotated[Path, typer.Option(help="Model directory")] = Path("models/grocery-lite0-ms512"),
     backend: Annotated[str, typer.Option(help="faiss or hnswlib")] = "faiss",
     m: Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M")] = 32,
     ef_construction: Annotated[int, typer.Option(min=8, max=4096)] = 200,

@@ -12,9 +12,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
 
     index_dir: Path = Field(Path("index_data"), description="Directory holding CURRENT and index versions")
-    model_dir: Path = Field(
-        Path("models/efficientnet-lite0-imagenet"), description="Directory with model.onnx and model.json"
-    )
+    model_dir: Path = Field(Path("models/grocery-lite0-ms512"), description="Directory with model.onnx and model.json")
 
     # Untrusted input limits.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Byte cap of one image")

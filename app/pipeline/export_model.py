@@ -147,8 +147,8 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
                 "seed": cfg["seed"],
                 "augmentation": "random resized crop (0.3-1), flip, rotation +-15 deg, perspective, "
                 "brightness/contrast/saturation +-30 %, Gaussian blur",
-                "catalogue": cfg["catalogue"],
-                "val_queries": cfg["val_queries"],
+                "catalogue": Path(cfg["catalogue"]).name,
+                "val_queries": Path(cfg["val_queries"]).name if cfg["val_queries"] else None,
             },
             "trained_on": "GroceryStoreDataset train split (2,640 shelf photos, 81 SKUs); MIT licence",
             "evaluation": {
