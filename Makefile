@@ -25,9 +25,9 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.serve-installed
 
 # The demo index is rebuilt when the catalogue or the model changes.
-$(INDEX_DIR)/CURRENT: $(DEMO)/catalogue.csv $(MODEL_DIR)/model.json | $(VENV)/.serve-installed
+$(INDEX_DIR)/CURRENT: $(DEMO)/catalogue.csv $(DEMO)/calibration.csv $(MODEL_DIR)/model.json | $(VENV)/.serve-installed
 	$(BIN)/vps build-index --catalogue $(DEMO)/catalogue.csv --images-root $(DEMO)/images \
-		--out $(INDEX_DIR) --model $(MODEL_DIR)
+		--calibration-queries $(DEMO)/calibration.csv --out $(INDEX_DIR) --model $(MODEL_DIR)
 
 demo: $(VENV)/.serve-installed $(INDEX_DIR)/CURRENT
 	$(BIN)/vps serve --host $(HOST) --port $(PORT) --index-dir $(INDEX_DIR) --model-dir $(MODEL_DIR)

@@ -27,7 +27,7 @@ class SearchParams:
     probe_mass: float = 0.9
     max_probes: int = 3
     explain: bool = False
-    open_set: bool = True  # apply the manifest's per-category thresholds (an explicit min_score overrides)
+    open_set: bool = False  # apply the manifest's per-category thresholds (an explicit min_score overrides)
 
 
 @dataclass(frozen=True)

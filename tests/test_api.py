@@ -66,7 +66,7 @@ def test_raw_body_and_forced_category(server: str) -> None:
 def test_open_set_answers_no_match_and_min_score_overrides(faiss_index: Path, tiny_model: Path) -> None:
     """A photo of no catalogue product falls below the calibrated thresholds: match=false, no results; a known
     product still matches; an explicit min_score replaces the thresholds."""
-    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, warmup_queries=0)
+    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, warmup_queries=0, open_set=True)
     rng = np.random.default_rng(3)
     unknown = encode(Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)), "PNG")
     with live_server(create_app(settings)) as base:

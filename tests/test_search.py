@@ -109,9 +109,9 @@ def test_open_set_threshold_answers_no_match(tmp_path: Path) -> None:
     engine = _engine(tmp_path, [0.5, 0.5])
     engine.manifest = Manifest.model_construct(thresholds={"b": 0.99, "a": 0.5}, global_threshold=0.0)
     q = engine.query  # type: ignore[attr-defined]
-    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2))
+    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2, open_set=True))
     assert not out.match and out.results == []  # top hit z (category b) scores 0.95 < 0.99
-    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2, category="a"))
+    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2, category="a", open_set=True))
     assert out.match and out.results[0].item["sku"] == "x"  # x scores 0.9 >= 0.5
-    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2, min_score=-1.0))
+    out = engine.search_vector(q, SearchParams(k=3, probe_mass=1.0, max_probes=2, min_score=-1.0, open_set=True))
     assert out.match and len(out.results) == 3  # an explicit min_score replaces the thresholds
