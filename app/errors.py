@@ -23,6 +23,10 @@ class MissingImage(ServiceError):
     code, status, message = "missing_image", 400, "send the image as multipart field 'image' or as the raw body"
 
 
+class InvalidMultipart(ServiceError):
+    code, status, message = "invalid_multipart", 400, "the multipart body is malformed or has too many parts"
+
+
 class CorruptImage(ServiceError):
     code, status, message = "corrupt_image", 400, "the image could not be decoded (corrupt or truncated)"
 

@@ -9,15 +9,11 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import EmptyBody, ImageTooLarge, InvalidParameter, MissingImage
+from app.errors import EmptyBody, ImageTooLarge, InvalidMultipart, MissingImage
 
 # Room for multipart boundaries and part headers on top of the image cap.
 MULTIPART_OVERHEAD = 64 * 1024
 IMAGE_FIELD = "image"
-
-
-class InvalidMultipart(InvalidParameter):
-    code, status, message = "invalid_multipart", 400, "the multipart body is malformed or has too many parts"
 
 
 class _InMemoryMultiPartParser(MultiPartParser):
