@@ -28,6 +28,7 @@ from app.search import SearchEngine, SearchParams
 from app.state import AppState
 
 log = logging.getLogger("app")
+access_log = logging.getLogger("app.access")
 
 EngineLoader = Callable[[Settings], SearchEngine]
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -97,9 +98,20 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
             response = error_response(500, "internal_error", "internal error", request_id)
         route = request.scope.get("route")
         template = getattr(route, "path", "unmatched")
+        elapsed = time.perf_counter() - t0
         metrics.requests.labels(route=template, status=str(response.status_code)).inc()
-        metrics.request_duration.labels(route=template).observe(time.perf_counter() - t0)
+        metrics.request_duration.labels(route=template).observe(elapsed)
         response.headers["X-Request-ID"] = request_id
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "route": template,
+                "status": response.status_code,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
         return response
 
     return app
