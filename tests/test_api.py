@@ -225,3 +225,19 @@ def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_m
         assert second.json()["error"]["code"] == "overloaded"
         assert waited < 5  # refused while the first request was still held, not queued behind it
         assert 'vps_rejected_total{reason="overloaded"} 1.0' in httpx.get(f"{base}/metrics").text
+
+
+def test_openapi_documents_the_search_contract(server: str) -> None:
+    spec = httpx.get(f"{server}/openapi.json").json()
+    search = spec["paths"]["/search"]["post"]
+    assert set(search["requestBody"]["content"]) == {"multipart/form-data", "image/jpeg", "image/png", "image/webp"}
+    assert {p["name"] for p in search["parameters"]} == {
+        "k",
+        "category",
+        "min_score",
+        "probe_mass",
+        "max_probes",
+        "explain",
+    }
+    assert {"200", "400", "413", "415", "422", "503"} <= set(search["responses"])
+    assert "match" in spec["components"]["schemas"]["SearchResponse"]["properties"]
