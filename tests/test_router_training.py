@@ -89,7 +89,7 @@ def test_catalogue_without_categories_is_clustered(catalogue: Path, tiny_model: 
     manifest = read_manifest(resolve_current(tmp_path / "idx"))
     assert manifest.category_source == "kmeans"
     assert all(c.name.startswith("cluster-") for c in manifest.categories)
-    assert len(manifest.categories) == 2  # 6 SKUs: candidates k <= 6 // 3
+    assert len(manifest.categories) == manifest.build.n_clusters == 2  # 6 SKUs: candidates k <= 6 // 3
     # A SKU never spans two shards.
     assert sum(c.n_skus for c in manifest.categories) == 6
 

@@ -50,6 +50,7 @@ class BuildParams(BaseModel):
     ef_search: int
     images_total: int
     images_failed: int
+    n_clusters: int | None = Field(None, description="k chosen by the build when the catalogue had no categories")
 
 
 class Manifest(BaseModel):

@@ -247,6 +247,7 @@ def _write_version(
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
 ) -> Manifest:
     category_source = "catalogue"
+    n_clusters = None
     if not any(r.category for r in rows):
         rows, n_clusters = assign_clusters(vectors, rows)
         category_source = "kmeans"
@@ -329,6 +330,7 @@ def _write_version(
             ef_search=options.ef_search,
             images_total=total,
             images_failed=len(problems),
+            n_clusters=n_clusters,
         ),
         files=files,
     )
