@@ -122,8 +122,8 @@ class SearchEngine:
         t1 = time.perf_counter()
 
         # Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
-        # near-identical photos can fill k * overfetch slots (grocery val, k=5: recall@5 0.966 with 20 images a
-        # shard, 0.976 with 40), and HNSW has visited at least efSearch (64) candidates anyway.
+        # near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
+        # images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway.
         want = max(params.k * self.overfetch, MIN_FETCH)
         rows: list[np.ndarray] = []
         scores: list[np.ndarray] = []

@@ -70,7 +70,7 @@ def test_train_router_chooses_probe_mass_within_the_loss_budget() -> None:
     skus = [f"{c}-{i % 5}" for i, c in enumerate(labels)]
     router, report = train_router(x, labels, ["a", "b", "c", "d"], skus, max_loss=0.005)
     assert report.routing_loss_points <= 0.5
-    assert report.holdout_images == 40 and report.holdout_top1 > 0.95
+    assert report.calibration_queries == 40 and report.router_top1 > 0.95
     assert report.probe_mass in [c["probe_mass"] for c in report.candidates]
     assert 1.0 <= report.mean_shards <= 4.0
     assert set(report.thresholds) == {"a", "b", "c", "d"}

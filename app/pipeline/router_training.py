@@ -36,9 +36,9 @@ class RouterReport:
     kind: str
     temperature: float
     fallback_categories: list[str]
-    holdout_images: int
-    holdout_top1: float
-    holdout_top3: float
+    calibration_queries: int  # held-out catalogue photos, or the --calibration-queries photos
+    router_top1: float
+    router_top3: float
     probe_mass: float
     max_probes: int
     exhaustive_recall1: float
@@ -225,9 +225,9 @@ def _measure(
         kind="linear",
         temperature=round(router.temperature, 6),
         fallback_categories=[],
-        holdout_images=n,
-        holdout_top1=round(top1, 4),
-        holdout_top3=round(top3, 4),
+        calibration_queries=n,
+        router_top1=round(top1, 4),
+        router_top3=round(top3, 4),
         probe_mass=float(chosen["probe_mass"]),
         max_probes=max_probes,
         exhaustive_recall1=round(float(ex1), 4),
