@@ -142,6 +142,9 @@ def train(
     threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
     steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
     eval_every: Annotated[int, typer.Option(min=1)] = 1,
+    category_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the coarse-category term (0: SKU metric loss only)")
+    ] = 0.0,
 ) -> None:
     """Fine-tune the embedding model by deep metric learning (needs the `train` extra). Resumes from OUT/last.pt."""
     from app.pipeline.train_embedding import TrainConfig
@@ -168,6 +171,7 @@ def train(
         threads=threads,
         steps_per_epoch=steps_per_epoch,
         eval_every=eval_every,
+        category_weight=category_weight,
     )
     state = run_training(cfg)
     typer.echo(f"best: {state['best']}")

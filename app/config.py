@@ -37,5 +37,11 @@ class Settings(BaseSettings):
     # a shop where most queries are catalogue products (demo: 3 of 12 sample photos answered, 9 of 12 right).
     open_set: bool = Field(False, description="Answer match=false below the manifest's per-category thresholds")
 
+    # Index updates: /admin/reload, and optionally a watch of CURRENT (every worker process polls on its own, so
+    # the watch is how all workers of a pod pick up a published version).
+    index_watch_s: float = Field(0.0, ge=0.0, le=3600.0, description="Poll CURRENT every N s (0: off)")
+    # SIGTERM: /readyz 503 at once, keep serving this long, then stop accepting and finish requests in flight.
+    drain_s: float = Field(2.0, ge=0.0, le=300.0, description="Seconds to keep serving after SIGTERM")
+
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")

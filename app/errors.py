@@ -59,6 +59,14 @@ class Forbidden(ServiceError):
     code, status, message = "forbidden", 403, "the bearer token is not valid"
 
 
+class AdminDisabled(ServiceError):
+    code, status, message = "admin_disabled", 403, "admin routes are disabled: no admin token is configured"
+
+
+class ReloadRefused(ServiceError):
+    code, status, message = "reload_refused", 409, "the new index version was refused; the old one keeps serving"
+
+
 class Overloaded(ServiceError):
     code, status, message = "overloaded", 503, "the service is at capacity; retry shortly"
 

@@ -3,6 +3,7 @@ then marks the service ready. Requests enter through `app/api/routes.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -11,16 +12,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from PIL import Image
 
+from app.api.admin import admin
 from app.api.errors import error_response, install_error_handlers
 from app.api.routes import router
 from app.config import Settings
-from app.errors import ArtifactError
 from app.index.loader import load_engine
+from app.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.runner import BoundedRunner
@@ -30,7 +31,6 @@ from app.state import AppState
 log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
 
-EngineLoader = Callable[[Settings], SearchEngine]
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -51,28 +51,27 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
         runner=BoundedRunner(settings.pool_threads, settings.max_inflight),
     )
 
+    reloader = IndexReloader(state, loader, warm_up)
+    state.reloader = reloader
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
-        try:
-            engine = await anyio.to_thread.run_sync(loader, settings)
-            await anyio.to_thread.run_sync(warm_up, engine, settings.warmup_queries)
-        except ArtifactError as exc:
-            # Never ready; one line names the file and both values.
-            state.load_error = str(exc)
-            metrics.index_reloads.labels(result="failed").inc()
-            log.error("index or model refused: %s", exc)
-        else:
-            state.engine = engine
-            state.ready = True
-            metrics.index_reloads.labels(result="success").inc()
-            metrics.index_items.set(engine.manifest.n_items)
-            metrics.build_info.labels(model=engine.embedder.card.name, index_version=engine.manifest.version).set(1)
+        # A refused model or index: never ready; one log line names the file and both values. The watch and
+        # /admin/reload can still bring a good version in.
+        outcome = await reloader.reload()
+        if outcome.result == "success":
             log.info("ready", extra={"startup_s": round(time.perf_counter() - t0, 4)})
+        restore_sigterm = install_sigterm_drain(state, settings.drain_s)
+        watch = asyncio.create_task(reloader.watch(settings.index_watch_s)) if settings.index_watch_s > 0 else None
         try:
             yield
         finally:
             state.ready = False
+            if watch is not None:
+                watch.cancel()
+            if restore_sigterm is not None:
+                restore_sigterm()
             state.runner.shutdown()
 
     app = FastAPI(
@@ -84,6 +83,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     app.state.vps = state
     install_error_handlers(app, settings.retry_after_s, metrics)
     app.include_router(router)
+    app.include_router(admin)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.errors import NotReady
 from app.metrics import Metrics
 from app.runner import BoundedRunner
 from app.search import SearchEngine
+
+if TYPE_CHECKING:
+    from app.lifecycle import IndexReloader
 
 
 @dataclass
@@ -18,7 +22,9 @@ class AppState:
     runner: BoundedRunner
     engine: SearchEngine | None = None
     ready: bool = False
+    draining: bool = False  # SIGTERM received: /readyz answers 503 while requests are still served
     load_error: str | None = None
+    reloader: IndexReloader | None = None
 
     def require_engine(self) -> SearchEngine:
         if not self.ready or self.engine is None:

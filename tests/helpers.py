@@ -20,8 +20,13 @@ from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from app.config import Settings
+from app.embedding import Embedder
 from app.hashing import sha256_file
+from app.index.loader import load_engine
+from app.lifecycle import EngineLoader
 from app.pipeline.catalogue import write_catalogue
+from app.search import SearchEngine, SearchOutcome, SearchParams
 
 TINY_SIZE = 32
 TINY_DIM = 16
@@ -144,3 +149,34 @@ def live_server(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+class GatedEngine(SearchEngine):
+    """A real engine whose searches wait for a gate: holds a request in flight for as long as a test needs."""
+
+    def __init__(self, gate: threading.Event, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.gate = gate
+
+    def search_image(self, data: bytes, params: SearchParams) -> SearchOutcome:
+        self.gate.wait(10)
+        return super().search_image(data, params)
+
+
+def gated_loader(gate: threading.Event) -> EngineLoader:
+    """An engine loader (create_app's port) whose engines wait for `gate` before every search."""
+
+    def load(settings: Settings, embedder: Embedder | None = None) -> SearchEngine:
+        e = load_engine(settings, embedder)
+        return GatedEngine(
+            gate,
+            embedder=e.embedder,
+            router=e.router,
+            shards=e.shards,
+            items=e.items,
+            manifest=e.manifest,
+            max_image_pixels=e.max_image_pixels,
+            overfetch=e.overfetch,
+        )
+
+    return load

@@ -14,10 +14,8 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
-from app.index.loader import load_engine
 from app.main import create_app
-from app.search import SearchEngine, SearchOutcome, SearchParams
-from tests.helpers import SKUS, encode, live_server, product_image
+from tests.helpers import SKUS, encode, gated_loader, live_server, product_image
 
 
 @pytest.fixture(scope="module", params=["faiss", "hnswlib"])
@@ -172,29 +170,6 @@ def test_not_ready_when_the_index_is_corrupt(tmp_path: Path, tiny_model: Path) -
         assert 'vps_index_reloads_total{result="failed"} 1.0' in httpx.get(f"{base}/metrics").text
 
 
-class GatedEngine(SearchEngine):
-    """A real engine whose searches wait for a gate: holds an admission slot for as long as a test needs."""
-
-    gate = threading.Event()
-
-    def search_image(self, data: bytes, params: SearchParams) -> SearchOutcome:
-        self.gate.wait(10)
-        return super().search_image(data, params)
-
-
-def gated_loader(settings: Settings) -> SearchEngine:
-    e = load_engine(settings)
-    return GatedEngine(
-        embedder=e.embedder,
-        router=e.router,
-        shards=e.shards,
-        items=e.items,
-        manifest=e.manifest,
-        max_image_pixels=e.max_image_pixels,
-        overfetch=e.overfetch,
-    )
-
-
 def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_model: Path) -> None:
     """With one admission slot held by a slow request, the next request is refused immediately."""
     settings = Settings(
@@ -206,8 +181,8 @@ def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_m
         warmup_queries=0,
         open_set=False,
     )
-    GatedEngine.gate.clear()
-    with live_server(create_app(settings, loader=gated_loader)) as base:
+    gate = threading.Event()
+    with live_server(create_app(settings, loader=gated_loader(gate))) as base:
 
         async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
             async with httpx.AsyncClient(timeout=20) as client:
@@ -216,7 +191,7 @@ def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_m
                 t0 = time.perf_counter()
                 second = await client.post(f"{base}/search", content=_query("red-apple"))
                 waited = time.perf_counter() - t0
-                GatedEngine.gate.set()
+                gate.set()
                 return await first, second, waited
 
         first, second, waited = asyncio.run(scenario())

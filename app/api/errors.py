@@ -32,6 +32,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)  # noqa: S101 - registered for ServiceError only
         headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         if isinstance(exc, Overloaded | NotReady):
             metrics.rejected.labels(reason=exc.code).inc()
         if exc.status >= 500 and not isinstance(exc, Overloaded):

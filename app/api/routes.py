@@ -23,6 +23,7 @@ from app.api.schemas import (
     Timings,
 )
 from app.api.upload import read_image
+from app.errors import NotReady
 from app.search import STAGES, SearchEngine, SearchOutcome, SearchParams
 from app.state import AppState
 
@@ -149,6 +150,8 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
 async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Health:
+    if state.draining:
+        raise NotReady("the service is shutting down")
     state.require_engine()
     return Health(status="ready")
 

@@ -77,3 +77,11 @@ class Info(BaseModel):
     index: dict[str, Any]
     categories: list[str]
     limits: dict[str, Any]
+
+
+class ReloadResponse(BaseModel):
+    result: str = Field(examples=["success"], description="success, or unchanged when CURRENT names the live version")
+    previous_version: str | None
+    version: str | None
+    load_s: float
+    pid: int = Field(description="The worker process that reloaded (each worker holds its own engine)")

@@ -6,8 +6,12 @@
 - Shelf-photo augmentations (app/pipeline/augment.py); input and normalisation as the exported model card says.
 - The stem and the first `freeze_blocks` MBConv blocks stay frozen (ImageNet low-level filters transfer; it also
   makes a 2-core CPU epoch 2-3x cheaper), BatchNorm statistics of frozen layers included.
+- `--category-weight w` adds a category term: a cosine-softmax classifier over the coarse categories on the
+  embedding, weighted by w. The serving router is a linear classifier over this same embedding, so the term makes
+  categories linearly separable; a head over tens of categories scales where a softmax over SKUs does not.
 - Validation every epoch: SKU recall@1/5 with the training catalogue as the index and the val photos as queries,
-  and with the studio catalogue if given. The best checkpoint (recall@1, then recall@5) is kept.
+  and with the studio catalogue if given; router top-1 (the build's linear router fitted on the catalogue).
+  The best checkpoint (recall@1, then recall@5) is kept.
 - Checkpoints every epoch (`last.pt`) and resumes from it; reproducible from `--seed`.
 """
 
@@ -33,6 +37,7 @@ from app.imaging import decode_image
 from app.pipeline.augment import shelf_augment
 from app.pipeline.catalogue import CatalogueRow, read_catalogue
 from app.pipeline.evaluation import sku_recall
+from app.router import LinearRouter
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class TrainConfig:
     threads: int = 2
     steps_per_epoch: int | None = None
     eval_every: int = 1
+    category_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,6 +192,21 @@ class BatchHardTripletLoss(nn.Module):
         return F.relu(hardest_pos - hardest_neg + self.margin).mean()
 
 
+class CategoryCosineLoss(nn.Module):
+    """Normalised-softmax (cosine) classifier over coarse categories, class-balanced for the long tail."""
+
+    def __init__(self, n_categories: int, dim: int, class_weights: torch.Tensor, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_categories, dim) * (1.0 / math.sqrt(dim)))
+        self.class_weights: torch.Tensor
+        self.register_buffer("class_weights", class_weights)
+        self.scale = scale
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.scale * emb @ F.normalize(self.weight, dim=1).T
+        return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=0.1)
+
+
 def make_loss(name: LossName, n_classes: int, dim: int) -> nn.Module:
     if name == "ms":
         return MultiSimilarityLoss()
@@ -268,18 +289,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     studio_rows = read_catalogue(cfg.studio_catalogue)[0] if cfg.studio_catalogue else []
     studio_images = load_images(studio_rows, cfg.images_root, EVAL_INPUT.resize_to, cfg.threads) if studio_rows else []
 
+    categories = sorted({r.category for r in rows})
+    cat_id = {c: i for i, c in enumerate(categories)}
+    cat_labels = np.asarray([cat_id[r.category] for r in rows])
+    sku_category = {r.sku: cat_id[r.category] for r in rows}
+    use_categories = cfg.category_weight > 0
+    if use_categories and categories == [""]:
+        raise ValueError("--category-weight needs a catalogue with a category column")
+
     cat_set = EvalSet(rows, train_images)
     val_set = EvalSet(val_rows, val_images)
     studio_set = EvalSet(studio_rows, studio_images) if studio_rows else None
 
     model = EmbeddingNet(cfg.dim, cfg.freeze_blocks)
     criterion = make_loss(cfg.loss, len(skus), cfg.dim)
+    counts = np.bincount(cat_labels, minlength=len(categories)).astype(np.float32)
+    category_loss = CategoryCosineLoss(
+        len(categories), cfg.dim, torch.from_numpy(counts.sum() / (len(categories) * counts))
+    )
     groups = [
         {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": list(model.head.parameters()), "lr": cfg.head_lr},
     ]
     if list(criterion.parameters()):
         groups.append({"params": list(criterion.parameters()), "lr": cfg.proxy_lr, "weight_decay": 0.0})
+    if use_categories:
+        groups.append({"params": list(category_loss.parameters()), "lr": cfg.proxy_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -294,6 +329,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         criterion.load_state_dict(ckpt["criterion"])
+        category_loss.load_state_dict(ckpt["category_loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = ckpt["state"]
@@ -314,21 +350,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             def make_batch(
                 i: int, batches: list[np.ndarray] = batches, aug_seeds: np.ndarray = aug_seeds
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                 r = np.random.default_rng(int(aug_seeds[i]))
                 imgs = [shelf_augment(train_images[j], cfg.train_size, r) for j in batches[i]]
-                return to_tensor(imgs), torch.from_numpy(labels[batches[i]])
+                return to_tensor(imgs), torch.from_numpy(labels[batches[i]]), torch.from_numpy(cat_labels[batches[i]])
 
             model.train()
             t_epoch = time.perf_counter()
             losses = []
-            pending: Future[tuple[torch.Tensor, torch.Tensor]] = prefetcher.submit(make_batch, 0)
+            pending: Future[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = prefetcher.submit(make_batch, 0)
             for i in range(steps_per_epoch):
-                x, y = pending.result()
+                x, y, y_cat = pending.result()
                 if i + 1 < steps_per_epoch:
                     pending = prefetcher.submit(make_batch, i + 1)
                 set_lr(epoch * steps_per_epoch + i)
-                loss = criterion(model(x), y)
+                emb = model(x)
+                loss = criterion(emb, y)
+                if use_categories:
+                    loss = loss + cfg.category_weight * category_loss(emb, y_cat)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -351,7 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "train_s": round(time.perf_counter() - t_epoch, 1),
             }
             if val_rows and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                record.update(evaluate(model, cat_set, val_set, studio_set))
+                record.update(evaluate(model, cat_set, val_set, studio_set, categories, sku_category))
             state["epoch"] = epoch + 1
             state["history"].append(record)
             log.info("epoch", extra=record)
@@ -369,6 +408,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 {
                     "model": model.state_dict(),
                     "criterion": criterion.state_dict(),
+                    "category_loss": category_loss.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "state": state,
@@ -379,11 +419,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return state
 
 
-def evaluate(model: EmbeddingNet, catalogue: EvalSet, queries: EvalSet, studio: EvalSet | None) -> dict[str, float]:
+def evaluate(
+    model: EmbeddingNet,
+    catalogue: EvalSet,
+    queries: EvalSet,
+    studio: EvalSet | None,
+    categories: list[str],
+    sku_category: dict[str, int],
+) -> dict[str, float]:
     t0 = time.perf_counter()
     q = queries.embed(model)
-    rec = sku_recall(q, queries.skus, catalogue.embed(model), catalogue.skus, (1, 5))
+    c = catalogue.embed(model)
+    rec = sku_recall(q, queries.skus, c, catalogue.skus, (1, 5))
     out = {"recall@1": round(rec[1], 4), "recall@5": round(rec[5], 4)}
+    if len(categories) > 1:
+        router = LinearRouter.fit(c, np.asarray([sku_category[s] for s in catalogue.skus]), categories)
+        known = [i for i, s in enumerate(queries.skus) if s in sku_category]
+        truth = np.asarray([sku_category[queries.skus[i]] for i in known])
+        pred = router.predict_proba(q[known]).argmax(axis=1)
+        out["router_top1"] = round(float((pred == truth).mean()), 4)
     if studio is not None:
         st = sku_recall(q, queries.skus, studio.embed(model), studio.skus, (1, 5))
         out.update({"studio_recall@1": round(st[1], 4), "studio_recall@5": round(st[5], 4)})
