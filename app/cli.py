@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,6 +40,15 @@ def serve(
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level)
+    if workers > 1:
+        # Every worker maps the same index files (shared page cache, no copy per worker); metrics from all of
+        # them are aggregated through files in one directory, emptied here so a restart serves no stale counts.
+        from app.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+        metrics_dir = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="vps-metrics-"))
+        prepare_multiprocess_dir(metrics_dir)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+        log.info("multiprocess metrics", extra={"dir": str(metrics_dir), "workers": workers})
     uvicorn.run(
         "app.main:app_factory",
         factory=True,
@@ -47,6 +57,7 @@ def serve(
         workers=workers,
         log_config=None,
         access_log=False,
+        # After the drain (VPS_DRAIN_S), requests in flight get this long to finish.
         timeout_graceful_shutdown=30,
     )
 

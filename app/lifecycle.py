@@ -127,6 +127,8 @@ def _current_name(settings: Settings) -> str | None:
 
 
 def _forget_build_info(state: AppState, old: SearchEngine) -> None:
+    # 0 first: in multiprocess mode the value lives on in this worker's file, and `livemax` must not show it.
+    state.metrics.build_info.labels(model=old.embedder.card.name, index_version=old.manifest.version).set(0)
     with contextlib.suppress(KeyError):
         state.metrics.build_info.remove(old.embedder.card.name, old.manifest.version)
 

@@ -23,7 +23,7 @@ from app.config import Settings
 from app.index.loader import load_engine
 from app.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
 from app.logs import configure_logging
-from app.metrics import Metrics
+from app.metrics import Metrics, mark_this_process_dead
 from app.runner import BoundedRunner
 from app.search import SearchEngine, SearchParams
 from app.state import AppState
@@ -73,6 +73,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
             if restore_sigterm is not None:
                 restore_sigterm()
             state.runner.shutdown()
+            mark_this_process_dead()
 
     app = FastAPI(
         title="Visual product search",

@@ -1,9 +1,21 @@
 """Prometheus metrics, in base units with the `vps_` prefix. One registry per app (no module globals), so
-several apps in one process (tests) never collide."""
+several apps in one process (tests) never collide.
+
+Several worker processes (`vps serve --workers N`): `PROMETHEUS_MULTIPROC_DIR` is set before the workers start,
+every process writes its values to files there, and a scrape of any worker aggregates all of them (counters and
+histograms summed, dead workers' counts kept; gauges per their `multiprocess_mode`). Files of dead workers'
+live gauges are removed at each scrape, so in-flight and version gauges only count living processes."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -26,7 +38,12 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("vps_inflight_requests", "Search requests admitted and not finished", registry=r)
+        self.inflight = Gauge(
+            "vps_inflight_requests",
+            "Search requests admitted and not finished",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.rejected = Counter("vps_rejected", "Requests rejected before work, by reason", ["reason"], registry=r)
         self.router_top_probability = Histogram(
             "vps_router_top_probability",
@@ -37,8 +54,56 @@ class Metrics:
         self.shards_probed = Histogram(
             "vps_shards_probed", "Shards searched per query", buckets=(1, 2, 3, 4, 5, 8, 16, 32, 64), registry=r
         )
-        self.index_items = Gauge("vps_index_items", "Vectors in the live index", registry=r)
+        self.index_items = Gauge(
+            "vps_index_items", "Vectors in the live index", registry=r, multiprocess_mode="livemostrecent"
+        )
         self.build_info = Gauge(
-            "vps_build_info", "Live model and index version (value 1)", ["model", "index_version"], registry=r
+            "vps_build_info",
+            "Live model and index version (value 1; 0 once replaced)",
+            ["model", "index_version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.index_reloads = Counter("vps_index_reloads", "Index loads by result", ["result"], registry=r)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or every worker's values in multiprocess mode."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        sweep_dead_workers(Path(directory))
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+def mark_this_process_dead() -> None:
+    """At a worker's clean exit: its live gauges (in-flight, versions) stop counting at once."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
+
+
+def sweep_dead_workers(directory: Path) -> None:
+    """Drop the live-gauge files of worker processes that no longer exist (crashed or replaced)."""
+    for path in directory.glob("gauge_live*.db"):
+        m = _LIVE_FILE.match(path.name)
+        if m and not _alive(int(m.group(1))):
+            multiprocess.mark_process_dead(int(m.group(1)), str(directory))  # type: ignore[no-untyped-call]
+
+
+def prepare_multiprocess_dir(directory: Path) -> None:
+    """Create the directory and empty it of an earlier run's files: stale counts must not be served."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("*.db"):
+        path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
