@@ -22,7 +22,7 @@ log = logging.getLogger("app.cli")
 def serve(
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=64, envvar="VPS_WORKERS", help="Worker processes")] = 1,
     index_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_INDEX_DIR")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_MODEL_DIR")] = None,
 ) -> None:
@@ -40,15 +40,17 @@ def serve(
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level)
-    if workers > 1:
+    from app.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    if workers > 1 and not metrics_dir:
+        metrics_dir = tempfile.mkdtemp(prefix="vps-metrics-")
+    if metrics_dir:
         # Every worker maps the same index files (shared page cache, no copy per worker); metrics from all of
         # them are aggregated through files in one directory, emptied here so a restart serves no stale counts.
-        from app.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
-
-        metrics_dir = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="vps-metrics-"))
-        prepare_multiprocess_dir(metrics_dir)
-        os.environ[MULTIPROC_ENV] = str(metrics_dir)
-        log.info("multiprocess metrics", extra={"dir": str(metrics_dir), "workers": workers})
+        prepare_multiprocess_dir(Path(metrics_dir))
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        log.info("multiprocess metrics", extra={"dir": metrics_dir, "workers": workers})
     uvicorn.run(
         "app.main:app_factory",
         factory=True,

@@ -1,0 +1,44 @@
+# Visual product search: serving image (no torch). See docs/deploy.md.
+#   docker build -t vps .                      # model and demo index baked in
+#   docker run --read-only --tmpfs /tmp -p 8000:8000 vps
+# Mount your own index read-only over /srv/index_data (and a model over /srv/models) instead of baking it.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: a virtualenv with the serving install --------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY deploy/docker/install-app.sh ./deploy/docker/install-app.sh
+RUN ["sh", "deploy/docker/install-app.sh", "/opt/vps", "/src"]
+
+# --- demo-index: the demo catalogue's index, built with the image's own install ---------------------------------
+FROM build AS demo-index
+COPY models/grocery-lite0-ms512 ./models/grocery-lite0-ms512
+COPY examples/grocery ./examples/grocery
+COPY deploy/docker/build-demo-index.sh ./deploy/docker/build-demo-index.sh
+RUN ["sh", "deploy/docker/build-demo-index.sh", "/opt/vps", "/src", "/srv/index_data"]
+
+# --- runtime ----------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 vps \
+ && useradd --system --uid 10001 --gid vps --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vps
+COPY --from=build /opt/vps /opt/vps
+COPY models/grocery-lite0-ms512 /srv/models/grocery-lite0-ms512
+COPY --from=demo-index /srv/index_data /srv/index_data
+COPY examples/grocery/LICENSE /srv/index_data/LICENSE.grocery-store-dataset
+ENV PATH=/opt/vps/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VPS_MODEL_DIR=/srv/models/grocery-lite0-ms512 \
+    VPS_INDEX_DIR=/srv/index_data \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics
+# Read-only root filesystem: the process writes only under /tmp (multiprocess metrics with --workers > 1).
+USER 10001:10001
+EXPOSE 8000
+# No curl in a slim image: the interpreter the service already has does the probe.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+# dumb-init as PID 1: forwards SIGTERM to the server (which drains) and reaps zombies.
+ENTRYPOINT ["dumb-init", "--"]
+CMD ["vps", "serve", "--host", "0.0.0.0", "--port", "8000"]
