@@ -65,6 +65,11 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.index_reloads = Counter("vps_index_reloads", "Index loads by result", ["result"], registry=r)
+        # Bounded label values exist from the start at 0: rates and alerts work before the first event.
+        for reason in ("overloaded", "not_ready"):
+            self.rejected.labels(reason=reason)
+        for result in ("success", "failed"):
+            self.index_reloads.labels(result=result)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this process's registry, or every worker's values in multiprocess mode."""
