@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.pipeline.evaluation import sku_recall
+from app.pipeline.evaluation import sku_recall, top_skus
 
 
 def test_sku_recall_hand_computed() -> None:
@@ -67,3 +67,21 @@ def test_overlap_and_pr_curve() -> None:
     assert curve["threshold"] == [0.9, 0.8, 0.5]  # the tie at 0.8 is one point
     assert curve["precision"] == [1.0, 2 / 3, 0.5]
     assert curve["recall"] == [0.5, 1.0, 1.0]
+
+
+def test_top_skus_matches_a_full_stable_sort_on_large_catalogues() -> None:
+    """The partial sort must give exactly what a stable full sort gives, ties and masked entries included."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(1, 3000))
+        scores = np.round(rng.normal(size=n), 1)  # coarse: many ties
+        scores[rng.random(n) < 0.1] = -np.inf
+        skus = [f"s{x}" for x in rng.integers(0, 1 + trial % 50, size=n)]
+        full: list[str] = []
+        for j in np.argsort(-scores, kind="stable"):
+            if np.isneginf(scores[j]):
+                break
+            if skus[j] not in full:
+                full.append(skus[j])
+        for k in (1, 5, 10):
+            assert top_skus(scores, skus, k) == full[:k]

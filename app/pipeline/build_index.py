@@ -216,12 +216,38 @@ def build_index(
             log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
         calibration = (cal_vectors, cal_kept)
 
+    return publish_vectors(
+        vectors, kept, out_dir, embedder, options, problems=problems, total=len(rows), calibration=calibration
+    )
+
+
+def publish_vectors(
+    vectors: np.ndarray,
+    rows: list[CatalogueRow],
+    out_dir: Path,
+    embedder: Embedder,
+    options: BuildOptions = BuildOptions(),
+    *,
+    problems: list[RowProblem] | None = None,
+    total: int | None = None,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+) -> BuildResult:
+    """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
+    build_index, and by benchmarks that need a large index of synthetic vectors."""
+    problems = problems or []
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".building-{uuid.uuid4().hex[:12]}"
     (staging / "shards").mkdir(parents=True)
     try:
         manifest = _write_version(
-            staging, vectors, kept, problems, embedder, options, total=len(rows), calibration=calibration
+            staging,
+            vectors,
+            rows,
+            problems,
+            embedder,
+            options,
+            total=total if total is not None else len(rows),
+            calibration=calibration,
         )
         final = out_dir / manifest.version
         staging.rename(final)  # the version appears whole or not at all
