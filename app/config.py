@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     pool_threads: int = Field(2, ge=1, le=64, description="Worker threads for decode/embed/search")
     max_inflight: int = Field(8, ge=1, le=4096, description="Requests admitted at once; more get 503")
     retry_after_s: int = Field(1, ge=1, le=3600)
+    # A request whose decode + inference + search takes longer answers 503 `deadline_exceeded`; its admission
+    # slot stays taken until the work really ends (a thread cannot be interrupted), so slow work still counts.
+    request_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="Deadline of one search's work")
     ort_intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads")
     ort_inter_op_threads: int = Field(1, ge=1, le=64)
 

@@ -66,6 +66,13 @@ def preprocess(image: Image.Image, spec: ModelInput) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     else:
         w, h = image.size
+        if max(w, h) > 2 * min(w, h):
+            # Only the central square survives the final crop. Cut an extreme shape (1 x 20000) down first, or
+            # scaling its short side up to resize_to would allocate resize_to x (resize_to * aspect) pixels.
+            short = min(w, h)
+            left, top = (w - short) // 2 if w > h else 0, (h - short) // 2 if h > w else 0
+            image = image.crop((left, top, left + short, top + short))
+            w, h = image.size
         scale = spec.resize_to / min(w, h)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)

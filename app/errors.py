@@ -67,6 +67,16 @@ class ReloadRefused(ServiceError):
     code, status, message = "reload_refused", 409, "the new index version was refused; the old one keeps serving"
 
 
+class ClientClosedRequest(ServiceError):
+    # nginx's 499: the client went away before its request was read; nobody receives this answer, but the
+    # request is counted and logged as what it was, not as a server error.
+    code, status, message = "client_closed_request", 499, "the client closed the connection before sending the image"
+
+
+class DeadlineExceeded(ServiceError):
+    code, status, message = "deadline_exceeded", 503, "the search took longer than the request deadline; retry"
+
+
 class Overloaded(ServiceError):
     code, status, message = "overloaded", 503, "the service is at capacity; retry shortly"
 

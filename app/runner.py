@@ -1,6 +1,7 @@
 """The one bounded helper that runs blocking work (decode, inference, search) off the event loop, with
 admission control in front: when `max_inflight` requests are already admitted, the next is refused at once
-(503 + Retry-After) instead of queueing without bound."""
+(503 + Retry-After) instead of queueing without bound. Work past its deadline answers 503 at once, but keeps its
+admission slot until the thread really finishes, so abandoned work cannot pile up behind the limit."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import contextvars
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from app.errors import Overloaded
+from app.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
 
@@ -27,19 +28,45 @@ class BoundedRunner:
         return self._inflight
 
     @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    async def admit(self) -> AsyncIterator[Ticket]:
         if self._inflight >= self._max_inflight:
             raise Overloaded()
         self._inflight += 1
+        ticket = Ticket()
         try:
-            yield
+            yield ticket
         finally:
-            self._inflight -= 1
+            work = ticket.work
+            if work is not None and not work.done():
+                work.add_done_callback(lambda _: self._release())  # still running in the pool: keep the slot
+            else:
+                self._release()
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    def _release(self) -> None:
+        self._inflight -= 1
+
+    async def run(self, ticket: Ticket, timeout_s: float | None, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        return await loop.run_in_executor(self._pool, ctx.run, fn, *args)
+        work = loop.run_in_executor(self._pool, ctx.run, fn, *args)
+        ticket.work = work
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout_s)
+        except TimeoutError:
+            work.add_done_callback(_consume_result)
+            raise DeadlineExceeded() from None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Ticket:
+    """An admitted request's slot; `work` is the pool future it waits on, if any."""
+
+    def __init__(self) -> None:
+        self.work: asyncio.Future[Any] | None = None
+
+
+def _consume_result(work: asyncio.Future[Any]) -> None:
+    if not work.cancelled():
+        work.exception()  # retrieved: an abandoned failure is not reported as "never retrieved"

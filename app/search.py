@@ -95,6 +95,8 @@ class SearchEngine:
         batch = self.embedder.preprocess(image)[None]
         t1 = time.perf_counter()
         vector = self.embedder.embed(batch)[0]
+        if vector.shape != (self.embedder.dim,) or not np.isfinite(vector).all():
+            raise InternalError("the embedder returned a malformed or non-finite vector")  # NaN never reaches JSON
         t2 = time.perf_counter()
         return vector, {"decode": t1 - t0, "embed": t2 - t1}
 

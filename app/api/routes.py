@@ -76,7 +76,7 @@ async def search(
 ) -> SearchResponse:
     settings = state.settings
     t0 = time.perf_counter()
-    async with state.runner.admit():
+    async with state.runner.admit() as ticket:
         state.metrics.inflight.inc()
         try:
             data = await read_image(request, settings.max_upload_bytes)
@@ -89,7 +89,7 @@ async def search(
                 explain=explain,
                 open_set=settings.open_set,
             )
-            outcome = await state.runner.run(engine.search_image, data, params)
+            outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
         finally:
             state.metrics.inflight.dec()
     total = time.perf_counter() - t0

@@ -8,8 +8,9 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from app.errors import EmptyBody, ImageTooLarge, InvalidMultipart, MissingImage
+from app.errors import ClientClosedRequest, EmptyBody, ImageTooLarge, InvalidMultipart, MissingImage
 
 # Room for multipart boundaries and part headers on top of the image cap.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -31,10 +32,13 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
         raise ImageTooLarge()  # refuse before reading a byte
 
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ImageTooLarge()  # stop reading: never buffer more than one chunk past the cap
+    try:
+        async for chunk in request.stream():
+            body += chunk[: limit + 1 - len(body)]  # never hold more than cap + 1 bytes
+            if len(body) > limit:
+                raise ImageTooLarge()  # and stop reading at the first chunk past the cap
+    except ClientDisconnect:
+        raise ClientClosedRequest() from None
 
     if not is_multipart:
         if not body:
