@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app.errors import ArtifactError
-from app.router import load_router, select_probes
+from app.router import load_router, sample_per_class, select_probes
 
 
 def test_probes_until_mass_is_reached() -> None:
@@ -32,3 +32,12 @@ def test_corrupt_router_is_refused(tmp_path: Path) -> None:
     (tmp_path / "router.npz").write_bytes(b"not a zip")
     with pytest.raises(ArtifactError):
         load_router(tmp_path / "router.npz")
+
+
+def test_router_fit_samples_large_categories_and_keeps_small_ones() -> None:
+    labels = np.asarray([0] * 3000 + [1] * 10 + [2] * 999)
+    keep = sample_per_class(labels, 1000, np.random.default_rng(0))
+    assert np.bincount(labels[keep]).tolist() == [1000, 10, 999]
+    assert (np.diff(keep) > 0).all()  # original order
+    same = sample_per_class(labels[3000:], 1000, np.random.default_rng(0))
+    assert same.tolist() == list(range(1009))  # nothing to sample: everything, untouched
