@@ -26,12 +26,14 @@ RUN groupadd --system --gid 10001 vps \
 COPY --from=build /opt/vps /opt/vps
 COPY models/grocery-lite0-ms512 /srv/models/grocery-lite0-ms512
 COPY --from=demo-index /srv/index_data /srv/index_data
-COPY examples/grocery/LICENSE /srv/index_data/LICENSE.grocery-store-dataset
+COPY examples/grocery/images /srv/catalogue-images
+COPY examples/grocery/LICENSE /srv/catalogue-images/LICENSE
 ENV PATH=/opt/vps/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VPS_MODEL_DIR=/srv/models/grocery-lite0-ms512 \
     VPS_INDEX_DIR=/srv/index_data \
+    VPS_CATALOGUE_IMAGES_DIR=/srv/catalogue-images \
     PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics
 # Read-only root filesystem: the process writes only under /tmp (multiprocess metrics with --workers > 1).
 USER 10001:10001

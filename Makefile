@@ -30,7 +30,7 @@ $(INDEX_DIR)/CURRENT: $(DEMO)/catalogue.csv $(DEMO)/calibration.csv $(MODEL_DIR)
 		--calibration-queries $(DEMO)/calibration.csv --out $(INDEX_DIR) --model $(MODEL_DIR)
 
 demo: $(VENV)/.serve-installed $(INDEX_DIR)/CURRENT
-	$(BIN)/vps serve --host $(HOST) --port $(PORT) --index-dir $(INDEX_DIR) --model-dir $(MODEL_DIR)
+	VPS_CATALOGUE_IMAGES_DIR=$(DEMO)/images $(BIN)/vps serve --host $(HOST) --port $(PORT) --index-dir $(INDEX_DIR) --model-dir $(MODEL_DIR)
 
 serve: demo
 

@@ -46,5 +46,9 @@ class Settings(BaseSettings):
     # SIGTERM: /readyz 503 at once, keep serving this long, then stop accepting and finish requests in flight.
     drain_s: float = Field(2.0, ge=0.0, le=300.0, description="Seconds to keep serving after SIGTERM")
 
+    # Root of the catalogue's image paths (as given to build-index), for the web page's result images. Only images
+    # of rows in the live index are served from it; unset: results carry no image_url.
+    catalogue_images_dir: Path | None = Field(None, description="Root of catalogue image paths, for GET /")
+
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")

@@ -19,6 +19,7 @@ from PIL import Image
 from app.api.admin import admin
 from app.api.errors import error_response, install_error_handlers
 from app.api.routes import router
+from app.api.web import web
 from app.config import Settings
 from app.index.loader import load_engine
 from app.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
@@ -85,6 +86,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     install_error_handlers(app, settings.retry_after_s, metrics)
     app.include_router(router)
     app.include_router(admin)
+    app.include_router(web)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -35,11 +35,11 @@ def test_bad_rows_are_reported_and_counted(catalogue: Path, tiny_model: Path, tm
         ("img/broken.jpg", "corrupt_image"),
         ("img/page.jpg", "unsupported_format"),
         ("img/missing.jpg", "file missing or unreadable"),
-        ("../../etc/passwd", "path escapes the images root"),
+        ("../../etc/passwd", "image path must be relative, inside the images root"),
         ("img/red-apple_0.jpg", "missing sku, category or image"),
     }
     manifest = read_manifest(resolve_current(out))
-    assert manifest.n_items == 18 and manifest.build.images_failed == 5 and manifest.build.images_total == 22
+    assert manifest.n_items == 18 and manifest.build.images_failed == 5 and manifest.build.images_total == 23
     report = json.loads((resolve_current(out) / "build_report.json").read_text())
     assert len(report["problems"]) == 5
 
@@ -62,3 +62,14 @@ def test_attributes_are_kept(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("sku,category,image,title,brand\nA1,milk,a.jpg,Whole milk,Arla\n")
     rows, problems = read_catalogue(tmp_path / "c.csv")
     assert not problems and rows[0].title == "Whole milk" and rows[0].attributes == {"brand": "Arla"}
+
+
+def test_image_paths_must_stay_inside_the_images_root(tmp_path: Path) -> None:
+    bad = ["../secret.jpg", "/etc/passwd", "a/../../b.jpg", "C:/x.jpg", "a\\..\\b.jpg", "a/\0.jpg"]
+    good = ["a.jpg", "train/Fruit/Apple/x_001.jpg", "./b.jpg", "dir..name/c.jpg"]
+    lines = ["sku,category,image"] + [f"S{i},c,{p}" for i, p in enumerate(bad + good)]
+    (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
+    rows, problems = read_catalogue(tmp_path / "c.csv")
+    assert [r.image for r in rows] == good
+    assert [p.image for p in problems] == bad
+    assert {p.reason for p in problems} == {"image path must be relative, inside the images root"}

@@ -24,7 +24,7 @@ from app.api.schemas import (
 )
 from app.api.upload import read_image
 from app.errors import NotReady
-from app.search import STAGES, SearchEngine, SearchOutcome, SearchParams
+from app.search import STAGES, Hit, SearchEngine, SearchOutcome, SearchParams
 from app.state import AppState
 
 router = APIRouter()
@@ -94,7 +94,7 @@ async def search(
             state.metrics.inflight.dec()
     total = time.perf_counter() - t0
     _observe(state, outcome)
-    return _response(engine, outcome, total)
+    return _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)
 
 
 def _observe(state: AppState, outcome: SearchOutcome) -> None:
@@ -107,24 +107,27 @@ def _observe(state: AppState, outcome: SearchOutcome) -> None:
         m.router_top_probability.observe(outcome.top_probability)
 
 
-def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float) -> SearchResponse:
+def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, images: bool) -> SearchResponse:
     card = engine.embedder.card
     names = engine.categories
+    version = engine.manifest.version
 
-    def item(hit_item: dict[str, Any], score: float) -> ResultItem:
+    def item(hit: Hit) -> ResultItem:
+        hit_item = hit.item
         return ResultItem(
             sku=str(hit_item["sku"]),
-            score=round(score, 6),
+            score=round(hit.score, 6),
             category=str(hit_item["category"]),
             title=hit_item.get("title"),
             image=hit_item.get("image"),
+            image_url=f"/v1/catalogue-images/{version}/{hit.row}" if images and hit_item.get("image") else None,
             attributes=hit_item.get("attributes") or {},
         )
 
     ms = {stage: round(outcome.timings_s.get(stage, 0.0) * 1000, 3) for stage in STAGES}
     return SearchResponse(
         match=outcome.match,
-        results=[item(h.item, h.score) for h in outcome.results],
+        results=[item(h) for h in outcome.results],
         routing=Routing(
             probed=[
                 ProbedCategory(category=names[p.category], probability=round(p.probability, 6)) for p in outcome.probes

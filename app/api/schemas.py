@@ -23,6 +23,7 @@ class ResultItem(BaseModel):
     category: str
     title: str | None = None
     image: str | None = None
+    image_url: str | None = Field(None, description="Catalogue image, when the service is configured to serve them")
     attributes: dict[str, Any] = Field(default_factory=dict)
 
 

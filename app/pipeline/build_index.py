@@ -198,6 +198,7 @@ def build_index(
     under `calibration_root`, default `images_root`) makes the router's temperature, probe_mass and open-set
     thresholds measured on real queries instead of held-out catalogue photos."""
     rows, problems = read_catalogue(catalogue)
+    n_unreadable_rows = len(problems)  # images_total counts every catalogue row, rejected ones included
     for p in problems:
         log.warning("catalogue row skipped", extra={"line": p.line, "reason": p.reason})
     if embedder is None:
@@ -217,7 +218,14 @@ def build_index(
         calibration = (cal_vectors, cal_kept)
 
     return publish_vectors(
-        vectors, kept, out_dir, embedder, options, problems=problems, total=len(rows), calibration=calibration
+        vectors,
+        kept,
+        out_dir,
+        embedder,
+        options,
+        problems=problems,
+        total=len(rows) + n_unreadable_rows,
+        calibration=calibration,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 REQUIRED = ("sku", "image")
 COLUMNS = ("sku", "category", "image")
@@ -45,6 +45,10 @@ def read_catalogue(path: Path) -> tuple[list[CatalogueRow], list[RowProblem]]:
             if not all(rec.get(c) for c in needed):
                 problems.append(RowProblem(line, rec.get("image", ""), "missing sku, category or image"))
                 continue
+            if not is_relative_inside(rec["image"]):
+                # The build reads images_root / image, and the web page serves it: never a path outside the root.
+                problems.append(RowProblem(line, rec["image"], "image path must be relative, inside the images root"))
+                continue
             attributes = {k: v for k, v in rec.items() if k not in (*COLUMNS, "title") and v}
             rows.append(
                 CatalogueRow(
@@ -52,6 +56,13 @@ def read_catalogue(path: Path) -> tuple[list[CatalogueRow], list[RowProblem]]:
                 )
             )
     return rows, problems
+
+
+def is_relative_inside(image: str) -> bool:
+    """A relative POSIX path without `..` components, drive letters or NUL bytes."""
+    if not image or "\0" in image or "\\" in image or image.startswith("/") or ":" in image.split("/")[0]:
+        return False
+    return ".." not in PurePosixPath(image).parts
 
 
 def write_catalogue(path: Path, rows: list[dict[str, str]]) -> None:
