@@ -8,7 +8,7 @@ MODEL_DIR ?= models/grocery-lite0-ms512
 INDEX_DIR ?= index_data
 DEMO := examples/grocery
 
-.PHONY: demo serve test lint typecheck pytest clean
+.PHONY: demo serve test lint typecheck pytest system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed
+# Browser tests drive Debian's chromium (never a downloaded browser); the Kubernetes tests render with kubectl.
+system-deps:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	@command -v kubectl >/dev/null || (echo "kubectl is needed to render deploy/kubernetes (kubectl kustomize)" >&2; exit 1)
+
+pytest: $(VENV)/.dev-installed system-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest

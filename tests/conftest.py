@@ -75,3 +75,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("measured on the shared dataset")
         for key, value in MEASURED.items():
             terminalreporter.write_line(f"{key}: {value}")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "grocery"
+DEFAULT_MODEL = ROOT / "models" / "grocery-lite0-ms512"
+
+
+@pytest.fixture(scope="session")
+def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo catalogue's index with the shipped model, built as `make demo` builds it."""
+    out = tmp_path_factory.mktemp("demo") / "index_data"
+    build_index(
+        DEMO / "catalogue.csv",
+        DEMO / "images",
+        out,
+        DEFAULT_MODEL,
+        BuildOptions(progress=False),
+        calibration_queries=DEMO / "calibration.csv",
+    )
+    return out
