@@ -34,7 +34,9 @@ ENV PATH=/opt/vps/bin:$PATH \
     VPS_MODEL_DIR=/srv/models/grocery-lite0-ms512 \
     VPS_INDEX_DIR=/srv/index_data \
     VPS_CATALOGUE_IMAGES_DIR=/srv/catalogue-images \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics
+    PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics \
+    OMP_NUM_THREADS=1 \
+    OPENBLAS_NUM_THREADS=1
 # Read-only root filesystem: the process writes only under /tmp (multiprocess metrics with --workers > 1).
 USER 10001:10001
 EXPOSE 8000

@@ -53,6 +53,9 @@ class FaissHnswShard:
         index.hnsw.efSearch = ef_search
         return cls(index)
 
+    def set_ef_search(self, ef_search: int) -> None:
+        self._index.hnsw.efSearch = ef_search
+
     @staticmethod
     def build(vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
         index = faiss.IndexHNSWFlat(vectors.shape[1], M, faiss.METRIC_INNER_PRODUCT)
@@ -92,6 +95,9 @@ class HnswlibShard:
         index.set_ef(ef_search)
         index.set_num_threads(1)
         return cls(index, dim)
+
+    def set_ef_search(self, ef_search: int) -> None:
+        self._index.set_ef(ef_search)
 
     @staticmethod
     def build(vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:

@@ -1,0 +1,382 @@
+"""The search engine against its baselines, side by side in one run, on the same vectors and queries.
+
+    python scripts/bench_search.py --n 100000 1000000 --demo --out docs/bench
+
+Data: synthetic clustered unit vectors at the shipped model's dimension (--n each; --categories categories of
+uneven, Zipf-like size; 5 vectors per SKU; queries are fresh noisy views of random SKUs), and with --demo the
+real embeddings of the demo catalogue (queries: the demo's val and calibration photos).
+
+Methods (all inner product on unit vectors):
+- routed-faiss-hnsw-mmap: this service's path. Learnt linear router (calibrated temperature) -> probe shards
+  until probe_mass (at most --max-probes) -> one faiss IndexHNSWFlat per category, memory-mapped -> merge.
+- global-faiss-hnsw: one faiss IndexHNSWFlat over everything (in RAM).
+- routed-hnswlib: the same router and partitions, hnswlib shards.
+- ivf-flat-same-partitions: faiss IndexIVFFlat whose lists are the categories (quantizer: category centroids),
+  probed by nearest centroid (nprobe).
+- exact: numpy matrix-vector product over everything (the ground truth).
+
+Reported per setting: recall@10 against exact, single-query p50/p99 (one thread), QPS with 2 threads, and per
+method build time, bytes on disk, load time, private memory (USS) added by loading. efSearch and probing are
+swept; the Pareto frontier (recall@10 up, p99 down) is printed. Writes <out>/bench_search.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import psutil
+from faiss.contrib.ivf_tools import add_preassigned
+
+from app.index.shards import FaissHnswShard, HnswlibShard
+from app.router import LinearRouter, fit_temperature, select_probes
+
+K = 10
+SearchFn = Callable[[np.ndarray], np.ndarray]  # one query (d,) -> up to K global ids
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+def synthetic(n: int, n_cat: int, dim: int, n_queries: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_cat + 1) ** 0.8  # uneven category sizes
+    sizes = np.maximum(5, np.floor(weights / weights.sum() * n)).astype(int)
+    sizes[0] += n - sizes.sum()
+    labels = np.repeat(np.arange(n_cat), sizes)
+    cat_centres = rng.normal(size=(n_cat, dim)).astype(np.float32)
+    n_sku = n // 5
+    sku_of = np.arange(n) // 5
+    sku_cat = labels[np.arange(n_sku) * 5]
+    sku_centres = cat_centres[sku_cat] + 0.9 * rng.normal(size=(n_sku, dim)).astype(np.float32)
+    x = sku_centres[sku_of[:n]] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+    q_sku = rng.integers(0, n_sku, size=2 * n_queries)
+    q = sku_centres[q_sku] + 0.6 * rng.normal(size=(len(q_sku), dim)).astype(np.float32)
+    return {
+        "name": f"synthetic-{n // 1000}k",
+        "x": _unit(x),
+        "labels": labels,
+        "queries": _unit(q[:n_queries]),
+        "calibration": _unit(q[n_queries:]),
+        "calibration_labels": sku_cat[q_sku[n_queries:]],
+    }
+
+
+def demo(model: Path, root: Path) -> dict[str, Any]:
+    from app.embedding import OnnxEmbedder
+    from app.imaging import decode_image
+    from app.pipeline.catalogue import read_catalogue
+
+    embedder = OnnxEmbedder(model)
+
+    def embed(csv: Path) -> tuple[np.ndarray, list[str]]:
+        rows = read_catalogue(csv)[0]
+        vecs = [
+            embedder.embed(
+                embedder.preprocess(decode_image((root / "images" / r.image).read_bytes(), max_pixels=10**8))[None]
+            )[0]
+            for r in rows
+        ]
+        return np.asarray(vecs, dtype=np.float32), [r.category for r in rows]
+
+    x, cats = embed(root / "catalogue.csv")
+    q1, _ = embed(root / "queries.csv")
+    q2, qcats = embed(root / "calibration.csv")
+    names = sorted(set(cats))
+    return {
+        "name": f"demo-{len(x)}",
+        "x": x,
+        "labels": np.asarray([names.index(c) for c in cats]),
+        "queries": np.vstack([q1, q2]),
+        "calibration": q2,
+        "calibration_labels": np.asarray([names.index(c) if c in names else 0 for c in qcats]),
+    }
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((len(q), k), dtype=np.int64)
+    for i in range(0, len(q), 64):
+        s = q[i : i + 64] @ x.T
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.take_along_axis(s, part, axis=1).argsort(axis=1)[:, ::-1]
+        out[i : i + 64] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+# --- measurement ------------------------------------------------------------------------------------------------
+def uss() -> int:
+    gc.collect()
+    return int(psutil.Process().memory_full_info().uss)
+
+
+def measure(fn: SearchFn, q: np.ndarray, truth: np.ndarray, qps_queries: int) -> dict[str, float]:
+    for i in range(min(20, len(q))):  # warm-up
+        fn(q[i])
+    lat, hits = [], 0
+    for i in range(len(q)):
+        t0 = time.perf_counter()
+        got = fn(q[i])
+        lat.append((time.perf_counter() - t0) * 1000)
+        hits += len(set(got.tolist()) & set(truth[i].tolist()))
+    sub = q[: min(qps_queries, len(q))]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(fn, sub))
+    qps = len(sub) / (time.perf_counter() - t0)
+    return {
+        "recall@10": round(hits / (K * len(q)), 4),
+        "p50_ms": round(float(np.percentile(lat, 50)), 4),
+        "p99_ms": round(float(np.percentile(lat, 99)), 4),
+        "qps_2_threads": round(qps, 1),
+    }
+
+
+def disk_bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+class Routed:
+    """Router + per-category shards: the service's search path without HTTP, decode or grouping."""
+
+    def __init__(self, router: LinearRouter, shards: list[Any], offsets: np.ndarray) -> None:
+        self.router, self.shards, self.offsets = router, shards, offsets
+        self.probe_mass, self.max_probes = 0.9, 8
+
+    def __call__(self, query: np.ndarray) -> np.ndarray:
+        probes = select_probes(self.router.probabilities(query), probe_mass=self.probe_mass, max_probes=self.max_probes)
+        qs = query[None]
+        scores, ids = [], []
+        for p in probes:
+            s, i = self.shards[p.category].search(qs, K)
+            keep = i[0] >= 0
+            scores.append(s[0][keep])
+            ids.append(i[0][keep] + self.offsets[p.category])
+        all_s, all_i = np.concatenate(scores), np.concatenate(ids)
+        top: np.ndarray = all_i[np.argsort(-all_s)[:K]]
+        return top
+
+
+def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    x, labels, q = data["x"], data["labels"], data["queries"]
+    n, dim = x.shape
+    n_cat = int(labels.max()) + 1
+    order = np.argsort(labels, kind="stable")  # rows grouped by category, as the index stores them
+    x, labels = x[order], labels[order]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_cat))])
+    t0 = time.perf_counter()
+    truth = exact_topk(x, q, K)
+    exact_build_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"dataset": data["name"], "n": n, "dim": dim, "categories": n_cat, "queries": len(q)}
+    out["category_sizes"] = {"min": int(np.diff(offsets).min()), "max": int(np.diff(offsets).max())}
+    methods: dict[str, Any] = {}
+    settings_rows: list[dict[str, Any]] = []
+
+    t0 = time.perf_counter()
+    router = LinearRouter.fit(x, labels, [f"c{i}" for i in range(n_cat)])
+    router.temperature = fit_temperature(router.logits(data["calibration"]), data["calibration_labels"])
+    router_s = time.perf_counter() - t0
+    out["router_top1"] = round(float((router.predict_proba(q).argmax(1) == labels[truth[:, 0]]).mean()), 4)
+
+    def record(method: str, setting: dict[str, Any], fn: SearchFn, extra: dict[str, Any] | None = None) -> None:
+        row = {"method": method, **setting, **measure(fn, q, truth, args.qps_queries), **(extra or {})}
+        settings_rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # exact
+    x_exact = np.ascontiguousarray(x)
+    methods["exact"] = {"build_s": round(exact_build_s, 2), "disk_mb": round(x.nbytes / 2**20, 1), "load_s": 0.0}
+    record("exact", {}, lambda v: np.argpartition(-(x_exact @ v), K)[:K])
+
+    # routed faiss HNSW shards, memory-mapped (the service's path)
+    for backend, cls in (("faiss", FaissHnswShard), ("hnswlib", HnswlibShard)):
+        sdir = work / f"{data['name']}-{backend}-M{args.M}-efc{args.ef_construction}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        paths = [sdir / f"{c:04d}.idx" for c in range(n_cat)]
+        t0 = time.perf_counter()
+        for c in range(n_cat):
+            if not paths[c].exists():
+                cls.build(x[offsets[c] : offsets[c + 1]], paths[c], M=args.M, ef_construction=args.ef_construction)
+        build_s = time.perf_counter() - t0
+        before = uss()
+        t0 = time.perf_counter()
+        if backend == "faiss":
+            shards: list[Any] = [FaissHnswShard.load(p, ef_search=64) for p in paths]
+        else:
+            shards = [HnswlibShard.load(p, dim=dim, ef_search=64) for p in paths]
+        load_s = time.perf_counter() - t0
+        name = "routed-faiss-hnsw-mmap" if backend == "faiss" else "routed-hnswlib"
+        methods[name] = {
+            "build_s": round(build_s + router_s, 2),
+            "disk_mb": round(disk_bytes(paths) / 2**20, 1),
+            "load_s": round(load_s, 4),
+            "uss_added_mb": round((uss() - before) / 2**20, 1),
+        }
+        routed = Routed(router, shards, offsets)
+        probs = router.predict_proba(q)
+        for ef in args.ef:
+            for s in shards:
+                s.set_ef_search(ef)
+            for mass in args.probe_mass:
+                if backend == "hnswlib" and mass not in (0.9, 0.99):
+                    continue
+                routed.probe_mass = mass
+                setting = {"ef_search": ef, "probe_mass": mass, "max_probes": routed.max_probes}
+                probes = [len(select_probes(p, probe_mass=mass, max_probes=routed.max_probes)) for p in probs]
+                record(name, setting, routed, {"shards_per_query": round(float(np.mean(probes)), 2)})
+        del shards, routed
+        gc.collect()
+
+    # one global faiss HNSW
+    path = work / f"{data['name']}-global-M{args.M}-efc{args.ef_construction}.faiss"
+    t0 = time.perf_counter()
+    if not path.exists():
+        FaissHnswShard.build(x, path, M=args.M, ef_construction=args.ef_construction)
+    build_s = time.perf_counter() - t0
+    before = uss()
+    t0 = time.perf_counter()
+    glob = FaissHnswShard.load(path, ef_search=64, mmap=False)
+    methods["global-faiss-hnsw"] = {
+        "build_s": round(build_s, 2),
+        "disk_mb": round(path.stat().st_size / 2**20, 1),
+        "load_s": round(time.perf_counter() - t0, 4),
+        "uss_added_mb": round((uss() - before) / 2**20, 1),
+    }
+    for ef in args.ef:
+        glob.set_ef_search(ef)
+        record("global-faiss-hnsw", {"ef_search": ef}, lambda v, g=glob: g.search(v[None], K)[1][0])
+    del glob
+    gc.collect()
+
+    # IVF-Flat with the categories as its lists
+    t0 = time.perf_counter()
+    centroids = np.stack([x[offsets[c] : offsets[c + 1]].mean(0) for c in range(n_cat)]).astype(np.float32)
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, dim, n_cat, faiss.METRIC_INNER_PRODUCT)
+    ivf.is_trained = True
+    add_preassigned(ivf, x_exact, labels.astype(np.int64))  # list = the vector's category, not its nearest centroid
+    methods["ivf-flat-same-partitions"] = {
+        "build_s": round(time.perf_counter() - t0, 2),
+        "disk_mb": round((x.nbytes + 8 * n) / 2**20, 1),
+        "load_s": None,
+        "uss_added_mb": None,
+    }
+    for nprobe in args.nprobe:
+        ivf.nprobe = nprobe
+        record("ivf-flat-same-partitions", {"nprobe": nprobe}, lambda v, i=ivf: i.search(v[None], K)[1][0])
+
+    out["methods"] = methods
+    out["settings"] = settings_rows
+    out["pareto"] = pareto(settings_rows)
+    return out
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Settings no other setting beats on both recall@10 (higher) and p99 (lower)."""
+    front = [
+        r
+        for r in rows
+        if not any(
+            o["recall@10"] >= r["recall@10"]
+            and o["p99_ms"] <= r["p99_ms"]
+            and (o["recall@10"], -o["p99_ms"]) != (r["recall@10"], -r["p99_ms"])
+            for o in rows
+        )
+    ]
+    return sorted(front, key=lambda r: r["p99_ms"])
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Search engine benchmark",
+        "",
+        f"`{command}` — {os.cpu_count()} CPUs, Python {platform.python_version()}, faiss {faiss.__version__}. "
+        "Single-query latency on one thread; QPS with 2 threads. recall@10 against exact search.",
+    ]
+    for r in results:
+        lines += [
+            "",
+            f"## {r['dataset']}: {r['n']:,} vectors x {r['dim']}, {r['categories']} categories "
+            f"({r['category_sizes']['min']}-{r['category_sizes']['max']} each), {r['queries']} queries; "
+            f"router top-1 {r['router_top1']}",
+            "",
+            "| method | build s | disk MB | load s | USS added MB |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {m} | {v['build_s']} | {v['disk_mb']} | {v['load_s']} | {v.get('uss_added_mb')} |"
+                for m, v in r["methods"].items()
+            ],
+            "",
+            "| method | setting | recall@10 | p50 ms | p99 ms | QPS (2 threads) | shards/query |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        exact_qps = next(s["qps_2_threads"] for s in r["settings"] if s["method"] == "exact")
+        for s in r["settings"]:
+            setting = ", ".join(f"{k}={s[k]}" for k in ("ef_search", "probe_mass", "nprobe") if k in s)
+            ratio = s["qps_2_threads"] / exact_qps
+            lines.append(
+                f"| {s['method']} | {setting} | {s['recall@10']} | {s['p50_ms']} | {s['p99_ms']} | "
+                f"{s['qps_2_threads']} ({ratio:.0f}x exact) | {s.get('shards_per_query', '')} |"
+            )
+        lines += [
+            "",
+            "Pareto frontier (recall@10 up, p99 down):",
+            "",
+            "| method | setting | recall@10 | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for s in r["pareto"]:
+            setting = ", ".join(f"{k}={s[k]}" for k in ("ef_search", "probe_mass", "nprobe") if k in s)
+            lines.append(f"| {s['method']} | {setting} | {s['recall@10']} | {s['p99_ms']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="*", default=[100_000])
+    ap.add_argument("--categories", type=int, default=100)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--qps-queries", type=int, default=1000)
+    ap.add_argument("--demo", action="store_true", help="also the demo catalogue's real embeddings")
+    ap.add_argument("--model", type=Path, default=Path("models/grocery-lite0-ms512"))
+    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=80)
+    ap.add_argument("--ef", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--probe-mass", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95, 0.99])
+    ap.add_argument("--nprobe", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-search")
+    ap.add_argument("--out", type=Path, default=Path("docs/bench"))
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(1)  # single-query work; parallelism comes from the 2 client threads
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    if args.demo:
+        results.append(bench_dataset(demo(args.model, Path("examples/grocery")), args, args.work))
+    for n in args.n:
+        results.append(bench_dataset(synthetic(n, args.categories, args.dim, args.queries, seed=n), args, args.work))
+    command = "python scripts/bench_search.py " + " ".join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_search.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    (args.out / "bench_search.md").write_text(markdown(results, command))
+    sys.stdout.write(markdown(results, command))
+
+
+if __name__ == "__main__":
+    main()
