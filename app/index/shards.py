@@ -54,7 +54,7 @@ class FaissHnswShard:
         return cls(index)
 
     def set_ef_search(self, ef_search: int) -> None:
-        self._index.hnsw.efSearch = ef_search
+        self._index.hnsw.efSearch = ef_search  # type: ignore[attr-defined]
 
     @staticmethod
     def build(vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
