@@ -1,0 +1,216 @@
+"""The service against its own pipeline, side by side in one run, on real photos.
+
+    python scripts/bench_service.py --seconds 15 --out docs/bench
+
+For each configuration (model, ONNX Runtime intra-op threads, pool threads), on the demo catalogue's index:
+- in-process: SearchEngine.search_image (decode + embed + route + search + group, no HTTP) from N client threads;
+- HTTP: `vps serve` with the same settings, N client threads posting the same photos (closed loop);
+at N = --concurrency (1 2 4 8). Reports throughput and latency, and the HTTP / in-process throughput ratio (the
+service's overhead; the HTTP client runs on the same cores and is part of that cost). The first configuration is
+the default; the others vary one thing each. Writes <out>/bench_service.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+# Same thread discipline as `vps serve`, before numpy's and onnxruntime's pools start.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from app.config import Settings  # noqa: E402
+from app.index.loader import load_engine  # noqa: E402
+from app.pipeline.build_index import BuildOptions, build_index  # noqa: E402
+from app.pipeline.catalogue import read_catalogue  # noqa: E402
+from app.search import SearchParams  # noqa: E402
+
+DEMO = Path("examples/grocery")
+
+
+def closed_loop(
+    call: Callable[[bytes], None], payloads: list[bytes], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+    for p in payloads[:4]:
+        call(p)  # warm-up
+
+    def worker(k: int) -> None:
+        i = k
+        mine = []
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            call(payloads[i % len(payloads)])
+            mine.append((time.perf_counter() - t0) * 1000)
+            i += concurrency
+        with lock:
+            lat.extend(mine)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "per_s": round(len(lat) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def demo_index(model: Path, work: Path) -> Path:
+    out = work / f"index-{model.name}"
+    if not (out / "CURRENT").exists():
+        build_index(
+            DEMO / "catalogue.csv",
+            DEMO / "images",
+            out,
+            model,
+            BuildOptions(progress=False),
+            calibration_queries=DEMO / "calibration.csv",
+        )
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    model = Path(cfg["model"])
+    index = demo_index(model, args.work)
+    env_settings = {
+        "VPS_INDEX_DIR": str(index),
+        "VPS_MODEL_DIR": str(model),
+        "VPS_ORT_INTRA_OP_THREADS": str(cfg["intra"]),
+        "VPS_POOL_THREADS": str(cfg["pool"]),
+        "VPS_MAX_INFLIGHT": "64",
+        "VPS_LOG_LEVEL": "WARNING",
+    }
+    settings = Settings(
+        index_dir=index,
+        model_dir=model,
+        ort_intra_op_threads=cfg["intra"],
+        pool_threads=cfg["pool"],
+        max_inflight=64,
+    )
+    engine = load_engine(settings)
+    params = SearchParams(
+        k=10, probe_mass=engine.manifest.probe_mass, max_probes=engine.manifest.max_probes, open_set=False
+    )
+    # In-process: at most `pool` searches at once, as the service's bounded pool allows.
+    gate = threading.BoundedSemaphore(cfg["pool"])
+
+    def in_process(data: bytes) -> None:
+        with gate:
+            engine.search_image(data, params)
+
+    rows: dict[str, Any] = {"in_process": [], "http": []}
+    for c in args.concurrency:
+        rows["in_process"].append(closed_loop(in_process, payloads, c, args.seconds))
+    del engine
+
+    port = free_port()
+    vps = str(Path(sys.executable).with_name("vps"))
+    server = subprocess.Popen(
+        [vps, "serve", "--port", str(port)], env={**os.environ, **env_settings}, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        local = threading.local()
+
+        def over_http(data: bytes) -> None:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = httpx.Client(timeout=60)
+            r = client.post(f"{base}/search", files={"image": ("q.jpg", data, "image/jpeg")}, params={"k": 10})
+            r.raise_for_status()
+
+        for c in args.concurrency:
+            rows["http"].append(closed_loop(over_http, payloads, c, args.seconds))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    for ip, ht in zip(rows["in_process"], rows["http"], strict=True):
+        ht["ratio_to_in_process"] = round(ht["per_s"] / ip["per_s"], 3)
+    return {**cfg, **rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-service")
+    ap.add_argument("--out", type=Path, default=Path("docs/bench"))
+    args = ap.parse_args()
+    rows = read_catalogue(DEMO / "queries.csv")[0] + read_catalogue(DEMO / "calibration.csv")[0]
+    payloads = [(DEMO / "images" / r.image).read_bytes() for r in rows]
+    fp32, int8 = "models/grocery-lite0-ms512", "models/grocery-lite0-ms512-int8"
+    configs = [
+        {"name": "default: fp32, intra 1, pool 2", "model": fp32, "intra": 1, "pool": 2},
+        {"name": "fp32, intra 2, pool 1", "model": fp32, "intra": 2, "pool": 1},
+        {"name": "fp32, intra 2, pool 2", "model": fp32, "intra": 2, "pool": 2},
+        {"name": "fp32, intra 1, pool 4", "model": fp32, "intra": 1, "pool": 4},
+        {"name": "int8, intra 1, pool 2", "model": int8, "intra": 1, "pool": 2},
+    ]
+    results = []
+    for cfg in configs:
+        result = run_config(cfg, payloads, args)
+        results.append(result)
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    command = "python scripts/bench_service.py " + " ".join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_service.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    lines = [
+        "# Service benchmark: HTTP against the in-process pipeline",
+        "",
+        f"`{command}` — {os.cpu_count()} CPUs, Python {platform.python_version()}; {len(payloads)} real photos "
+        "(the demo's val and calibration photos), demo index, closed loop; the HTTP client shares the cores.",
+        "",
+        "| configuration | concurrency | in-process /s | p50 ms | p99 ms | HTTP /s | p50 ms | p99 ms | HTTP / in-process |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for ip, ht in zip(r["in_process"], r["http"], strict=True):
+            lines.append(
+                f"| {r['name']} | {ip['concurrency']} | {ip['per_s']} | {ip['p50_ms']} | {ip['p99_ms']} | "
+                f"{ht['per_s']} | {ht['p50_ms']} | {ht['p99_ms']} | {ht['ratio_to_in_process']} |"
+            )
+    (args.out / "bench_service.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
