@@ -132,7 +132,6 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
     rows: dict[str, Any] = {"in_process": [], "http": []}
     for c in args.concurrency:
         rows["in_process"].append(closed_loop(in_process, payloads, c, args.seconds))
-    del engine
 
     port = free_port()
     vps = str(Path(sys.executable).with_name("vps"))
@@ -199,7 +198,8 @@ def main() -> None:
         f"`{command}` — {os.cpu_count()} CPUs, Python {platform.python_version()}; {len(payloads)} real photos "
         "(the demo's val and calibration photos), demo index, closed loop; the HTTP client shares the cores.",
         "",
-        "| configuration | concurrency | in-process /s | p50 ms | p99 ms | HTTP /s | p50 ms | p99 ms | HTTP / in-process |",
+        "| configuration | concurrency | in-process /s | p50 ms | p99 ms | HTTP /s | p50 ms | p99 ms "
+        "| HTTP / in-process |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
