@@ -124,7 +124,7 @@ class LinearRouter:
         steps: int = 400,
         lr: float = 0.05,
         seed: int = 0,
-        max_per_category: int = 1000,
+        max_per_category: int = 500,
     ) -> LinearRouter:
         """Class-balanced softmax regression (full-batch Adam). Categories with fewer than `min_images` images
         are not given free weights: they use centroid * scale + shared bias (nearest-centroid fallback).
@@ -133,7 +133,7 @@ class LinearRouter:
         minutes -> seconds)."""
         rng = np.random.default_rng(seed)
         keep = sample_per_class(labels, max_per_category, rng)
-        x = np.asarray(vectors[keep], dtype=np.float64)
+        x = np.asarray(vectors[keep], dtype=np.float32)  # float32: half the time of float64, same optimum
         labels = labels[keep]
         n, d = x.shape
         c = len(categories)
@@ -157,8 +157,8 @@ class LinearRouter:
         for t in range(1, steps + 1):
             w = np.where(fallback[:, None], params["s"] * cents, params["w"])
             b = np.where(fallback, params["b0"], params["b"])
-            g = (softmax(x @ w.T + b) - onehot) * sample_w[:, None]  # dLoss/dlogits
-            gw, gb = g.T @ x, g.sum(axis=0)
+            g = (softmax(x @ w.T.astype(np.float32) + b) - onehot) * sample_w[:, None]  # dLoss/dlogits
+            gw, gb = (g.T.astype(np.float32) @ x).astype(np.float64), g.sum(axis=0)
             grads = {
                 "w": np.where(fallback[:, None], 0.0, gw + l2 * params["w"]),
                 "b": np.where(fallback, 0.0, gb),
