@@ -12,7 +12,12 @@ from app.embedding import OnnxEmbedder
 
 @pytest.mark.parametrize(
     ("name", "dim"),
-    [("efficientnet-lite0-imagenet", 1280), ("grocery-lite0-ms512", 512), ("grocery-lite0-ms512-int8", 512)],
+    [
+        ("efficientnet-lite0-imagenet", 1280),
+        ("grocery-lite0-ms512", 512),
+        ("grocery-lite0-ms512-int8", 512),
+        ("grocery-lite0-ms512-cat", 512),
+    ],
 )
 def test_committed_models_match_their_cards(name: str, dim: int) -> None:
     model_dir = Path(__file__).resolve().parents[1] / "models" / name

@@ -138,6 +138,7 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
             "backbone": "EfficientNet-Lite0 (ImageNet init) + linear projection, L2-normalised",
             "training": {
                 "loss": cfg["loss"],
+                "category_weight": cfg.get("category_weight", 0.0),
                 "epochs_run": len(history),
                 "best_epoch": record.get("epoch"),
                 "batch": f"P={cfg['P']} SKUs x K={cfg['K']} photos",
