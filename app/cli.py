@@ -66,6 +66,8 @@ def serve(
         access_log=False,
         # After the drain (VPS_DRAIN_S), requests in flight get this long to finish.
         timeout_graceful_shutdown=30,
+        # Bounds memory held by uploads in progress (each <= max_upload_bytes); compute is bounded separately.
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -49,7 +49,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     state = AppState(
         settings=settings,
         metrics=metrics,
-        runner=BoundedRunner(settings.pool_threads, settings.max_inflight),
+        runner=BoundedRunner(settings.pool_threads, settings.admission_limit),
     )
 
     reloader = IndexReloader(state, loader, warm_up)

@@ -213,3 +213,23 @@ def test_invalid_settings_fail_start_up_naming_the_field(env: dict[str, str], fi
 def test_settings_are_validated_when_the_app_is_built() -> None:
     with pytest.raises(ValueError, match="max_inflight"):
         Settings(max_inflight=0)
+
+
+def test_slow_uploads_do_not_hold_compute_slots(faiss_index: Path, tiny_model: Path) -> None:
+    """A client trickling its body (slowloris) holds a connection, not one of the few admission slots."""
+    with live_server(create_app(_settings(faiss_index, tiny_model, max_inflight=1, pool_threads=1))) as base:
+        port = int(base.rsplit(":", 1)[1])
+        body = _query()
+        slow = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port))
+            head = f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
+            head += "\r\n"
+            s.sendall(head.encode() + body[:100])
+            slow.append(s)
+        time.sleep(0.3)
+        assert httpx.post(f"{base}/search", content=body).status_code == 200
+        for s in slow:
+            s.sendall(body[100:])
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+            s.close()

@@ -64,7 +64,7 @@ def _query() -> bytes:
 
 def test_sigterm_drains_then_exits_0_and_no_request_fails(faiss_index: Path, tiny_model: Path) -> None:
     body = _query()
-    with serve_process(faiss_index, tiny_model, VPS_DRAIN_S="1.5") as (proc, base):
+    with serve_process(faiss_index, tiny_model, VPS_DRAIN_S="1.5", VPS_MAX_INFLIGHT="16") as (proc, base):
         port = int(base.rsplit(":", 1)[1])
         # A request in flight across the signal: headers and half the body now, the rest after SIGTERM.
         slow = socket.create_connection(("127.0.0.1", port), timeout=30)

@@ -76,19 +76,21 @@ async def search(
 ) -> SearchResponse:
     settings = state.settings
     t0 = time.perf_counter()
+    # The body is read before admission: a slow upload holds a connection (bounded by the server's connection
+    # limit), never one of the few compute slots. Reading is async and capped at max_upload_bytes.
+    data = await read_image(request, settings.max_upload_bytes)
+    params = SearchParams(
+        k=k or settings.default_k,
+        category=category,
+        min_score=min_score,
+        probe_mass=probe_mass or settings.probe_mass or engine.manifest.probe_mass,
+        max_probes=max_probes or settings.max_probes or engine.manifest.max_probes,
+        explain=explain,
+        open_set=settings.open_set,
+    )
     async with state.runner.admit() as ticket:
         state.metrics.inflight.inc()
         try:
-            data = await read_image(request, settings.max_upload_bytes)
-            params = SearchParams(
-                k=k or settings.default_k,
-                category=category,
-                min_score=min_score,
-                probe_mass=probe_mass or settings.probe_mass or engine.manifest.probe_mass,
-                max_probes=max_probes or settings.max_probes or engine.manifest.max_probes,
-                explain=explain,
-                open_set=settings.open_set,
-            )
             outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
         finally:
             state.metrics.inflight.dec()
