@@ -27,6 +27,11 @@ class BoundedRunner:
     def inflight(self) -> int:
         return self._inflight
 
+    def refuse_if_full(self) -> None:
+        """Shed load before any work (reading the body included) when every slot is taken."""
+        if self._inflight >= self._max_inflight:
+            raise Overloaded()
+
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[Ticket]:
         if self._inflight >= self._max_inflight:

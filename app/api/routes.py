@@ -76,8 +76,10 @@ async def search(
 ) -> SearchResponse:
     settings = state.settings
     t0 = time.perf_counter()
-    # The body is read before admission: a slow upload holds a connection (bounded by the server's connection
-    # limit), never one of the few compute slots. Reading is async and capped at max_upload_bytes.
+    # Full: refuse before reading a byte (cheap shedding). Otherwise the body is read before admission, so a
+    # slow upload holds a connection (bounded by the server's connection limit), never one of the few compute
+    # slots; admission is checked again once the body is in.
+    state.runner.refuse_if_full()
     data = await read_image(request, settings.max_upload_bytes)
     params = SearchParams(
         k=k or settings.default_k,
