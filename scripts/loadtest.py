@@ -287,9 +287,9 @@ def main() -> None:
             "value": f"{overload['rejected_503']} rejected, {overload['rejected_without_retry_after']} without header",
             "ok": overload["rejected_503"] > 0 and overload["rejected_without_retry_after"] == 0,
         },
-        "rejections fast (p99 < unloaded p50)": {
-            "value": overload["rejected_p99_ms"],
-            "ok": overload["rejected_p99_ms"] is not None and overload["rejected_p99_ms"] < (unloaded["p50_ms"] or 0),
+        "rejections faster than an unloaded search (p99 vs p99)": {
+            "value": f"{overload['rejected_p50_ms']} ms p50, {overload['rejected_p99_ms']} ms p99",
+            "ok": overload["rejected_p99_ms"] is not None and overload["rejected_p99_ms"] < (unloaded["p99_ms"] or 0),
         },
         "RSS growth <= 5 %": {
             "value": None if rss_growth is None else round(100 * rss_growth, 2),
