@@ -18,7 +18,7 @@ admin = APIRouter(prefix="/admin")
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 409, 503)}
 
 
-def require_admin(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+async def require_admin(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
     token = state.settings.admin_token
     if token is None:
         raise AdminDisabled()
