@@ -189,10 +189,17 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
             # A lean keep-alive client (pre-encoded multipart requests): what is measured is the service's
             # overhead, not an HTTP client's CPU on the same cores (httpx spent ~1 ms a request here).
             conn = getattr(local, "conn", None)
-            if conn is None:
+            try:
+                if conn is None:
+                    raise ConnectionError("no connection yet")
+                conn.sendall(encoded[id(data)])
+                status = _read_response(conn)
+            except (ConnectionError, OSError):  # none yet, or an idle keep-alive the server closed: reconnect
+                if conn is not None:
+                    conn.close()
                 conn = local.conn = socket.create_connection(("127.0.0.1", port))
-            conn.sendall(encoded[id(data)])
-            status = _read_response(conn)
+                conn.sendall(encoded[id(data)])
+                status = _read_response(conn)
             if status != 200:
                 raise RuntimeError(f"HTTP {status}")
 
