@@ -127,8 +127,10 @@
   fileInput.addEventListener("change", () => choose(fileInput.files[0]));
   form.addEventListener("submit", (e) => { e.preventDefault(); search(); });
   kInput.addEventListener("change", () => { if (current) search(); });
-  // The label opens the picker on click; the keyboard reaches it through the focusable file input inside it.
-  drop.addEventListener("keydown", (e) => {
+  // The label opens the picker on click; the keyboard reaches the focusable file input inside it, and Enter or
+  // Space open the picker there. preventDefault first: the browser's own activation plus click() would open it
+  // twice, and the second request is dropped, sometimes the first (seen as a flaky browser test).
+  fileInput.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fileInput.click(); }
   });
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
