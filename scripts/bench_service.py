@@ -34,6 +34,8 @@ import numpy as np
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+from benchlib import encode_search, free_port  # noqa: E402
+
 from app.config import Settings  # noqa: E402
 from app.index.loader import load_engine  # noqa: E402
 from app.pipeline.build_index import BuildOptions, build_index  # noqa: E402
@@ -79,23 +81,6 @@ def closed_loop(
     }
 
 
-def encode_search(host: str, image: bytes) -> bytes:
-    boundary = "vpsbenchboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /search?k=10 HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 def _read_response(conn: socket.socket) -> int:
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -126,13 +111,6 @@ def demo_index(model: Path, work: Path) -> Path:
             calibration_queries=DEMO / "calibration.csv",
         )
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -183,7 +161,7 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
             except httpx.TransportError:
                 time.sleep(0.2)
         local = threading.local()
-        encoded = {id(p): encode_search("127.0.0.1", p) for p in payloads}
+        encoded = {id(p): encode_search("127.0.0.1", p, "?k=10") for p in payloads}
 
         def over_http(data: bytes) -> None:
             # A lean keep-alive client (pre-encoded multipart requests): what is measured is the service's

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+from benchlib import free_port
 
 from app.embedding import OnnxEmbedder
 from app.index.manifest import resolve_current
@@ -91,13 +91,6 @@ def measure(workers: list[psutil.Process], version_dir: Path) -> list[dict[str, 
             }
         )
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def main() -> None:

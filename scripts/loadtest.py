@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+from benchlib import encode_search
 
 from app.pipeline.catalogue import read_catalogue
 
@@ -103,23 +104,6 @@ class RawClient:
     async def close(self) -> None:
         for _, writer in self.idle:
             writer.close()
-
-
-def encode_search(host: str, image: bytes) -> bytes:
-    boundary = "vpsloadtestboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
