@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--images-root", type=Path, default=Path("examples/grocery/images"))
     ap.add_argument("--unloaded-s", type=float, default=20)
     ap.add_argument("--capacity-s", type=float, default=30)
-    ap.add_argument("--capacity-concurrency", type=int, default=4)
+    ap.add_argument("--capacity-concurrency", type=int, default=3, help="the admission limit, VPS_MAX_INFLIGHT")
     ap.add_argument("--overload", type=float, default=2.0, help="arrival rate as a multiple of capacity")
     ap.add_argument("--duration", type=float, default=300)
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
