@@ -41,8 +41,8 @@ class ObserveMiddleware:
     last-resort 500: an unexpected exception becomes `internal_error` with the request id, its text only logged.
     Plain ASGI, not BaseHTTPMiddleware: that one costs a task group and a stream per request (profiled here)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app, self.state, self.metrics = app, state, state.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +58,12 @@ class ObserveMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if self.state.draining:
+                    # Shutting down: no keep-alive, so no client sends its next request on a connection that
+                    # is about to be closed under it (seen as a RemoteProtocolError in the drain test).
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -98,7 +103,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     state = AppState(
         settings=settings,
         metrics=metrics,
-        runner=BoundedRunner(settings.pool_threads, settings.admission_limit),
+        runner=BoundedRunner(settings.pool_threads, settings.admission_limit, metrics.inflight),
     )
 
     reloader = IndexReloader(state, loader, warm_up)
@@ -137,7 +142,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     app.include_router(admin)
     app.include_router(web)
 
-    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    app.add_middleware(ObserveMiddleware, state=state)
 
     return app
 

@@ -12,16 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from prometheus_client import Gauge
+
 from app.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
 
 
 class BoundedRunner:
-    def __init__(self, threads: int, max_inflight: int) -> None:
+    def __init__(self, threads: int, max_inflight: int, gauge: Gauge | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vps-work")
         self._max_inflight = max_inflight
         self._inflight = 0  # only touched on the event loop thread: no lock needed
+        self._gauge = gauge  # vps_inflight_requests mirrors the slots taken, abandoned work included
 
     @property
     def inflight(self) -> int:
@@ -34,9 +37,8 @@ class BoundedRunner:
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[Ticket]:
-        if self._inflight >= self._max_inflight:
-            raise Overloaded()
-        self._inflight += 1
+        self.refuse_if_full()
+        self._set(self._inflight + 1)
         ticket = Ticket()
         try:
             yield ticket
@@ -48,7 +50,12 @@ class BoundedRunner:
                 self._release()
 
     def _release(self) -> None:
-        self._inflight -= 1
+        self._set(self._inflight - 1)
+
+    def _set(self, inflight: int) -> None:
+        self._inflight = inflight
+        if self._gauge is not None:
+            self._gauge.set(inflight)
 
     async def run(self, ticket: Ticket, timeout_s: float | None, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()

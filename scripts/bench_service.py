@@ -18,7 +18,6 @@ import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,14 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 # Same thread discipline as `vps serve`, before numpy's and onnxruntime's pools start.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from benchlib import encode_search, free_port  # noqa: E402
+from benchlib import encode_search, start_server  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.index.loader import load_engine  # noqa: E402
@@ -146,20 +144,9 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
     for c in args.concurrency:
         rows["in_process"].append(closed_loop(in_process, payloads, c, args.seconds))
 
-    port = free_port()
-    vps = str(Path(sys.executable).with_name("vps"))
-    server = subprocess.Popen(
-        [vps, "serve", "--port", str(port)], env={**os.environ, **env_settings}, stderr=subprocess.DEVNULL
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server([], {**os.environ, **env_settings})
+    port = int(base.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         local = threading.local()
         encoded = {id(p): encode_search("127.0.0.1", p, "?k=10") for p in payloads}
 

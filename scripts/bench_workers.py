@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
-from benchlib import free_port
+from benchlib import start_server
 
 from app.embedding import OnnxEmbedder
 from app.index.manifest import resolve_current
@@ -114,7 +113,6 @@ def main() -> None:
     shard_bytes = sum(p.stat().st_size for p in (version_dir / "shards").iterdir())
 
     payloads = [(args.images_root / r.image).read_bytes() for r in read_catalogue(args.queries)[0]]
-    port = free_port()
     env = {
         **os.environ,
         "VPS_INDEX_DIR": str(index_dir),
@@ -122,21 +120,10 @@ def main() -> None:
         "VPS_LOG_LEVEL": "WARNING",
         "PROMETHEUS_MULTIPROC_DIR": str(args.work / "metrics"),
     }
-    vps = str(Path(sys.executable).with_name("vps"))
     t_start = time.perf_counter()
-    server = subprocess.Popen([vps, "serve", "--port", str(port), "--workers", str(args.workers)], env=env)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(["--workers", str(args.workers)], env)
     phases: dict[str, list[dict[str, Any]]] = {}
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit("server exited")
-            time.sleep(0.2)
         parent = psutil.Process(server.pid)
         deadline = time.monotonic() + 120
         while True:

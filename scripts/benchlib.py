@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
@@ -29,3 +35,23 @@ def encode_search(host: str, image: bytes, query: str = "") -> bytes:
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def start_server(args: list[str], env: dict[str, str], timeout_s: float = 120) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `vps serve <args>` on a free port and wait until /readyz answers 200; returns (process, base URL)."""
+    port = free_port()
+    vps = str(Path(sys.executable).with_name("vps"))
+    server = subprocess.Popen([vps, "serve", "--port", str(port), *args], env=env, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"vps serve exited with {server.returncode}")
+        time.sleep(0.2)
+    server.kill()
+    raise SystemExit("vps serve did not become ready")

@@ -93,11 +93,7 @@ async def search(
         open_set=settings.open_set,
     )
     async with state.runner.admit() as ticket:
-        state.metrics.inflight.inc()
-        try:
-            outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
-        finally:
-            state.metrics.inflight.dec()
+        outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
     total = time.perf_counter() - t0
     _observe(state, outcome)
     body = _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)

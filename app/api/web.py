@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from importlib.resources import files
-from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
@@ -18,8 +17,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app.api.routes import get_engine, get_state
-from app.errors import EmptyBody, ServiceError, UnsupportedFormat
+from app.errors import ArtifactError, EmptyBody, ServiceError, UnsupportedFormat
 from app.imaging import JPEG, PNG, WEBP, sniff_format
+from app.index.manifest import safe_join
 from app.search import SearchEngine
 from app.state import AppState
 
@@ -80,8 +80,11 @@ async def catalogue_image(
     rel = engine.items.get(row).get("image")
     if not isinstance(rel, str) or not rel:
         raise ImageNotFound()
-    path = _inside(root, rel)
-    if path is None or not path.is_file() or path.stat().st_size > _MAX_IMAGE_BYTES:
+    try:
+        path = safe_join(root, rel)  # never outside the images root, whatever the item table says
+    except ArtifactError:
+        raise ImageNotFound() from None
+    if not path.is_file() or path.stat().st_size > _MAX_IMAGE_BYTES:
         raise ImageNotFound()
     data = await anyio.to_thread.run_sync(path.read_bytes)
     try:
@@ -97,9 +100,3 @@ async def catalogue_image(
             "X-Content-Type-Options": "nosniff",
         },
     )
-
-
-def _inside(root: Path, rel: str) -> Path | None:
-    resolved_root = root.resolve()
-    candidate = (resolved_root / rel).resolve()
-    return candidate if candidate.is_relative_to(resolved_root) else None
