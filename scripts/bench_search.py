@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -49,12 +50,18 @@ SearchFn = Callable[[np.ndarray], np.ndarray]  # one query (d,) -> up to K globa
 
 
 # --- data ------------------------------------------------------------------------------------------------------
-def synthetic(n: int, n_cat: int, dim: int, n_queries: int, seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
+def _zipf_labels(n: int, n_cat: int) -> np.ndarray:
     weights = 1.0 / np.arange(1, n_cat + 1) ** 0.8  # uneven category sizes
     sizes = np.maximum(5, np.floor(weights / weights.sum() * n)).astype(int)
     sizes[0] += n - sizes.sum()
-    labels = np.repeat(np.arange(n_cat), sizes)
+    return np.repeat(np.arange(n_cat), sizes)
+
+
+def synthetic(n: int, n_cat: int, dim: int, n_queries: int, seed: int) -> dict[str, Any]:
+    """Isotropic: every level's spread is the same in all 512 directions (a worst case for graph search; real
+    embeddings are far from it, see synthetic_powerlaw)."""
+    rng = np.random.default_rng(seed)
+    labels = _zipf_labels(n, n_cat)
     cat_centres = rng.normal(size=(n_cat, dim)).astype(np.float32)
     n_sku = n // 5
     sku_of = np.arange(n) // 5
@@ -71,6 +78,90 @@ def synthetic(n: int, n_cat: int, dim: int, n_queries: int, seed: int) -> dict[s
         "calibration": _unit(q[n_queries:]),
         "calibration_labels": sku_cat[q_sku[n_queries:]],
     }
+
+
+LEVELS = ("category", "sku", "photo")
+
+
+def embedding_spectra(x: np.ndarray, sku: np.ndarray, cat: np.ndarray) -> dict[str, Any]:
+    """How real embeddings spread, level by level: the category centres around the mean, the SKU centres around
+    their category's, the photos around their SKU's. Per level: total variance and the exponent a of a power law
+    (eigenvalue i ~ i^-a) fitted to the top of its spectrum. The fit is extended to every dimension, which gives
+    the synthetic data *more* effective dimensions than the real embeddings (a few hundred images cannot show the
+    tail of a million-product catalogue's spectrum), so it errs on the hard side."""
+    mean = x.mean(0)
+    cat_mean = {c: x[cat == c].mean(0) for c in np.unique(cat)}
+    sku_mean = {s: x[sku == s].mean(0) for s in np.unique(sku)}
+    residuals = {
+        "category": np.stack([cat_mean[c] - mean for c in cat]),
+        "sku": np.stack([sku_mean[s] - cat_mean[c] for s, c in zip(sku, cat, strict=True)]),
+        "photo": np.stack([v - sku_mean[s] for v, s in zip(x, sku, strict=True)]),
+    }
+    out: dict[str, Any] = {"mean_norm": round(float(np.linalg.norm(mean)), 3)}
+    for level, r in residuals.items():
+        ev = np.clip(np.linalg.eigvalsh(r.T.astype(np.float64) @ r / len(r))[::-1], 0, None)
+        rank = int((ev > ev[0] * 1e-6).sum())
+        top = max(5, min(rank // 2, 40))
+        slope = np.polyfit(np.log(np.arange(1, top + 1)), np.log(ev[:top]), 1)[0]
+        out[level] = {
+            "variance": round(float(ev.sum()), 4),
+            "exponent": round(float(-slope), 2),
+            "participation_ratio": round(float(ev.sum() ** 2 / (ev**2).sum()), 1),
+        }
+    return out
+
+
+def participation_ratio(x: np.ndarray, limit: int = 20_000) -> float:
+    """Effective number of dimensions, (sum of eigenvalues)^2 / sum of squares: 512 for isotropic noise."""
+    sample = x[:: max(1, len(x) // limit)].astype(np.float64)
+    ev = np.clip(np.linalg.eigvalsh(np.cov(sample.T)), 0, None)
+    return round(float(ev.sum() ** 2 / (ev**2).sum()), 1)
+
+
+def synthetic_powerlaw(
+    n: int, n_cat: int, dim: int, n_queries: int, seed: int, spectra: dict[str, Any]
+) -> dict[str, Any]:
+    """Clustered like synthetic(), but each level spreads with the power-law spectrum and the variance measured
+    on the shipped model's real embeddings (embedding_spectra), each level along its own random orthonormal basis."""
+    rng = np.random.default_rng(seed)
+    labels = _zipf_labels(n, n_cat)
+    scale, basis = {}, {}
+    for level in LEVELS:
+        p = np.arange(1, dim + 1, dtype=np.float64) ** -spectra[level]["exponent"]
+        scale[level] = np.sqrt(spectra[level]["variance"] * p / p.sum()).astype(np.float32)
+        basis[level] = np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)
+
+    def spread(rows: int, level: str) -> np.ndarray:
+        out = np.empty((rows, dim), dtype=np.float32)
+        for i in range(0, rows, 100_000):  # chunks keep 1M x 512 temporaries small
+            m = min(100_000, rows - i)
+            out[i : i + m] = (rng.normal(size=(m, dim)).astype(np.float32) * scale[level]) @ basis[level]
+        return out
+
+    mean = rng.normal(size=dim).astype(np.float32)
+    mean *= spectra["mean_norm"] / np.linalg.norm(mean)
+    cat_centres = mean + spread(n_cat, "category")
+    n_sku = n // 5
+    sku_cat = labels[np.arange(n_sku) * 5]
+    sku_centres = cat_centres[sku_cat] + spread(n_sku, "sku")
+    x = spread(n, "photo")
+    x += sku_centres[np.arange(n) // 5]
+    q_sku = rng.integers(0, n_sku, size=2 * n_queries)
+    q = sku_centres[q_sku] + spread(len(q_sku), "photo")
+    return {
+        "name": f"powerlaw-{n // 1000}k-{_spectra_tag(spectra)}",
+        "x": _unit(x),
+        "labels": labels,
+        "queries": _unit(q[:n_queries]),
+        "calibration": _unit(q[n_queries:]),
+        "calibration_labels": sku_cat[q_sku[n_queries:]],
+        "spectra": spectra,
+    }
+
+
+def _spectra_tag(spectra: dict[str, Any]) -> str:
+    """Short fingerprint of the fitted spectra: cached builds are reused only for the same data."""
+    return hashlib.sha256(json.dumps(spectra, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def demo(model: Path, root: Path) -> dict[str, Any]:
@@ -91,6 +182,7 @@ def demo(model: Path, root: Path) -> dict[str, Any]:
         return np.asarray(vecs, dtype=np.float32), [r.category for r in rows]
 
     x, cats = embed(root / "catalogue.csv")
+    skus = [r.sku for r in read_catalogue(root / "catalogue.csv")[0]]
     q1, _ = embed(root / "queries.csv")
     q2, qcats = embed(root / "calibration.csv")
     names = sorted(set(cats))
@@ -101,6 +193,7 @@ def demo(model: Path, root: Path) -> dict[str, Any]:
         "queries": np.vstack([q1, q2]),
         "calibration": q2,
         "calibration_labels": np.asarray([names.index(c) if c in names else 0 for c in qcats]),
+        "spectra": embedding_spectra(x, np.asarray(skus), np.asarray(cats)),
     }
 
 
@@ -198,6 +291,9 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
     exact_build_s = time.perf_counter() - t0
     out: dict[str, Any] = {"dataset": data["name"], "n": n, "dim": dim, "categories": n_cat, "queries": len(q)}
     out["category_sizes"] = {"min": int(np.diff(offsets).min()), "max": int(np.diff(offsets).max())}
+    out["participation_ratio"] = participation_ratio(x)
+    if "spectra" in data:
+        out["spectra"] = data["spectra"]
     methods: dict[str, Any] = {}
     settings_rows: list[dict[str, Any]] = []
 
@@ -224,7 +320,8 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
         record("exact", {}, lambda v: np.argpartition(-(x_exact @ v), K)[:K], n_q=200)
 
     # routed faiss HNSW shards, memory-mapped (the service's path)
-    for backend, cls in (("faiss", FaissHnswShard), ("hnswlib", HnswlibShard)):
+    backends = [("faiss", FaissHnswShard)] + ([] if "hnswlib" in args.skip else [("hnswlib", HnswlibShard)])
+    for backend, cls in backends:
         sdir = work / f"{data['name']}-{backend}-M{args.M}-efc{args.ef_construction}"
         sdir.mkdir(parents=True, exist_ok=True)
         paths = [sdir / f"{c:04d}.idx" for c in range(n_cat)]
@@ -272,13 +369,31 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
         del shards, routed
         gc.collect()
 
-    # one global faiss HNSW
-    path = work / f"{data['name']}-global-M{args.M}-efc{args.ef_construction}.faiss"
+    if "global" not in args.skip:
+        bench_global(x, data["name"], args, work, methods, record)
+    if args.build_only:
+        return out
+    if "ivf" not in args.skip:
+        bench_ivf(x_exact, labels, offsets, methods, record, args)
+    out["methods"] = methods
+    out["settings"] = settings_rows
+    out["pareto"] = pareto(settings_rows)
+    return out
+
+
+Record = Callable[..., None]
+
+
+def bench_global(
+    x: np.ndarray, name: str, args: argparse.Namespace, work: Path, methods: dict[str, Any], record: Record
+) -> None:
+    """One faiss HNSW over every vector, read into RAM."""
+    path = work / f"{name}-global-M{args.M}-efc{args.ef_construction}.faiss"
     build_s = cached_build(
         path.with_suffix(".json"), lambda: FaissHnswShard.build(x, path, M=args.M, ef_construction=args.ef_construction)
     )
     if args.build_only:
-        return out
+        return
     before = uss()
     t0 = time.perf_counter()
     glob = FaissHnswShard.load(path, ef_search=64, mmap=False)
@@ -294,7 +409,19 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
     del glob
     gc.collect()
 
-    # IVF-Flat with the categories as its lists
+
+def bench_ivf(
+    x_exact: np.ndarray,
+    labels: np.ndarray,
+    offsets: np.ndarray,
+    methods: dict[str, Any],
+    record: Record,
+    args: argparse.Namespace,
+) -> None:
+    """faiss IVF-Flat whose lists are the categories: exact within the lists it scans."""
+    n, dim = x_exact.shape
+    n_cat = len(offsets) - 1
+    x = x_exact
     t0 = time.perf_counter()
     centroids = np.stack([x[offsets[c] : offsets[c + 1]].mean(0) for c in range(n_cat)]).astype(np.float32)
     quantizer = faiss.IndexFlatIP(dim)
@@ -311,11 +438,6 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
     for nprobe in args.nprobe:
         ivf.nprobe = nprobe
         record("ivf-flat-same-partitions", {"nprobe": nprobe}, lambda v, i=ivf: i.search(v[None], K)[1][0])
-
-    out["methods"] = methods
-    out["settings"] = settings_rows
-    out["pareto"] = pareto(settings_rows)
-    return out
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -345,8 +467,9 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             "",
             f"## {r['dataset']}: {r['n']:,} vectors x {r['dim']}, {r['categories']} categories "
             f"({r['category_sizes']['min']}-{r['category_sizes']['max']} each), {r['queries']} queries; "
-            f"router top-1 {r['router_top1']}",
+            f"router top-1 {r['router_top1']}; effective dimensions (participation ratio) {r['participation_ratio']}",
             "",
+            *(_spectra_line(r["spectra"]) if "spectra" in r else []),
             "| method | build s | disk MB | load s | sha256 verify s | USS added MB |",
             "|---|---|---|---|---|---|",
             *[
@@ -379,6 +502,15 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spectra_line(spectra: dict[str, Any]) -> list[str]:
+    levels = "; ".join(
+        f"{level}: variance {spectra[level]['variance']}, exponent {spectra[level]['exponent']}, "
+        f"participation ratio {spectra[level]['participation_ratio']}"
+        for level in LEVELS
+    )
+    return [f"Spectra of the real embeddings this data is drawn from (demo catalogue): {levels}.", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", default=[100_000])
@@ -390,27 +522,47 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("models/grocery-lite0-ms512"))
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--ef-construction", type=int, default=80)
-    ap.add_argument("--ef", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--ef", type=int, nargs="*", default=[16, 32, 64, 128, 256, 512])
     ap.add_argument("--probe-mass", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95, 0.99])
     ap.add_argument("--nprobe", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-search")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
+    ap.add_argument("--tag", default="", help="suffix of the output files: bench_search-<tag>.json/.md")
+    ap.add_argument(
+        "--data",
+        nargs="*",
+        choices=["isotropic", "powerlaw"],
+        default=["isotropic", "powerlaw"],
+        help="synthetic data kinds: isotropic noise, and/or spectra fitted to the model's real embeddings",
+    )
+    ap.add_argument(
+        "--skip", nargs="*", choices=["hnswlib", "global", "ivf"], default=[], help="baselines to leave out"
+    )
     ap.add_argument("--build-only", action="store_true", help="build (and cache) the indexes, measure nothing")
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)  # single-query work; parallelism comes from the 2 client threads
     args.work.mkdir(parents=True, exist_ok=True)
 
     results = []
-    if args.demo:
-        results.append(bench_dataset(demo(args.model, Path("examples/grocery")), args, args.work))
+    real = demo(args.model, Path("examples/grocery")) if args.demo or "powerlaw" in args.data else None
+    if args.demo and real is not None:
+        results.append(bench_dataset(real, args, args.work))
     for n in args.n:
-        results.append(bench_dataset(synthetic(n, args.categories, args.dim, args.queries, seed=n), args, args.work))
+        if "isotropic" in args.data:
+            data = synthetic(n, args.categories, args.dim, args.queries, seed=n)
+            results.append(bench_dataset(data, args, args.work))
+        if "powerlaw" in args.data and real is not None:
+            data = synthetic_powerlaw(n, args.categories, args.dim, args.queries, seed=n, spectra=real["spectra"])
+            results.append(bench_dataset(data, args, args.work))
+        del data
+        gc.collect()
     if args.build_only:
         return
     command = "python scripts/bench_search.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_search.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
-    (args.out / "bench_search.md").write_text(markdown(results, command))
+    stem = f"bench_search-{args.tag}" if args.tag else "bench_search"
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results, command))
     sys.stdout.write(markdown(results, command))
 
 
