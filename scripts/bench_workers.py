@@ -22,45 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
-from benchlib import start_server
+from benchlib import start_server, synthetic_index
 
-from app.embedding import OnnxEmbedder
-from app.index.manifest import resolve_current
-from app.pipeline.build_index import BuildOptions, publish_vectors
-from app.pipeline.catalogue import CatalogueRow, read_catalogue
+from app.pipeline.catalogue import read_catalogue
 
 MB = 1024 * 1024
-
-
-def synthetic_index(out: Path, model_dir: Path, items: int, categories: int, seed: int = 0) -> Path:
-    if (out / "CURRENT").exists():
-        return resolve_current(out)
-    embedder = OnnxEmbedder(model_dir)
-    rng = np.random.default_rng(seed)
-    dim = embedder.dim
-    n_skus = items // 5
-    cat_centres = rng.normal(size=(categories, dim))
-    sku_cat = rng.integers(0, categories, size=n_skus)
-    sku_centres = cat_centres[sku_cat] + 0.8 * rng.normal(size=(n_skus, dim))
-    sku_of = np.repeat(np.arange(n_skus), 5)[:items]
-    vectors = sku_centres[sku_of] + 0.5 * rng.normal(size=(items, dim))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    rows = [
-        CatalogueRow(line=i + 2, sku=f"sku-{s:06d}", category=f"cat-{sku_cat[s]:03d}", image=f"synthetic/{i}.jpg")
-        for i, s in enumerate(sku_of)
-    ]
-    # Calibration queries: fresh photos of random SKUs (their centre plus new noise).
-    q_sku = rng.integers(0, n_skus, size=1000)
-    q = sku_centres[q_sku] + 0.5 * rng.normal(size=(len(q_sku), dim))
-    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-    q_rows = [
-        CatalogueRow(line=i + 2, sku=f"sku-{s:06d}", category=f"cat-{sku_cat[s]:03d}", image=f"query/{i}.jpg")
-        for i, s in enumerate(q_sku)
-    ]
-    options = BuildOptions(M=16, ef_construction=80, progress=True)
-    return publish_vectors(vectors, rows, out, embedder, options, calibration=(q, q_rows)).version_dir
 
 
 def smaps(pid: int, under: Path) -> dict[str, float]:

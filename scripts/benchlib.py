@@ -55,3 +55,44 @@ def start_server(args: list[str], env: dict[str, str], timeout_s: float = 120) -
         time.sleep(0.2)
     server.kill()
     raise SystemExit("vps serve did not become ready")
+
+
+def synthetic_index(
+    out: Path, model_dir: Path, items: int, categories: int, seed: int = 0, *, M: int = 16, ef_construction: int = 80
+) -> Path:
+    """A published index (the service's format, built by the service's own code) of synthetic unit vectors for
+    the model's dimension: `items` vectors in `categories` categories, 5 per SKU, with 1,000 calibration queries.
+    Built once: a later call returns the CURRENT version."""
+    import numpy as np
+
+    from app.embedding import OnnxEmbedder
+    from app.index.manifest import resolve_current
+    from app.pipeline.build_index import BuildOptions, publish_vectors
+    from app.pipeline.catalogue import CatalogueRow
+
+    if (out / "CURRENT").exists():
+        return resolve_current(out)
+    embedder = OnnxEmbedder(model_dir)
+    rng = np.random.default_rng(seed)
+    dim = embedder.dim
+    n_skus = items // 5
+    cat_centres = rng.normal(size=(categories, dim))
+    sku_cat = rng.integers(0, categories, size=n_skus)
+    sku_centres = cat_centres[sku_cat] + 0.8 * rng.normal(size=(n_skus, dim))
+    sku_of = np.repeat(np.arange(n_skus), 5)[:items]
+    vectors = sku_centres[sku_of] + 0.5 * rng.normal(size=(items, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    rows = [
+        CatalogueRow(line=i + 2, sku=f"sku-{s:06d}", category=f"cat-{sku_cat[s]:03d}", image=f"synthetic/{i}.jpg")
+        for i, s in enumerate(sku_of)
+    ]
+    # Calibration queries: fresh photos of random SKUs (their centre plus new noise).
+    q_sku = rng.integers(0, n_skus, size=1000)
+    q = sku_centres[q_sku] + 0.5 * rng.normal(size=(len(q_sku), dim))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    q_rows = [
+        CatalogueRow(line=i + 2, sku=f"sku-{s:06d}", category=f"cat-{sku_cat[s]:03d}", image=f"query/{i}.jpg")
+        for i, s in enumerate(q_sku)
+    ]
+    options = BuildOptions(M=M, ef_construction=ef_construction, progress=True)
+    return publish_vectors(vectors, rows, out, embedder, options, calibration=(q, q_rows)).version_dir

@@ -1,0 +1,176 @@
+"""Start-up to ready: what a 1M-vector index adds to `vps serve`'s start, side by side with the demo index.
+
+    python scripts/bench_startup.py --items 1000000 --repeats 3 --out docs/bench
+
+For each index (the demo catalogue's 486 vectors, and a synthetic one of --items vectors built once by the
+service's own build code and cached under --work), with its files in the page cache ("warm") and evicted from it
+("cold": posix_fadvise DONTNEED on every file, what a node sees the first time it mounts a fresh volume), starts
+`vps serve` --repeats times and measures the wall time from exec to the first /readyz 200. The service's own log
+lines split that time: model load, sha256 of every index file, the rest of the index load (mapping), warm-up.
+The difference between the two indexes is what the index's size costs. Target (#7): start-up with a 1M-vector
+index <= 2 s plus model load. Writes <out>/bench_startup.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from benchlib import free_port, synthetic_index
+
+from app.index.manifest import resolve_current
+
+DEMO_INDEX = Path("index_data")
+
+
+def evict(version_dir: Path) -> None:
+    """Drop the index files' pages from the page cache (clean pages only: these files are read-only)."""
+    for path in version_dir.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def start_once(index_dir: Path, model: Path, log_path: Path) -> dict[str, Any]:
+    port = free_port()
+    env = {**os.environ, "VPS_INDEX_DIR": str(index_dir), "VPS_MODEL_DIR": str(model), "VPS_LOG_LEVEL": "INFO"}
+    vps = str(Path(sys.executable).with_name("vps"))
+    with log_path.open("wb") as log:
+        t0 = time.perf_counter()
+        server = subprocess.Popen([vps, "serve", "--port", str(port)], env=env, stderr=log, stdout=log)
+        try:
+            ready_s = None
+            while time.perf_counter() - t0 < 120 and server.poll() is None:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        ready_s = time.perf_counter() - t0
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.02)
+            if ready_s is None:
+                raise SystemExit(f"vps serve did not become ready; log: {log_path}")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    logs = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        logs[rec.get("msg")] = rec
+    loaded, verified, ready = logs["index loaded"], logs["index files verified"], logs["ready"]
+    return {
+        "wall_to_ready_s": round(ready_s, 3),
+        "model_load_s": loaded["model_load_s"],
+        "verify_sha256_s": verified["verify_s"],
+        "index_load_s": loaded["index_load_s"],
+        "lifespan_to_ready_s": ready["startup_s"],  # model + index + warm-up, inside the process
+    }
+
+
+def median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: round(float(np.median([r[k] for r in rows])), 3) for k in rows[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--categories", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=Path("models/grocery-lite0-ms512"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-startup")
+    ap.add_argument("--out", type=Path, default=Path("docs/bench"))
+    ap.add_argument("--build-only", action="store_true", help="build (and cache) the large index, measure nothing")
+    args = ap.parse_args()
+    if not (DEMO_INDEX / "CURRENT").exists():
+        raise SystemExit("no demo index: run `make demo-index` first")
+
+    big_dir = args.work / f"index-{args.items}"
+    t0 = time.perf_counter()
+    synthetic_index(big_dir, args.model, args.items, args.categories)
+    build_s = time.perf_counter() - t0
+    if args.build_only:
+        return
+    indexes = {"demo (486 vectors)": DEMO_INDEX, f"synthetic ({args.items:,} vectors)": big_dir}
+    results: dict[str, Any] = {}
+    for name, index_dir in indexes.items():
+        version_dir = resolve_current(index_dir)
+        size = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+        entry: dict[str, Any] = {"index_mb": round(size / 2**20, 1), "runs": {}}
+        for cache in ("warm", "cold"):
+            if cache == "warm":
+                start_once(index_dir, args.model, args.work / "warm-up.log")  # discarded: fills the page cache
+            runs = []
+            for i in range(args.repeats):
+                if cache == "cold":
+                    evict(version_dir)
+                runs.append(start_once(index_dir, args.model, args.work / f"serve-{cache}-{i}.log"))
+                sys.stdout.write(json.dumps({"index": name, "cache": cache, **runs[-1]}) + "\n")
+                sys.stdout.flush()
+            entry["runs"][cache] = {"median": median(runs), "all": runs}
+        results[name] = entry
+
+    command = "python scripts/bench_startup.py " + " ".join(sys.argv[1:])
+    demo_name, big_name = list(indexes)
+    added = {
+        cache: round(
+            results[big_name]["runs"][cache]["median"]["wall_to_ready_s"]
+            - results[demo_name]["runs"][cache]["median"]["wall_to_ready_s"],
+            3,
+        )
+        for cache in ("warm", "cold")
+    }
+    out = {
+        "command": command,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "synthetic_build_s": round(build_s, 1),
+        "indexes": results,
+        "added_by_the_large_index_s": added,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_startup.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [
+        "# Start-up to ready",
+        "",
+        f"`{command}` — {os.cpu_count()} CPUs, Python {platform.python_version()}. Medians of {args.repeats} starts "
+        "of `vps serve` (one worker); wall = exec to the first `/readyz` 200; the other columns are the service's "
+        "own log lines. Cold = the index files evicted from the page cache before each start.",
+        "",
+        "| index | size MB | page cache | wall to ready s | model load s | sha256 verify s | index load s "
+        "| lifespan to ready s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        for cache, runs in entry["runs"].items():
+            m = runs["median"]
+            lines.append(
+                f"| {name} | {entry['index_mb']} | {cache} | {m['wall_to_ready_s']} | {m['model_load_s']} | "
+                f"{m['verify_sha256_s']} | {m['index_load_s']} | {m['lifespan_to_ready_s']} |"
+            )
+    lines += [
+        "",
+        f"Added by the {args.items:,}-vector index (wall to ready, large minus demo): warm {added['warm']} s, "
+        f"cold {added['cold']} s.",
+    ]
+    (args.out / "bench_startup.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
