@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -43,13 +44,16 @@ class ObserveMiddleware:
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app, self.state, self.metrics = app, state, state.metrics
+        # Request ids: a random per-process prefix and a counter, unique across workers and restarts without a
+        # system call per request (uuid4 reads os.urandom each time). Not secrets: they only correlate logs.
+        self._id_prefix, self._id_counter = os.urandom(8).hex(), itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID_RE.match(incoming) else f"{self._id_prefix}{next(self._id_counter):016x}"
         scope.setdefault("state", {})["request_id"] = request_id  # what request.state.request_id reads
         status, started = 500, False
         t0 = time.perf_counter()

@@ -65,11 +65,19 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.index_reloads = Counter("vps_index_reloads", "Index loads by result", ["result"], registry=r)
+        self._stage_children: dict[str, Histogram] = {}
         # Bounded label values exist from the start at 0: rates and alerts work before the first event.
         for reason in ("overloaded", "not_ready"):
             self.rejected.labels(reason=reason)
         for result in ("success", "failed"):
             self.index_reloads.labels(result=result)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        # The labelled child is looked up once per stage, not once per request (labels() takes a lock).
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_duration.labels(stage=stage)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this process's registry, or every worker's values in multiprocess mode."""

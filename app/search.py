@@ -78,10 +78,7 @@ class SearchEngine:
         self.max_image_pixels = max_image_pixels
         self.overfetch = overfetch
         self._category_index = {s.name: i for i, s in enumerate(shards)}
-
-    @property
-    def categories(self) -> list[str]:
-        return [s.name for s in self.shards]
+        self.categories: list[str] = [s.name for s in shards]  # shard i holds category i (read per request)
 
     def category_id(self, name: str) -> int:
         try:
