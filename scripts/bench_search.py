@@ -70,14 +70,7 @@ def synthetic(n: int, n_cat: int, dim: int, n_queries: int, seed: int) -> dict[s
     x = sku_centres[sku_of[:n]] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
     q_sku = rng.integers(0, n_sku, size=2 * n_queries)
     q = sku_centres[q_sku] + 0.6 * rng.normal(size=(len(q_sku), dim)).astype(np.float32)
-    return {
-        "name": f"synthetic-{n // 1000}k",
-        "x": _unit(x),
-        "labels": labels,
-        "queries": _unit(q[:n_queries]),
-        "calibration": _unit(q[n_queries:]),
-        "calibration_labels": sku_cat[q_sku[n_queries:]],
-    }
+    return _dataset(f"synthetic-{n // 1000}k", x, labels, q, sku_cat[q_sku], n_queries)
 
 
 LEVELS = ("category", "sku", "photo")
@@ -106,7 +99,7 @@ def embedding_spectra(x: np.ndarray, sku: np.ndarray, cat: np.ndarray) -> dict[s
         out[level] = {
             "variance": round(float(ev.sum()), 4),
             "exponent": round(float(-slope), 2),
-            "participation_ratio": round(float(ev.sum() ** 2 / (ev**2).sum()), 1),
+            "participation_ratio": _participation(ev),
         }
     return out
 
@@ -114,8 +107,11 @@ def embedding_spectra(x: np.ndarray, sku: np.ndarray, cat: np.ndarray) -> dict[s
 def participation_ratio(x: np.ndarray, limit: int = 20_000) -> float:
     """Effective number of dimensions, (sum of eigenvalues)^2 / sum of squares: 512 for isotropic noise."""
     sample = x[:: max(1, len(x) // limit)].astype(np.float64)
-    ev = np.clip(np.linalg.eigvalsh(np.cov(sample.T)), 0, None)
-    return round(float(ev.sum() ** 2 / (ev**2).sum()), 1)
+    return _participation(np.clip(np.linalg.eigvalsh(np.cov(sample.T)), 0, None))
+
+
+def _participation(eigenvalues: np.ndarray) -> float:
+    return round(float(eigenvalues.sum() ** 2 / (eigenvalues**2).sum()), 1)
 
 
 def synthetic_powerlaw(
@@ -148,14 +144,21 @@ def synthetic_powerlaw(
     x += sku_centres[np.arange(n) // 5]
     q_sku = rng.integers(0, n_sku, size=2 * n_queries)
     q = sku_centres[q_sku] + spread(len(q_sku), "photo")
+    name = f"powerlaw-{n // 1000}k-{_spectra_tag(spectra)}"
+    return {**_dataset(name, x, labels, q, sku_cat[q_sku], n_queries), "spectra": spectra}
+
+
+def _dataset(
+    name: str, x: np.ndarray, labels: np.ndarray, q: np.ndarray, q_labels: np.ndarray, n_queries: int
+) -> dict[str, Any]:
+    """Unit vectors; the first n_queries queries are measured, the rest calibrate the router's temperature."""
     return {
-        "name": f"powerlaw-{n // 1000}k-{_spectra_tag(spectra)}",
+        "name": name,
         "x": _unit(x),
         "labels": labels,
         "queries": _unit(q[:n_queries]),
         "calibration": _unit(q[n_queries:]),
-        "calibration_labels": sku_cat[q_sku[n_queries:]],
-        "spectra": spectra,
+        "calibration_labels": q_labels[n_queries:],
     }
 
 
@@ -548,14 +551,15 @@ def main() -> None:
     if args.demo and real is not None:
         results.append(bench_dataset(real, args, args.work))
     for n in args.n:
-        if "isotropic" in args.data:
-            data = synthetic(n, args.categories, args.dim, args.queries, seed=n)
+        for kind in args.data:  # one data set in memory at a time (1M x 512 floats is 2 GB)
+            if kind == "isotropic":
+                data = synthetic(n, args.categories, args.dim, args.queries, seed=n)
+            else:
+                assert real is not None
+                data = synthetic_powerlaw(n, args.categories, args.dim, args.queries, seed=n, spectra=real["spectra"])
             results.append(bench_dataset(data, args, args.work))
-        if "powerlaw" in args.data and real is not None:
-            data = synthetic_powerlaw(n, args.categories, args.dim, args.queries, seed=n, spectra=real["spectra"])
-            results.append(bench_dataset(data, args, args.work))
-        del data
-        gc.collect()
+            del data
+            gc.collect()
     if args.build_only:
         return
     command = "python scripts/bench_search.py " + " ".join(sys.argv[1:])
