@@ -1,30 +1,28 @@
 """Read an image from a request without trusting it: a byte cap enforced while streaming, multipart parsed in
-memory (no temporary files to leak when a client disconnects), and limits on parts and fields."""
+memory (no temporary files to leak when a client disconnects), and a limit on parts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
-from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
 
 from app.errors import ClientClosedRequest, EmptyBody, ImageTooLarge, InvalidMultipart, MissingImage
 
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
 # Room for multipart boundaries and part headers on top of the image cap.
 MULTIPART_OVERHEAD = 64 * 1024
-IMAGE_FIELD = "image"
-
-
-class _InMemoryMultiPartParser(MultiPartParser):
-    # The whole body is already capped, so keeping the file part in memory is bounded and leaves no files.
-    spool_max_size = 1 << 40
+IMAGE_FIELD = b"image"
+MAX_FILES, MAX_FIELDS, MAX_FIELD_BYTES = 4, 16, 64 * 1024
 
 
 async def read_image(request: Request, max_bytes: int) -> bytes:
-    content_type = request.headers.get("content-type", "").lower()
-    is_multipart = content_type.startswith("multipart/form-data")
+    content_type = request.headers.get("content-type", "")
+    is_multipart = content_type.lower().startswith("multipart/form-data")
     limit = max_bytes + MULTIPART_OVERHEAD if is_multipart else max_bytes
 
     declared = request.headers.get("content-length")
@@ -40,34 +38,93 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
     except ClientDisconnect:
         raise ClientClosedRequest() from None
 
-    if not is_multipart:
-        if not body:
-            raise EmptyBody()
-        return bytes(body)
-    return await _image_from_multipart(request, bytes(body), max_bytes)
+    data = image_from_multipart(content_type, body) if is_multipart else bytes(body)
+    if len(data) > max_bytes:
+        raise ImageTooLarge()
+    if not data:
+        raise EmptyBody()
+    return data
 
 
-async def _image_from_multipart(request: Request, body: bytes, max_bytes: int) -> bytes:
-    async def stream() -> AsyncGenerator[bytes, None]:
-        yield body
-
-    parser = _InMemoryMultiPartParser(request.headers, stream(), max_files=4, max_fields=16, max_part_size=64 * 1024)
+def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
+    """The `image` part's bytes (the last one if repeated, as a form dictionary would keep). python-multipart's
+    parser driven directly with callbacks that keep only that part: Starlette's form parser builds an UploadFile
+    and a spooled file per part, several times the cost of the parse itself on the event loop."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidMultipart()
+    collector = _ImagePart()
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": collector.on_part_begin,
+        "on_header_field": collector.on_header_field,
+        "on_header_value": collector.on_header_value,
+        "on_header_end": collector.on_header_end,
+        "on_headers_finished": collector.on_headers_finished,
+        "on_part_data": collector.on_part_data,
+        "on_part_end": collector.on_part_end,
+    }
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise InvalidMultipart() from exc
-    try:
-        part = form.get(IMAGE_FIELD)
-        if part is None:
-            raise MissingImage()
-        if not isinstance(part, UploadFile):
-            data = part.encode()
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(bytes(body))
+        parser.finalize()
+    except FormParserError:
+        raise InvalidMultipart() from None
+    if collector.image is None:
+        raise MissingImage()
+    return bytes(collector.image)
+
+
+class _ImagePart:
+    """Callbacks for one pass over the body: requires a name on each part, bounds the number of file parts and
+    of fields and the size of a field, and keeps the image part (file or field; the body cap bounds it)."""
+
+    def __init__(self) -> None:
+        self.image: bytearray | None = None
+        self._files = self._fields = self._field_bytes = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._data: bytearray | None = None
+        self._is_field = False
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._data, self._field_bytes = b"", None, 0
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise InvalidMultipart()
+        self._is_field = b"filename" not in options
+        if self._is_field:
+            self._fields += 1
         else:
-            data = await part.read()
-        if len(data) > max_bytes:
-            raise ImageTooLarge()
-        if not data:
-            raise EmptyBody()
-        return data
-    finally:
-        await form.close()
+            self._files += 1
+        if self._files > MAX_FILES or self._fields > MAX_FIELDS:
+            raise InvalidMultipart()
+        self._data = bytearray() if name == IMAGE_FIELD else None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._data is not None:
+            self._data += data[start:end]
+        elif self._is_field:
+            self._field_bytes += end - start
+            if self._field_bytes > MAX_FIELD_BYTES:
+                raise InvalidMultipart()
+
+    def on_part_end(self) -> None:
+        if self._data is not None:
+            self.image = self._data
