@@ -35,9 +35,11 @@ ENV PATH=/opt/vps/bin:$PATH \
     VPS_INDEX_DIR=/srv/index_data \
     VPS_CATALOGUE_IMAGES_DIR=/srv/catalogue-images \
     PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics \
+    VPS_VERIFY_CACHE_DIR=/tmp/vps-verified \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1
-# Read-only root filesystem: the process writes only under /tmp (multiprocess metrics with --workers > 1).
+# Read-only root filesystem: the process writes only under /tmp (multiprocess metrics with --workers > 1, and
+# the index verification record that lets a restarted container skip re-hashing).
 USER 10001:10001
 EXPOSE 8000
 # No curl in a slim image: the interpreter the service already has does the probe.

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     ef_search: int | None = Field(None, ge=8, le=4096, description="HNSW efSearch at query time")
     overfetch: int = Field(4, ge=1, le=50, description="Images fetched per wanted SKU before grouping")
     warmup_queries: int = Field(3, ge=0, le=100)
+    # Each index file's sha256 is remembered with the file's identity (device, inode, size, mtime, ctime), so a
+    # restart does not re-read unchanged files to hash them (app/index/verified.py). Unwritable: hashes every time.
+    remember_verification: bool = Field(True, description="Skip re-hashing index files unchanged since verified")
+    verify_cache_dir: Path | None = Field(None, description="Verification records; default <index_dir>/.verified")
+
     # Off by default: the build calibrates thresholds against simulated unknowns at 50 % prevalence, strict for
     # a shop where most queries are catalogue products (demo: 3 of 12 sample photos answered, 9 of 12 right).
     open_set: bool = Field(False, description="Answer match=false below the manifest's per-category thresholds")

@@ -4,7 +4,10 @@ the CURRENT pointer, and the model card check."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from app.config import Settings
 from app.embedding import OnnxEmbedder
 from app.errors import ArtifactError
 from app.index.loader import load_engine
-from app.index.manifest import read_manifest, resolve_current
+from app.index.manifest import read_manifest, resolve_current, verify_files
+from app.index.verified import RACY_MARGIN_NS, VerifiedFiles
 from tests.helpers import make_tiny_model
 
 
@@ -110,3 +114,85 @@ def test_build_publishes_a_complete_manifest(faiss_index: Path) -> None:
     assert listed == on_disk
     assert manifest.build.images_total == 18 and manifest.build.images_failed == 0
     assert not list(faiss_index.glob(".building-*"))
+
+
+# --- remembered verifications (app/index/verified.py) -------------------------------------------------------------
+def _hashed(caplog: pytest.LogCaptureFixture) -> list[int]:
+    return [r.hashed for r in caplog.records if r.getMessage() == "index files verified"]  # type: ignore[attr-defined]
+
+
+def test_a_restart_does_not_rehash_unchanged_files_but_catches_a_rewrite(
+    faiss_index: Path,
+    tmp_path: Path,
+    settings_for,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    index, version = _copy(faiss_index, tmp_path)
+    n_files = len(read_manifest(version).files)
+    time.sleep(RACY_MARGIN_NS / 1e9 + 0.2)  # the copies must be older than the racy margin to be remembered
+    settings = settings_for(index, verify_cache_dir=tmp_path / "verified")
+    caplog.set_level(logging.INFO, logger="app.index.loader")
+    load_engine(settings)
+    load_engine(settings)
+    assert _hashed(caplog) == [n_files, 0]
+    assert (tmp_path / "verified" / f"{version.name}.json").is_file()
+
+    # Rewritten in place with its size and mtime kept: the ctime still moves, so the file is hashed again.
+    shard = _a_shard(version)
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ArtifactError, match=r"sha256 expected"):
+        load_engine(settings)
+
+
+def test_files_changed_within_the_racy_margin_are_not_remembered(faiss_index: Path, tmp_path: Path) -> None:
+    _, version = _copy(faiss_index, tmp_path)  # just written: inside the margin
+    manifest = read_manifest(version)
+    record = tmp_path / "record.json"
+    assert verify_files(version, manifest, VerifiedFiles(record)) == len(manifest.files)
+    assert verify_files(version, manifest, VerifiedFiles(record)) == len(manifest.files)
+    # With no margin the same files are remembered: what held them back was the margin alone.
+    assert verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0)) == len(manifest.files)
+    assert verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0)) == 0
+
+
+@pytest.mark.parametrize("record_content", [b"{not json", b'{"format": 1, "files": {"router.npz": 3}}', b"\xff\xfe"])
+def test_an_unreadable_record_means_hashing_again(faiss_index: Path, tmp_path: Path, record_content: bytes) -> None:
+    _, version = _copy(faiss_index, tmp_path)
+    manifest = read_manifest(version)
+    record = tmp_path / "record.json"
+    record.write_bytes(record_content)
+    assert verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0)) == len(manifest.files)
+    assert verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0)) == 0  # and it was rewritten
+
+
+def test_a_record_for_other_bytes_is_not_trusted(faiss_index: Path, tmp_path: Path) -> None:
+    """A record whose sha256 is not the manifest's (another build under the same version name) is ignored."""
+    _, version = _copy(faiss_index, tmp_path)
+    manifest = read_manifest(version)
+    record = tmp_path / "record.json"
+    verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0))
+    body = json.loads(record.read_text())
+    for entry in body["files"].values():
+        entry["sha256"] = "0" * 64
+    record.write_text(json.dumps(body))
+    assert verify_files(version, manifest, VerifiedFiles(record, racy_margin_ns=0)) == len(manifest.files)
+
+
+def test_an_unwritable_record_location_still_loads(
+    faiss_index: Path,
+    tmp_path: Path,
+    settings_for,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    index, _ = _copy(faiss_index, tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    caplog.set_level(logging.INFO)
+    time.sleep(RACY_MARGIN_NS / 1e9 + 0.2)
+    engine = load_engine(settings_for(index, verify_cache_dir=blocker / "verified"))
+    assert engine.manifest.n_items == 18
+    assert any(r.getMessage() == "verification not remembered" for r in caplog.records)

@@ -13,6 +13,7 @@ from app.errors import ArtifactError
 from app.index.items import ItemTable
 from app.index.manifest import read_manifest, resolve_current, safe_join, verify_files
 from app.index.shards import load_shard
+from app.index.verified import VerifiedFiles
 from app.router import load_router
 from app.search import SearchEngine, Shard
 
@@ -49,9 +50,13 @@ def load_engine(settings: Settings, embedder: Embedder | None = None) -> SearchE
 def load_version(version_dir: Path, embedder: Embedder, settings: Settings) -> SearchEngine:
     manifest = read_manifest(version_dir)
     t0 = time.perf_counter()
-    verify_files(version_dir, manifest)
+    remembered = None
+    if settings.remember_verification:
+        record_dir = settings.verify_cache_dir or settings.index_dir / ".verified"
+        remembered = VerifiedFiles(record_dir / f"{version_dir.name}.json")
+    hashed = verify_files(version_dir, manifest, remembered)
     verify_s = round(time.perf_counter() - t0, 4)
-    log.info("index files verified", extra={"files": len(manifest.files), "verify_s": verify_s})
+    log.info("index files verified", extra={"files": len(manifest.files), "hashed": hashed, "verify_s": verify_s})
 
     card = embedder.card
     if manifest.model.sha256 != card.sha256:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ArtifactError
-from app.hashing import sha256_file
+from app.hashing import sha256_stream
+from app.index.verified import FileIdentity, VerifiedFiles
 
 FORMAT_VERSION = 1
 CURRENT_FILE = "CURRENT"
@@ -111,27 +114,52 @@ def read_manifest(version_dir: Path) -> Manifest:
     return manifest
 
 
-def verify_files(version_dir: Path, manifest: Manifest) -> None:
-    """Check every file's size, then its sha256, against the manifest. A truncated memory-mapped file would
-    crash the process at query time, so nothing is served before this passes."""
+def verify_files(version_dir: Path, manifest: Manifest, remembered: VerifiedFiles | None = None) -> int:
+    """Check every file's size, then its sha256, against the manifest; returns how many files were hashed. A
+    truncated memory-mapped file would crash the process at query time, so nothing is served before this passes.
+    With `remembered`, a file whose identity is the one recorded when it last hashed to the manifest's sha256
+    is not read again (app/index/verified.py); the record is updated after a pass."""
     referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
     missing = referenced - manifest.files.keys()
     if missing:
         raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
     paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
+    stat_time_ns = time.time_ns()
+    identities: dict[str, FileIdentity] = {}
     for rel, entry in manifest.files.items():  # sizes first: cheap, and catches truncated copies at once
         path = paths[rel]
-        if not path.is_file():
-            raise ArtifactError(f"index file {path}: missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise ArtifactError(f"index file {path}: size expected {entry.size}, got {size}")
+        try:
+            st = path.stat()
+        except OSError:
+            raise ArtifactError(f"index file {path}: missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"index file {path}: not a regular file")
+        if st.st_size != entry.size:
+            raise ArtifactError(f"index file {path}: size expected {entry.size}, got {st.st_size}")
+        identities[rel] = FileIdentity.of(st)
+    to_hash = [
+        rel
+        for rel, entry in manifest.files.items()
+        if remembered is None or remembered.remembered(rel, identities[rel]) != entry.sha256
+    ]
     # Hashing is most of the load time of a large index; hashlib releases the GIL, so files hash in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        digests = dict(zip(paths, pool.map(sha256_file, paths.values()), strict=True))
-    for rel, entry in manifest.files.items():
-        if digests[rel] != entry.sha256:
-            raise ArtifactError(f"index file {paths[rel]}: sha256 expected {entry.sha256}, got {digests[rel]}")
+        hashed = dict(zip(to_hash, pool.map(_hash_with_identity, [paths[rel] for rel in to_hash]), strict=True))
+    for rel, (identity, digest) in hashed.items():
+        if identity != identities[rel]:  # replaced or rewritten since the size check: not what was checked
+            raise ArtifactError(f"index file {paths[rel]}: changed while being verified")
+        if digest != manifest.files[rel].sha256:
+            raise ArtifactError(f"index file {paths[rel]}: sha256 expected {manifest.files[rel].sha256}, got {digest}")
+    if remembered is not None:
+        remembered.save({rel: (identities[rel], e.sha256) for rel, e in manifest.files.items()}, stat_time_ns)
+    return len(to_hash)
+
+
+def _hash_with_identity(path: Path) -> tuple[FileIdentity, str]:
+    """The file's identity taken on the open descriptor, so it names the bytes that were hashed."""
+    with path.open("rb") as fh:
+        identity = FileIdentity.of(os.fstat(fh.fileno()))
+        return identity, sha256_stream(fh)
 
 
 def write_manifest(version_dir: Path, manifest: Manifest) -> None:
