@@ -19,10 +19,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=64, description="Pixel cap, read from the header")
 
     # Concurrency: a bounded pool runs decode, inference and search; admission control in front of it.
-    pool_threads: int = Field(2, ge=1, le=64, description="Worker threads for decode/embed/search")
-    # None: pool_threads + 1, one request waiting per free thread. Measured (scripts/loadtest.py, 2 cores, open
-    # loop at 2x capacity): 8 admitted gave accepted p99 5.5x the unloaded p99, 4 gave 3.8x, 3 gave 2.8x at
-    # ~15 % less throughput than 8. Queueing beyond that only adds latency; the excess is better refused at once.
+    # 3 on 2 cores: a third thread keeps both cores busy while another holds the GIL (decode, grouping) or the
+    # event loop does (HTTP): the best HTTP throughput and HTTP / in-process ratio (docs/benchmarks.md).
+    pool_threads: int = Field(3, ge=1, le=64, description="Worker threads for decode/embed/search")
+    # None: pool_threads, nothing queued behind the pool. Measured (scripts/loadtest.py, 2 cores, open loop at 2x
+    # capacity), accepted p99 against the unloaded p99: pool 2 with 8 admitted 5.5x, 4 3.8x, 3 2.8x; pool 3 with
+    # 4 admitted 3.5x, 3 1.8x. Queueing beyond that only adds latency; the excess is better refused at once.
     max_inflight: int | None = Field(None, ge=1, le=4096, description="Requests admitted at once; more get 503")
     retry_after_s: int = Field(1, ge=1, le=3600)
     # Open connections per worker (uploads in progress included); beyond it uvicorn answers 503 at once.
@@ -65,4 +67,4 @@ class Settings(BaseSettings):
 
     @property
     def admission_limit(self) -> int:
-        return self.max_inflight if self.max_inflight is not None else self.pool_threads + 1
+        return self.max_inflight if self.max_inflight is not None else self.pool_threads

@@ -210,13 +210,13 @@ def main() -> None:
     payloads = [(DEMO / "images" / r.image).read_bytes() for r in rows]
     fp32, int8 = "models/grocery-lite0-ms512", "models/grocery-lite0-ms512-int8"
     configs = [
-        {"name": "default: fp32, intra 1, pool 2", "model": fp32, "intra": 1, "pool": 2},
+        {"name": "default: fp32, intra 1, pool 3", "model": fp32, "intra": 1, "pool": 3},
+        {"name": "fp32, intra 1, pool 2", "model": fp32, "intra": 1, "pool": 2},
         {"name": "fp32, intra 2, pool 1", "model": fp32, "intra": 2, "pool": 1},
         {"name": "fp32, intra 2, pool 2", "model": fp32, "intra": 2, "pool": 2},
-        {"name": "fp32, intra 1, pool 3", "model": fp32, "intra": 1, "pool": 3},
         {"name": "fp32, intra 1, pool 4", "model": fp32, "intra": 1, "pool": 4},
         {"name": "fp32, intra 1, 2 workers x pool 1", "model": fp32, "intra": 1, "pool": 1, "workers": 2},
-        {"name": "int8, intra 1, pool 2", "model": int8, "intra": 1, "pool": 2},
+        {"name": "int8, intra 1, pool 3", "model": int8, "intra": 1, "pool": 3},
     ]
     if args.only is not None:
         configs = [c for c in configs if c["name"] in args.only]
