@@ -48,8 +48,8 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
 
 def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
     """The `image` part's bytes (the last one if repeated, as a form dictionary would keep). python-multipart's
-    parser driven directly with callbacks that keep only that part: Starlette's form parser builds an UploadFile
-    and a spooled file per part, several times the cost of the parse itself on the event loop."""
+    parser driven directly with callbacks that keep only that part: Starlette's form parser also builds an
+    UploadFile and a spooled file per part, work done on the event loop for parts this route throws away."""
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
