@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.search import FILL_MAX_PROBES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     # None: use the value the index build chose and recorded in its manifest.
     probe_mass: float | None = Field(None, gt=0.0, le=1.0, description="Router probability mass to probe")
     max_probes: int | None = Field(None, ge=1, le=1000, description="Most shards searched per query")
+    # When the chosen shards hold fewer than k SKUs (or fewer pass min_score), the next shards in probability
+    # order are searched until k SKUs are found, at most this many more (0: never fill).
+    fill_max_probes: int = Field(FILL_MAX_PROBES, ge=0, le=4096, description="Most shards added to fill k SKUs")
     ef_search: int | None = Field(None, ge=8, le=4096, description="HNSW efSearch at query time")
     overfetch: int = Field(4, ge=1, le=50, description="Images fetched per wanted SKU before grouping")
     warmup_queries: int = Field(3, ge=0, le=100)

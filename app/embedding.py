@@ -47,6 +47,23 @@ class ModelCard(BaseModel):
     metric: Literal["cosine"] = "cosine"
     trained_on: str = ""
     evaluation: dict[str, Any] = Field(default_factory=dict)
+    # A file in the model directory with the sha256 of every image the model was trained on, one per line: a
+    # build whose photos the model was trained on says that its held-out measurements flatter.
+    training_images: str | None = None
+
+    def training_digests(self, model_dir: Path) -> frozenset[str]:
+        if self.training_images is None:
+            return frozenset()
+        path = model_dir / self.training_images
+        try:
+            return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise ArtifactError(f"model card {model_dir / 'model.json'}: cannot read {path}") from exc
+
+    def unseen_router_top1(self) -> float | None:
+        """The router top-1 the card records on photos the model never saw (its training images as catalogue)."""
+        value = self.evaluation.get("router_unseen", {}).get("top1")
+        return float(value) if isinstance(value, int | float) else None
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelCard:

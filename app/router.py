@@ -41,14 +41,19 @@ class Probe:
 
 def select_probes(probs: np.ndarray, *, probe_mass: float, max_probes: int) -> list[Probe]:
     """Take categories in descending probability until their cumulative probability reaches `probe_mass`,
-    or `max_probes` are taken. Always at least one. Ties keep the lower category index first."""
+    or `max_probes` are taken. Always at least one. Ties keep the lower category index first.
+
+    `probe_mass >= 1` means "every shard, up to max_probes": an overconfident router gives its top category a
+    probability that rounds to 1.0 in float32, and a mass rule would stop there (seen: k=100, probe_mass=1,
+    max_probes=100 searched one shard of 43)."""
     order = np.argsort(-probs, kind="stable")
     probes: list[Probe] = []
     mass = 0.0
+    everything = probe_mass >= 1.0
     for idx in order[: max(1, max_probes)]:
         probes.append(Probe(int(idx), float(probs[idx])))
         mass += float(probs[idx])
-        if mass >= probe_mass - 1e-9:
+        if not everything and mass >= probe_mass - 1e-9:
             break
     return probes
 

@@ -18,6 +18,9 @@ from app.router import Probe, Router, select_probes
 
 STAGES = ("decode", "embed", "route", "search", "group")
 MIN_FETCH = 64
+# Shards added beyond the router's choice when it yields fewer than k SKUs (each holds a few SKUs, so filling
+# k=100 on grocery takes ~45); an explicit min_score can make every shard come up short, hence a bound.
+FILL_MAX_PROBES = 64
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class SearchParams:
     max_probes: int = 3
     explain: bool = False
     open_set: bool = False  # apply the manifest's per-category thresholds (an explicit min_score overrides)
+    fill_max_probes: int = FILL_MAX_PROBES  # shards added to fill k, at most (0: never fill)
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,15 @@ class Hit:
 @dataclass
 class SearchOutcome:
     results: list[Hit]
-    probes: list[Probe]
+    probes: list[Probe]  # the router's choice (or the forced category)
     forced_category: bool
     timings_s: dict[str, float] = field(default_factory=dict)
     image_hits: list[Hit] = field(default_factory=list)
     top_probability: float = 0.0
     match: bool = True
+    added: list[Probe] = field(default_factory=list)  # searched beyond the router's choice to fill k
+    vector: np.ndarray | None = None  # the query's embedding (shadow search re-runs it with every shard)
+    top_score: float | None = None  # the best hit's score, also when the open-set threshold refused it
 
 
 @dataclass
@@ -54,6 +61,15 @@ class Shard:
     name: str
     offset: int
     index: ShardIndex
+    n_skus: int = 1  # distinct SKUs in the shard (the manifest's count): how many fill probes k needs
+
+
+@dataclass
+class Candidates:
+    """Image-level hits of the shards searched so far, as global item rows and scores."""
+
+    rows: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
 
 
 class SearchEngine:
@@ -103,52 +119,101 @@ class SearchEngine:
         vector, timings = self.embed_image(data)
         outcome = self.search_vector(vector, params)
         outcome.timings_s = {**timings, **outcome.timings_s}
+        outcome.vector = vector
         return outcome
 
     def search_vector(self, vector: np.ndarray, params: SearchParams) -> SearchOutcome:
-        t0 = time.perf_counter()
-        if params.category is not None:
-            probes = [Probe(self.category_id(params.category), 1.0)]
-            forced = True
-            top_probability = 1.0
-        else:
-            probs = self.router.probabilities(vector)
-            if not np.isfinite(probs).all():
-                raise InternalError("the router produced non-finite probabilities")
-            probes = select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes)
-            forced = False
-            top_probability = probes[0].probability
-        t1 = time.perf_counter()
+        """route -> search the chosen shards -> group by SKU; while fewer than k SKUs, search the next shards in
+        probability order (fill, at most `fill_max_probes`) and group again; then the open-set threshold."""
+        query = np.ascontiguousarray(vector[None], dtype=np.float32)
+        clock = _Clock()
+        probs, probes = self.route(vector, params)
+        clock.lap("route")
+        candidates = Candidates()
+        self.search(query, probes, params, candidates)
+        clock.lap("search")
+        results, image_hits = self.group(candidates, params)
+        clock.lap("group")
+        added: list[Probe] = []
+        while probs is not None and len(results) < params.k:
+            more = self.fill_probes(probs, probes, added, len(results), params)
+            if not more:
+                break
+            self.search(query, more, params, candidates)
+            clock.lap("search")
+            results, image_hits = self.group(candidates, params)
+            added += more
+            clock.lap("group")
+        top_score = results[0].score if results else None
+        results = self.open_set(results, params)
+        clock.lap("group")
+        return SearchOutcome(
+            results=results,
+            probes=probes,
+            forced_category=probs is None,
+            timings_s=clock.totals,
+            image_hits=image_hits,
+            top_probability=probes[0].probability,
+            match=bool(results),
+            added=added,
+            top_score=top_score,
+        )
 
-        # Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
-        # near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
-        # images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway.
+    def route(self, vector: np.ndarray, params: SearchParams) -> tuple[np.ndarray | None, list[Probe]]:
+        """The router's probabilities and its choice of shards; a forced category: no probabilities, that one."""
+        if params.category is not None:
+            return None, [Probe(self.category_id(params.category), 1.0)]
+        probs = self.router.probabilities(vector)
+        if not np.isfinite(probs).all():
+            raise InternalError("the router produced non-finite probabilities")
+        return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes)
+
+    def fill_probes(
+        self, probs: np.ndarray, chosen: list[Probe], added: list[Probe], found: int, params: SearchParams
+    ) -> list[Probe]:
+        """The next shards in probability order whose SKU counts cover the SKUs still missing, within the fill
+        bound. Empty when the bound is reached or every shard has been searched."""
+        searched = {p.category for p in chosen} | {p.category for p in added}
+        budget = params.fill_max_probes - len(added)
+        missing = params.k - found
+        more: list[Probe] = []
+        for idx in np.argsort(-probs, kind="stable"):
+            if missing <= 0 or len(more) >= budget:
+                break
+            if int(idx) not in searched:
+                more.append(Probe(int(idx), float(probs[idx])))
+                missing -= max(1, self.shards[int(idx)].n_skus)
+        return more
+
+    def search(self, query: np.ndarray, probes: list[Probe], params: SearchParams, into: Candidates) -> None:
+        """Search each probed shard, adding its hits (as global item rows) to `into`.
+
+        Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
+        near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
+        images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway."""
         want = max(params.k * self.overfetch, MIN_FETCH)
-        rows: list[np.ndarray] = []
-        scores: list[np.ndarray] = []
-        query = vector[None].astype(np.float32)
         for probe in probes:
             shard = self.shards[probe.category]
-            kk = min(want, shard.index.ntotal)
-            d, i = shard.index.search(query, kk)
+            d, i = shard.index.search(query, min(want, shard.index.ntotal))
             valid = i[0] >= 0
-            rows.append(i[0][valid] + shard.offset)
-            scores.append(d[0][valid])
-        all_rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
-        all_scores = np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
-        order = np.argsort(-all_scores, kind="stable")
-        t2 = time.perf_counter()
+            into.rows.append(i[0][valid] + shard.offset)
+            into.scores.append(d[0][valid])
 
+    def group(self, candidates: Candidates, params: SearchParams) -> tuple[list[Hit], list[Hit]]:
+        """One result per SKU (its best image), best first, at most k, none below min_score; with `explain`,
+        also every image hit."""
+        rows = np.concatenate(candidates.rows) if candidates.rows else np.empty(0, dtype=np.int64)
+        scores = np.concatenate(candidates.scores) if candidates.scores else np.empty(0, dtype=np.float32)
         results: list[Hit] = []
         image_hits: list[Hit] = []
         seen: set[str] = set()
-        for j in order:
-            score = float(all_scores[j])
+        for j in np.argsort(-scores, kind="stable"):
+            score = float(scores[j])
             if not np.isfinite(score):
                 continue
             if params.min_score is not None and score < params.min_score:
                 break  # sorted: nothing later passes either
-            hit = Hit(int(all_rows[j]), score, self.items.get(int(all_rows[j])))
+            hit = Hit(int(rows[j]), score, self.items.get(int(rows[j])))
             if params.explain:
                 image_hits.append(hit)
             sku = str(hit.item["sku"])
@@ -158,19 +223,25 @@ class SearchEngine:
             results.append(hit)
             if len(results) >= params.k and not params.explain:
                 break
-        results = results[: params.k]
+        return results[: params.k], image_hits
+
+    def open_set(self, results: list[Hit], params: SearchParams) -> list[Hit]:
+        """No results when the best hit scores below its category's threshold (an unknown product)."""
         if results and params.min_score is None and params.open_set:
             top = results[0]
-            threshold = self.manifest.thresholds.get(str(top.item["category"]), self.manifest.global_threshold)
-            if top.score < threshold:
-                results = []  # nothing in the catalogue is close enough: an unknown product
-        t3 = time.perf_counter()
-        return SearchOutcome(
-            results=results,
-            probes=probes,
-            forced_category=forced,
-            timings_s={"route": t1 - t0, "search": t2 - t1, "group": t3 - t2},
-            image_hits=image_hits,
-            top_probability=top_probability,
-            match=bool(results),
-        )
+            if top.score < self.manifest.threshold(str(top.item["category"])):
+                return []
+        return results
+
+
+class _Clock:
+    """Seconds per stage; a stage entered more than once (filling k searches and groups again) adds up."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.totals[stage] = self.totals.get(stage, 0.0) + now - self._last
+        self._last = now

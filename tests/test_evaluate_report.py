@@ -29,6 +29,10 @@ def test_evaluate_writes_json_and_offline_html(faiss_index: Path, tiny_model: Pa
     assert report["routing"]["top1_accuracy"] == 1.0
     assert report["ann_recall@10"] == 1.0  # 18 vectors: HNSW is exact here
     assert sum(sum(r) for r in report["routing"]["confusion_matrix"]) == 6
+    # 6 SKUs in the catalogue, k=10: every answer holds all 6, and the counts say so.
+    assert report["routing"]["result_count_distribution"] == {"6": 6}
+    assert sum(report["routing"]["shards_chosen_distribution"].values()) == 6
+    assert report["routing"]["recall@5_loss_points"] == 0.0 and report["routing"]["policy_reason"]
     assert set(report["latency_ms"]) == {"decode", "embed", "route", "search", "group"}
     assert json.loads((tmp_path / "out" / "report.json").read_text())["queries"] == 6
     page = (tmp_path / "out" / "report.html").read_text()

@@ -23,6 +23,12 @@ def test_probes_stop_at_max_probes_and_take_at_least_one() -> None:
     assert len(select_probes(probs, probe_mass=0.01, max_probes=3)) == 1
 
 
+def test_probe_mass_one_takes_max_probes_even_when_one_category_has_all_the_mass() -> None:
+    probs = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)  # an overconfident router, rounded in float32
+    assert len(select_probes(probs, probe_mass=1.0, max_probes=4)) == 4
+    assert len(select_probes(probs, probe_mass=0.999, max_probes=4)) == 1
+
+
 def test_ties_keep_category_order() -> None:
     probs = np.array([0.25, 0.25, 0.25, 0.25])
     assert [p.category for p in select_probes(probs, probe_mass=0.5, max_probes=4)] == [0, 1]

@@ -77,9 +77,33 @@ def test_groups_by_sku_keeping_the_best_image(tmp_path: Path) -> None:
 
 def test_routing_limits_the_shards_searched(tmp_path: Path) -> None:
     engine = _engine(tmp_path, [0.95, 0.05])
-    out = engine.search_vector(engine.query, SearchParams(k=10, probe_mass=0.9, max_probes=2))  # type: ignore[attr-defined]
+    out = engine.search_vector(engine.query, SearchParams(k=2, probe_mass=0.9, max_probes=2))  # type: ignore[attr-defined]
     assert [h.item["sku"] for h in out.results] == ["x", "y"]
-    assert [p.category for p in out.probes] == [0]
+    assert [p.category for p in out.probes] == [0] and out.added == []
+
+
+def test_fewer_than_k_skus_in_the_chosen_shards_fill_from_the_next(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [0.95, 0.05])
+    q = engine.query  # type: ignore[attr-defined]
+    out = engine.search_vector(q, SearchParams(k=3, probe_mass=0.9, max_probes=2))
+    assert [p.category for p in out.probes] == [0] and [p.category for p in out.added] == [1]
+    assert [h.item["sku"] for h in out.results] == ["z", "x", "y"]  # ranked by score across all shards searched
+    # Only as many SKUs as exist: k=10 returns the 3, having searched both shards.
+    assert len(engine.search_vector(q, SearchParams(k=10, probe_mass=0.9, max_probes=1)).results) == 3
+    # min_score counts: x alone passes 0.85 in "a", so z is filled in from "b".
+    out = engine.search_vector(q, SearchParams(k=2, min_score=0.85, probe_mass=0.9, max_probes=1))
+    assert [h.item["sku"] for h in out.results] == ["z", "x"] and len(out.added) == 1
+    # The bound: no fill at all when fill_max_probes=0; a forced category never fills.
+    assert len(engine.search_vector(q, SearchParams(k=3, probe_mass=0.9, fill_max_probes=0)).results) == 2
+    out = engine.search_vector(q, SearchParams(k=3, category="a"))
+    assert [h.item["sku"] for h in out.results] == ["x", "y"] and out.added == []
+
+
+def test_probe_mass_one_searches_every_shard_even_when_the_router_is_sure(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, [1.0, 0.0])
+    out = engine.search_vector(engine.query, SearchParams(k=1, probe_mass=1.0, max_probes=2))  # type: ignore[attr-defined]
+    assert [p.category for p in out.probes] == [0, 1]
+    assert out.results[0].item["sku"] == "z"
 
 
 def test_k_and_min_score(tmp_path: Path) -> None:

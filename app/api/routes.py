@@ -105,6 +105,7 @@ async def search(request: Request) -> Response:
         max_probes=query.max_probes or settings.max_probes or engine.manifest.max_probes,
         explain=query.explain,
         open_set=settings.open_set,
+        fill_max_probes=settings.fill_max_probes,
     )
     async with state.runner.admit() as ticket:
         outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
@@ -153,6 +154,9 @@ def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, i
             "routing": {
                 "probed": [
                     {"category": names[p.category], "probability": round(p.probability, 6)} for p in outcome.probes
+                ],
+                "added": [
+                    {"category": names[p.category], "probability": round(p.probability, 6)} for p in outcome.added
                 ],
                 "forced": outcome.forced_category,
             },

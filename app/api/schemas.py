@@ -47,7 +47,11 @@ class ProbedCategory(BaseModel):
 
 
 class Routing(BaseModel):
-    probed: list[ProbedCategory]
+    probed: list[ProbedCategory] = Field(description="The shards the router chose (or the forced category)")
+    added: list[ProbedCategory] = Field(
+        default_factory=list,
+        description="Shards searched next, in probability order, because the chosen ones held fewer than k SKUs",
+    )
     forced: bool = Field(description="True when the caller named the category")
 
 

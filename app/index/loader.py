@@ -88,7 +88,7 @@ def load_version(version_dir: Path, embedder: Embedder, settings: Settings) -> S
             raise ArtifactError(f"shard {path}: vectors expected {entry.n_vectors} (manifest), got {index.ntotal}")
         if entry.offset + entry.n_vectors > manifest.n_items:
             raise ArtifactError(f"shard {path}: rows {entry.offset}+{entry.n_vectors} exceed the item table")
-        shards.append(Shard(entry.name, entry.offset, index))
+        shards.append(Shard(entry.name, entry.offset, index, n_skus=entry.n_skus))
 
     return SearchEngine(
         embedder=embedder,

@@ -81,6 +81,10 @@ class Manifest(BaseModel):
     build: BuildParams
     files: dict[str, FileEntry]
 
+    def threshold(self, category: str) -> float:
+        """The open-set score threshold for a top hit of `category` (the global one where none was fitted)."""
+        return self.thresholds.get(category, self.global_threshold)
+
     def summary(self) -> dict[str, Any]:
         return {
             "version": self.version,

@@ -39,7 +39,13 @@ from app.index.manifest import (
 )
 from app.index.shards import SHARD_SUFFIX, Backend, build_shard
 from app.pipeline.catalogue import CatalogueRow, RowProblem, read_catalogue
-from app.pipeline.router_training import Calibration, train_router
+from app.pipeline.router_training import (
+    EXHAUSTIVE_BELOW_VECTORS,
+    NEAR_DUPLICATE_COSINE,
+    Calibration,
+    RouterReport,
+    train_router,
+)
 from app.router import class_centroids
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,8 @@ class BuildOptions:
     max_routing_loss: float = 0.005
     router_min_images: int = 5
     target_precision: float = 0.9
+    near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE
+    exhaustive_below: int = EXHAUSTIVE_BELOW_VECTORS  # vectors: an index this small is searched whole
     progress: bool = True
 
 
@@ -74,11 +82,12 @@ class BuildResult:
 def embed_catalogue(
     rows: Sequence[CatalogueRow], images_root: Path, embedder: Embedder, options: BuildOptions
 ) -> tuple[np.ndarray, list[CatalogueRow], list[RowProblem]]:
-    """Embed every row's image. Returns vectors for the rows that worked, those rows, and the problems."""
+    """Embed every row's image. Returns vectors for the rows that worked, those rows (with their images' sha256),
+    and the problems."""
     root = images_root.resolve()
     size = decode_side(embedder.card.input)
 
-    def load(row: CatalogueRow) -> np.ndarray | RowProblem:
+    def load(row: CatalogueRow) -> tuple[np.ndarray, str] | RowProblem:
         path = (root / row.image).resolve()
         if not path.is_relative_to(root):
             return RowProblem(row.line, row.image, "path escapes the images root")
@@ -89,9 +98,10 @@ def embed_catalogue(
         except OSError:
             return RowProblem(row.line, row.image, "file missing or unreadable")
         try:
-            return embedder.preprocess(decode_image(data, max_pixels=MAX_BUILD_PIXELS, min_side=size))
+            array = embedder.preprocess(decode_image(data, max_pixels=MAX_BUILD_PIXELS, min_side=size))
         except ServiceError as exc:
             return RowProblem(row.line, row.image, exc.code)
+        return array, hashlib.sha256(data).hexdigest()
 
     vectors: list[np.ndarray] = []
     kept: list[CatalogueRow] = []
@@ -107,8 +117,8 @@ def embed_catalogue(
                     problems.append(result)
                     log.warning("image skipped", extra={"image": row.image, "line": row.line, "reason": result.reason})
                 else:
-                    arrays.append(result)
-                    kept.append(row)
+                    arrays.append(result[0])
+                    kept.append(replace(row, sha256=result[1]))
             if arrays:
                 vectors.append(embedder.embed(np.stack(arrays)))
             bar.update(len(batch_rows))
@@ -160,7 +170,10 @@ def _silhouette(x: np.ndarray, assign: np.ndarray) -> float:
 
 
 def _calibration_set(
-    calibration: tuple[np.ndarray, list[CatalogueRow]] | None, rows: list[CatalogueRow], cat_index: dict[str, int]
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None,
+    rows: list[CatalogueRow],
+    cat_index: dict[str, int],
+    training: frozenset[str],
 ) -> Calibration | None:
     """Keep the calibration queries whose SKU is in the catalogue; their category is the catalogue's (so it also
     works when the build clustered the categories)."""
@@ -177,6 +190,7 @@ def _calibration_set(
         vectors=cal_vectors[keep],
         labels=np.asarray([cat_index[sku_category[cal_rows[i].sku]] for i in keep]),
         skus=np.asarray([cal_rows[i].sku for i in keep]),
+        seen=np.asarray([cal_rows[i].sha256 in training for i in keep]) if training else None,
     )
 
 
@@ -217,7 +231,7 @@ def build_index(
             log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
         calibration = (cal_vectors, cal_kept)
 
-    return publish_vectors(
+    result = publish_vectors(
         vectors,
         kept,
         out_dir,
@@ -226,7 +240,16 @@ def build_index(
         problems=problems,
         total=len(rows) + n_unreadable_rows,
         calibration=calibration,
+        training_digests=embedder.card.training_digests(model_dir),
     )
+    report = RouterReport(**result.manifest.router_report)
+    log.info("router: " + report.summary())
+    if calibration is None:
+        log.warning(
+            "no --calibration-queries: the router was measured on held-out catalogue photos, not on real query "
+            "photos; give the build query photos of catalogue SKUs for figures that match production"
+        )
+    return result
 
 
 def publish_vectors(
@@ -239,6 +262,7 @@ def publish_vectors(
     problems: list[RowProblem] | None = None,
     total: int | None = None,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    training_digests: frozenset[str] = frozenset(),
 ) -> BuildResult:
     """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
     build_index, and by benchmarks that need a large index of synthetic vectors."""
@@ -256,6 +280,7 @@ def publish_vectors(
             options,
             total=total if total is not None else len(rows),
             calibration=calibration,
+            training_digests=training_digests,
         )
         final = out_dir / manifest.version
         staging.rename(final)  # the version appears whole or not at all
@@ -279,6 +304,7 @@ def _write_version(
     options: BuildOptions,
     total: int,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    training_digests: frozenset[str] = frozenset(),
 ) -> Manifest:
     category_source = "catalogue"
     n_clusters = None
@@ -319,11 +345,15 @@ def _write_version(
         labels[back],
         categories,
         [rows[i].sku for i in back],
-        calibration=_calibration_set(calibration, rows, cat_index),
+        calibration=_calibration_set(calibration, rows, cat_index, training_digests),
+        seen=np.asarray([rows[i].sha256 in training_digests for i in back]) if training_digests else None,
+        model_card_unseen_top1=embedder.card.unseen_router_top1(),
         min_images=options.router_min_images,
         max_probes=options.max_probes,
         max_loss=options.max_routing_loss,
         target_precision=options.target_precision,
+        near_duplicate_cosine=options.near_duplicate_cosine,
+        exhaustive_below=options.exhaustive_below,
     )
     router.save(vdir / "router.npz")
 

@@ -19,6 +19,7 @@ class CatalogueRow:
     image: str
     title: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # of the image's bytes, once the build has read them
 
 
 @dataclass(frozen=True)

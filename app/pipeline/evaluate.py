@@ -53,6 +53,8 @@ def evaluate_index(
     router_true, router_pred, router_top3 = [], [], []
     top_scores, top_correct, top_category = [], [], []
     shards_probed: list[int] = []
+    shards_added: list[int] = []
+    result_counts: list[int] = []
     timings: dict[str, list[float]] = {s: [] for s in STAGES}
     failed: list[dict[str, str]] = [{"image": p.image, "reason": p.reason} for p in problems]
     routed_params = SearchParams(k=10, probe_mass=manifest.probe_mass, max_probes=manifest.max_probes, min_score=-1)
@@ -77,6 +79,8 @@ def evaluate_index(
         ann_ids.append(np.asarray([h.row for h in exhaustive.image_hits[:10]]))
         exact_ids.append(np.argsort(-sims, kind="stable")[:10])
         shards_probed.append(len(routed.probes))
+        shards_added.append(len(routed.added))
+        result_counts.append(len(routed.results))
         probs = engine.router.probabilities(vector)
         order = np.argsort(-probs)
         if row.category:
@@ -92,7 +96,7 @@ def evaluate_index(
 
     matrix = confusion_matrix(router_true, router_pred, len(names))
     scores_arr, correct_arr = np.asarray(top_scores), np.asarray(top_correct, dtype=bool)
-    thresholds = np.asarray([manifest.thresholds.get(c, manifest.global_threshold) for c in top_category])
+    thresholds = np.asarray([manifest.threshold(c) for c in top_category])
     accepted = scores_arr >= thresholds if len(thresholds) else np.zeros(0, dtype=bool)
     n = len(truth)
     report: dict[str, Any] = {
@@ -116,7 +120,16 @@ def evaluate_index(
             "mean_shards_probed": float(np.mean(shards_probed)) if shards_probed else 0.0,
             "probe_mass": manifest.probe_mass,
             "max_probes": manifest.max_probes,
-            "recall@1_loss_points": 100 * (recall_at_k(exhaustive_rank, truth, 1) - recall_at_k(routed_rank, truth, 1)),
+            "mean_shards_added": float(np.mean(shards_added)) if shards_added else 0.0,
+            "shards_chosen_distribution": _distribution(shards_probed),
+            "shards_added_distribution": _distribution(shards_added),
+            "result_count_distribution": _distribution(result_counts),
+            "policy_reason": manifest.router_report.get("policy_reason"),
+            **{
+                f"recall@{k}_loss_points": 100
+                * (recall_at_k(exhaustive_rank, truth, k) - recall_at_k(routed_rank, truth, k))
+                for k in KS
+            },
             "categories": names,
             "confusion_matrix": matrix.tolist(),
             "per_category": classification_report(matrix, names),
@@ -140,3 +153,9 @@ def evaluate_index(
 
     write_html(report, vectors, item_cats, names, out_dir / "report.html")
     return report
+
+
+def _distribution(values: list[int]) -> dict[str, int]:
+    """How many queries had each value (as a JSON object: value -> queries)."""
+    counts = np.bincount(np.asarray(values, dtype=np.int64)) if values else np.zeros(0, dtype=np.int64)
+    return {str(v): int(c) for v, c in enumerate(counts) if c}

@@ -84,5 +84,7 @@ def quantize_model(
     licence = model_dir / "LICENSE"
     if licence.exists():
         shutil.copyfile(licence, out_dir / "LICENSE")
+    if card.training_images is not None:  # the same training photos: builds must know them too
+        shutil.copyfile(model_dir / card.training_images, out_dir / card.training_images)
     log.info("quantised", extra={"out": str(out_dir)})
     return ModelCard.model_validate(data)

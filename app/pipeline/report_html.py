@@ -97,8 +97,14 @@ def write_html(
             ["mAP@10", r["map@10"]],
             ["router top-1 accuracy", report["routing"]["top1_accuracy"]],
             ["router top-3 accuracy", report["routing"]["top3_accuracy"]],
-            ["shards probed per query", report["routing"]["mean_shards_probed"]],
-            ["routing cost, recall@1 points", report["routing"]["recall@1_loss_points"]],
+            ["shards the router chose per query", report["routing"]["mean_shards_probed"]],
+            ["shards added to fill k per query", report["routing"]["mean_shards_added"]],
+            ["answers by number of results (k=10)", _counts(report["routing"]["result_count_distribution"])],
+            [
+                "routing cost, recall@1 / @5 / @10 points",
+                " / ".join(f"{report['routing'][f'recall@{k}_loss_points']:.2f}" for k in (1, 5, 10)),
+            ],
+            ["probing policy (build)", report["routing"].get("policy_reason") or ""],
             ["ANN recall@10 vs exact", report["ann_recall@10"]],
             ["open set: answered fraction", report["open_set"]["answered_fraction"]],
             ["open set: precision when answered", report["open_set"]["precision_when_answered"]],
@@ -128,3 +134,7 @@ def write_html(
 </body></html>
 """
     path.write_text(doc)
+
+
+def _counts(distribution: dict[str, int]) -> str:
+    return ", ".join(f"{n} results: {q}" for n, q in sorted(distribution.items(), key=lambda kv: int(kv[0])))

@@ -99,18 +99,21 @@
 
     const routing = $("routing");
     routing.replaceChildren();
-    data.routing.probed.forEach((p) => {
+    const added = data.routing.added || [];
+    data.routing.probed.concat(added).forEach((p, i) => {
       const bar = el("div", { className: "bar" });
       bar.style.width = Math.round(p.probability * 100) + "%";
+      const name = i < data.routing.probed.length ? p.category : p.category + " (added to fill the list)";
       routing.append(el("tr", {}, [
-        el("td", { textContent: p.category }),
+        el("td", { textContent: name }),
         el("td", { className: "num", textContent: (p.probability * 100).toFixed(1) + " %" }),
         el("td", {}, [bar]),
       ]));
     });
     $("routing-note").textContent = data.routing.forced
       ? "Category chosen by the request."
-      : data.routing.probed.length + " categories searched.";
+      : data.routing.probed.length + " categories chosen by the router" +
+        (added.length ? ", " + added.length + " more searched to find enough products." : ".");
 
     const timings = $("timings");
     timings.replaceChildren();
