@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     # a shop where most queries are catalogue products (demo: 3 of 12 sample photos answered, 9 of 12 right).
     open_set: bool = Field(False, description="Answer match=false below the manifest's per-category thresholds")
 
+    # Shadow recall: this share of routed searches is searched again with every shard probed, by one background
+    # thread of its own (never a compute slot), to count the products routing loses (app/shadow.py). A full
+    # queue drops the sample (counted): no request waits for shadow work or fails by it.
+    shadow_sample: float = Field(0.02, ge=0.0, le=1.0, description="Share of searches re-run on every shard (0: off)")
+    shadow_queue: int = Field(8, ge=1, le=1024, description="Shadow searches waiting at most; more are dropped")
+
     # Index updates: /admin/reload, and optionally a watch of CURRENT (every worker process polls on its own, so
     # the watch is how all workers of a pod pick up a published version).
     index_watch_s: float = Field(0.0, ge=0.0, le=3600.0, description="Poll CURRENT every N s (0: off)")

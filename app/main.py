@@ -29,6 +29,7 @@ from app.logs import configure_logging
 from app.metrics import Metrics, mark_this_process_dead
 from app.runner import BoundedRunner
 from app.search import SearchEngine, SearchParams
+from app.shadow import ShadowSampler
 from app.state import AppState
 
 log = logging.getLogger("app")
@@ -108,6 +109,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
         settings=settings,
         metrics=metrics,
         runner=BoundedRunner(settings.pool_threads, settings.admission_limit, metrics.inflight),
+        shadow=ShadowSampler(settings.shadow_sample, settings.shadow_queue, metrics),
     )
 
     reloader = IndexReloader(state, loader, warm_up)
@@ -123,6 +125,8 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
             log.info("ready", extra={"startup_s": round(time.perf_counter() - t0, 4)})
         restore_sigterm = install_sigterm_drain(state, settings.drain_s)
         watch = asyncio.create_task(reloader.watch(settings.index_watch_s)) if settings.index_watch_s > 0 else None
+        # Started here, not in create_app: inside the worker process, and stopped below (no leaked threads).
+        state.shadow.start()
         try:
             yield
         finally:
@@ -131,6 +135,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
                 watch.cancel()
             if restore_sigterm is not None:
                 restore_sigterm()
+            state.shadow.stop()
             state.runner.shutdown()
             mark_this_process_dead()
 

@@ -19,6 +19,11 @@ _LIVE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Cosine scores lie in -1..1; the demo photos' top hits score 0.61-0.91 (p5-p95, docs/bench/bench_shadow.md) and
+# its open-set threshold is 0.79, so the buckets are dense over 0.3-0.95 and coarse elsewhere.
+_SCORE_BUCKETS = (-0.5, 0.0, 0.2, *(round(0.3 + 0.05 * i, 2) for i in range(14)), 0.975, 1.0)  # 0.3-0.95 by 0.05
+# Outcomes of a shadow search (app/shadow.py: compare), routed top-k against the every-shard top-k.
+SHADOW_OUTCOMES = ("same", "top1_missed", "topk_missed")
 
 
 class Metrics:
@@ -65,12 +70,40 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.index_reloads = Counter("vps_index_reloads", "Index loads by result", ["result"], registry=r)
+        self.top_score = Histogram(
+            "vps_top_score",
+            "Cosine score of the top result of every search answered with results",
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.no_match = Counter(
+            "vps_open_set_no_match",
+            "Searches answered match=false (no result passed the open-set threshold or min_score)",
+            registry=r,
+        )
+        self.routing_shadow = Counter(
+            "vps_routing_shadow",
+            "Sampled searches re-run with every shard probed (VPS_SHADOW_SAMPLE), by outcome: same = same top-1 "
+            "SKU and every exhaustive top-k SKU among the routed top-k; top1_missed = the exhaustive top-1 SKU is "
+            "not the routed top-1; topk_missed = same top-1 but an exhaustive top-k SKU is missing from the routed "
+            "top-k",
+            ["outcome"],
+            registry=r,
+        )
+        self.routing_shadow_dropped = Counter(
+            "vps_routing_shadow_dropped", "Sampled searches not re-run because the shadow queue was full", registry=r
+        )
+        self.routing_shadow_errors = Counter(
+            "vps_routing_shadow_errors", "Shadow searches that failed (logged once, never raised)", registry=r
+        )
         self._stage_children: dict[str, Histogram] = {}
         # Bounded label values exist from the start at 0: rates and alerts work before the first event.
         for reason in ("overloaded", "not_ready"):
             self.rejected.labels(reason=reason)
         for result in ("success", "failed"):
             self.index_reloads.labels(result=result)
+        for outcome in SHADOW_OUTCOMES:
+            self.routing_shadow.labels(outcome=outcome)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         # The labelled child is looked up once per stage, not once per request (labels() takes a lock).

@@ -1,4 +1,5 @@
-"""The typed state object the app lifespan owns: settings, metrics, the bounded runner and the live engine."""
+"""The typed state object the app lifespan owns: settings, metrics, the bounded runner, the shadow sampler and the
+live engine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from app.errors import NotReady
 from app.metrics import Metrics
 from app.runner import BoundedRunner
 from app.search import SearchEngine
+from app.shadow import ShadowSampler
 
 if TYPE_CHECKING:
     from app.lifecycle import IndexReloader
@@ -20,6 +22,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     runner: BoundedRunner
+    shadow: ShadowSampler  # re-runs a sample of searches on every shard, in its own thread (app/shadow.py)
     engine: SearchEngine | None = None
     ready: bool = False
     draining: bool = False  # SIGTERM received: /readyz answers 503 while requests are still served

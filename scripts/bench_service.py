@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from benchlib import encode_search, start_server  # noqa: E402
+from benchlib import encode_search, keepalive_caller, start_server  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.index.loader import load_engine  # noqa: E402
@@ -88,24 +87,6 @@ def rate(r: dict[str, Any]) -> float:
     return len(r["lat"]) / float(r["elapsed"])
 
 
-def _read_response(conn: socket.socket) -> int:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = next(int(h.split(":", 1)[1]) for h in lines[1:] if h.lower().startswith("content-length:"))
-    while len(rest) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        rest += chunk
-    return int(lines[0].split(" ", 2)[1])
-
-
 def demo_index(model: Path, work: Path) -> Path:
     out = work / f"index-{model.name}"
     if not (out / "CURRENT").exists():
@@ -154,26 +135,8 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
     server, base = start_server(["--workers", str(workers)], {**os.environ, **env_settings})
     port = int(base.rsplit(":", 1)[1])
     try:
-        local = threading.local()
         encoded = {id(p): encode_search("127.0.0.1", p, "?k=10") for p in payloads}
-
-        def over_http(data: bytes) -> None:
-            # A lean keep-alive client (pre-encoded multipart requests): what is measured is the service's
-            # overhead, not an HTTP client's CPU on the same cores (httpx spent ~1 ms a request here).
-            conn = getattr(local, "conn", None)
-            try:
-                if conn is None:
-                    raise ConnectionError("no connection yet")
-                conn.sendall(encoded[id(data)])
-                status = _read_response(conn)
-            except (ConnectionError, OSError):  # none yet, or an idle keep-alive the server closed: reconnect
-                if conn is not None:
-                    conn.close()
-                conn = local.conn = socket.create_connection(("127.0.0.1", port))
-                conn.sendall(encoded[id(data)])
-                status = _read_response(conn)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}")
+        over_http = keepalive_caller(port, encoded)
 
         for c in args.concurrency:
             # Interleaved short rounds (in-process, HTTP, in-process, ...): on a shared, noisy machine a slow

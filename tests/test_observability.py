@@ -20,6 +20,7 @@ ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 _METRIC = re.compile(r"\b(vps_[a-z_]+)(\{[^}]*\})?")
 _LABEL = re.compile(r"([a-z_]+)\s*(?:=~|!~|!=|=)")
 _BY = re.compile(r"\bby\s*\(([^)]*)\)")
+_EXACT = re.compile(r'([a-z_]+)\s*=\s*"([^"]*)"')
 
 
 def queries() -> list[str]:
@@ -53,7 +54,8 @@ def test_compose_wires_the_service_prometheus_and_grafana() -> None:
     assert {p["datasource"]["uid"] for p in panels} == {uid}
     titles = " ".join(p["title"].lower() for p in panels)
     for needed in ("request rate", "error rate", "p99", "stage", "in flight", "rejections", "router", "shards",
-                   "index items", "build info"):  # fmt: skip
+                   "index items", "build info", "shadow miss rate", "shadow samples", "top score",
+                   "no-match"):  # fmt: skip
         assert needed in titles, needed
 
 
@@ -66,11 +68,13 @@ def test_every_queried_metric_and_label_is_exported(faiss_index: Path, tiny_mode
         assert httpx.post(f"{base}/search", content=b"not an image").status_code == 415
         text = httpx.get(f"{base}/metrics").text
     samples: dict[str, set[str]] = {}
+    values: dict[str, set[tuple[str, str]]] = {}  # label values, for exact-match selectors
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, labels = line.partition("{")
             name = name.split(" ")[0]
             samples.setdefault(name, set()).update(re.findall(r'([a-z_]+)="', labels))
+            values.setdefault(name, set()).update(re.findall(r'([a-z_]+)="([^"]*)"', labels))
 
     checked = 0
     for expr in queries():
@@ -79,6 +83,10 @@ def test_every_queried_metric_and_label_is_exported(faiss_index: Path, tiny_mode
             assert metric in samples, f"{metric} (queried by {expr!r}) is not exported"
             unknown = set(_LABEL.findall(selector)) - samples[metric]
             assert not unknown, f"{metric}: selector labels {unknown} are not exported"
+            # A misspelt value (outcome="top1_miss") would match nothing, silently: bounded label values are
+            # exported from the start, so every exact match must find one.
+            absent = set(_EXACT.findall(selector)) - values[metric]
+            assert not absent, f"{metric}: selector values {absent} are not exported"
             checked += 1
         exported = set().union(*(samples[m] for m, _ in metrics))
         by_labels = {x.strip() for group in _BY.findall(expr) for x in group.split(",") if x.strip()}

@@ -120,7 +120,13 @@ def test_workers_share_the_index_and_aggregate_metrics(faiss_index: Path, tiny_m
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale from an earlier run")
     with serve_process(
-        faiss_index, tiny_model, "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), VPS_DRAIN_S="0"
+        faiss_index,
+        tiny_model,
+        "--workers",
+        "2",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        VPS_DRAIN_S="0",
+        VPS_SHADOW_SAMPLE="1",  # every search's shadow, counted by each worker's own shadow thread
     ) as (proc, base):
         assert not (metrics_dir / "counter_999999.db").exists()
         # Both workers up (each writes its live gauges when its index is loaded).
@@ -130,15 +136,28 @@ def test_workers_share_the_index_and_aggregate_metrics(faiss_index: Path, tiny_m
         assert len(_worker_pids(metrics_dir)) == 2
 
         n = 24
+        routed = {"k": 2, "probe_mass": 0.5, "max_probes": 1}  # one shard of three: not exhaustive, so shadowed
         for _ in range(n):  # a new connection each time, so the kernel spreads them over the workers
-            assert httpx.post(f"{base}/search", content=_query(), headers={"Connection": "close"}).status_code == 200
+            r = httpx.post(f"{base}/search", content=_query(), params=routed, headers={"Connection": "close"})
+            assert r.status_code == 200
         counts = set()
         for _ in range(6):  # whichever worker answers the scrape, it reports all workers' requests
             text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}).text
             counts.add(_sample(text, 'vps_requests_total{route="/search",status="200"}'))
             assert _sample(text, "vps_index_items") == 18  # one index, not summed per worker
             assert _sample(text, "vps_inflight_requests") == 0
+            assert _sample(text, "vps_top_score_count") == n
         assert counts == {float(n)}
+        deadline = time.monotonic() + 30  # the shadow threads catch up in the background: poll, bounded
+        outcomes = ("same", "top1_missed", "topk_missed")
+        while True:
+            text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}).text
+            shadowed = sum(_sample(text, f'vps_routing_shadow_total{{outcome="{o}"}}') for o in outcomes)
+            if shadowed + _sample(text, "vps_routing_shadow_dropped_total") == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert shadowed + _sample(text, "vps_routing_shadow_dropped_total") == n
+        assert _sample(text, "vps_routing_shadow_errors_total") == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0
     assert _worker_pids(metrics_dir) == set(), "exited workers must not count in live gauges"

@@ -111,6 +111,7 @@ async def search(request: Request) -> Response:
         outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
     total = time.perf_counter() - t0
     _observe(state, outcome)
+    state.shadow.offer(engine, params, outcome)  # a random draw; when sampled, a non-blocking put (app/shadow.py)
     body = _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)
     # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
     # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
@@ -125,6 +126,10 @@ def _observe(state: AppState, outcome: SearchOutcome) -> None:
     m.shards_probed.observe(len(outcome.probes))
     if not outcome.forced_category:
         m.router_top_probability.observe(outcome.top_probability)
+    if outcome.top_score is not None:
+        m.top_score.observe(outcome.top_score)  # before the open-set threshold: drift shows in refused answers too
+    if not outcome.match:
+        m.no_match.inc()
 
 
 def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, images: bool) -> SearchResponse:
