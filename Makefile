@@ -8,7 +8,7 @@ MODEL_DIR ?= models/grocery-lite0-ms512
 INDEX_DIR ?= index_data
 DEMO := examples/grocery
 
-.PHONY: demo serve test lint typecheck pytest system-deps clean
+.PHONY: demo serve test test-quick lint typecheck pytest system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,12 @@ system-deps:
 pytest: $(VENV)/.dev-installed system-deps
 	$(BIN)/pytest
 
+# Every tier: unit, http, process, browser, deploy, data (tests/<tier>/, a marker each).
 test: lint typecheck pytest
+
+# The unit tier only: in-process tests, no servers, browser or dataset (under a minute here).
+test-quick: $(VENV)/.dev-installed
+	$(BIN)/pytest -q -m unit tests/unit
 
 clean:
 	rm -rf $(VENV) $(INDEX_DIR) .pytest_cache .mypy_cache .ruff_cache

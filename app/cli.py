@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 import typer
 from pydantic import ValidationError
 
-from app.config import Settings
-from app.logs import configure_logging
+from app.service.config import Settings
+from app.service.logs import configure_logging
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual product search")
 log = logging.getLogger("app.cli")
@@ -45,7 +45,7 @@ def serve(
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level)
-    from app.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+    from app.service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
 
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     if workers > 1 and not metrics_dir:
@@ -57,7 +57,7 @@ def serve(
         os.environ[MULTIPROC_ENV] = metrics_dir
         log.info("multiprocess metrics", extra={"dir": metrics_dir, "workers": workers})
     uvicorn.run(
-        "app.main:app_factory",
+        "app.service.app:app_factory",
         factory=True,
         host=host,
         port=port,
@@ -90,7 +90,7 @@ def build_index_cmd(
     calibration_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
 ) -> None:
     """Embed a catalogue and publish a new index version."""
-    from app.pipeline.build_index import BuildOptions, build_index
+    from app.offline.build.build_index import BuildOptions, build_index
 
     configure_logging("INFO")
     if backend not in ("faiss", "hnswlib"):
@@ -133,7 +133,7 @@ def export_model_cmd(
 ) -> None:
     """Export an embedding model to ONNX with its model card (needs the `train` extra): ImageNet
     EfficientNet-Lite0, or a fine-tuned checkpoint from `vps train`."""
-    from app.pipeline.export_model import export_checkpoint, export_imagenet_model
+    from app.offline.export.export_model import export_checkpoint, export_imagenet_model
 
     configure_logging("INFO")
     if checkpoint is None:
@@ -167,8 +167,8 @@ def train(
     ] = 0.0,
 ) -> None:
     """Fine-tune the embedding model by deep metric learning (needs the `train` extra). Resumes from OUT/last.pt."""
-    from app.pipeline.train_embedding import TrainConfig
-    from app.pipeline.train_embedding import train as run_training
+    from app.offline.train.train_embedding import TrainConfig
+    from app.offline.train.train_embedding import train as run_training
 
     configure_logging("INFO")
     if loss not in ("ms", "proxy_anchor", "triplet"):
@@ -206,7 +206,7 @@ def quantize_model_cmd(
     n_images: Annotated[int, typer.Option(min=8, max=10000)] = 256,
 ) -> None:
     """Static int8 (QDQ) quantisation calibrated on catalogue photos."""
-    from app.pipeline.quantize import quantize_model
+    from app.offline.export.quantize import quantize_model
 
     configure_logging("INFO")
     card = quantize_model(model, calibration, images_root, out, n_images=n_images)
@@ -223,7 +223,7 @@ def evaluate(
 ) -> None:
     """Measure an index with query photos; writes report.json and a self-contained report.html
     (needs the `eval` extra for the plots)."""
-    from app.pipeline.evaluate import evaluate_index
+    from app.offline.evaluate.job import evaluate_index
 
     configure_logging("WARNING")
     report = evaluate_index(index, model or Settings().model_dir, queries, images_root, out)
@@ -241,8 +241,8 @@ def grocery_catalogue_cmd(
     out: Annotated[Path, typer.Option(help="CSV to write")],
 ) -> None:
     """Write a catalogue CSV for one split of the GroceryStoreDataset."""
-    from app.pipeline.catalogue import write_catalogue
-    from app.pipeline.grocery import split_rows
+    from app.offline.datasets.catalogue import write_catalogue
+    from app.offline.datasets.grocery import split_rows
 
     if split not in ("train", "val", "iconic"):
         raise typer.BadParameter("split must be train, val or iconic", param_hint="--split")

@@ -1,5 +1,5 @@
 """The service's one error taxonomy. Each error has a stable code and HTTP status; messages are safe to show
-(they never carry exception text from a library). The mapping to HTTP lives in `app.api.errors`."""
+(they never carry exception text from a library). The mapping to HTTP lives in `app.service.http.errors`."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.pipeline.catalogue import read_catalogue
+from app.offline.datasets.catalogue import read_catalogue
 
 STAGES = ("decode", "embed", "route", "search", "group", "total")
 

@@ -41,9 +41,10 @@ import numpy as np
 import psutil
 from faiss.contrib.ivf_tools import add_preassigned
 
-from app.hashing import sha256_file
-from app.index.shards import FaissHnswShard, HnswlibShard
-from app.router import LinearRouter, fit_temperature, select_probes
+from app.artifacts.hashing import sha256_file
+from app.artifacts.shards import FaissHnswShard, HnswlibShard
+from app.engine.routing import LinearRouter, select_probes
+from app.offline.routing.fit import fit_linear_router, fit_temperature
 
 K = 10
 SearchFn = Callable[[np.ndarray], np.ndarray]  # one query (d,) -> up to K global ids
@@ -168,9 +169,9 @@ def _spectra_tag(spectra: dict[str, Any]) -> str:
 
 
 def demo(model: Path, root: Path) -> dict[str, Any]:
-    from app.embedding import OnnxEmbedder
-    from app.imaging import decode_image
-    from app.pipeline.catalogue import read_catalogue
+    from app.engine.embedding import OnnxEmbedder
+    from app.engine.imaging import decode_image
+    from app.offline.datasets.catalogue import read_catalogue
 
     embedder = OnnxEmbedder(model)
 
@@ -301,7 +302,7 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
     settings_rows: list[dict[str, Any]] = []
 
     t0 = time.perf_counter()
-    router = LinearRouter.fit(x, labels, [f"c{i}" for i in range(n_cat)], steps=0 if args.build_only else 400)
+    router = fit_linear_router(x, labels, [f"c{i}" for i in range(n_cat)], steps=0 if args.build_only else 400)
     router.temperature = fit_temperature(router.logits(data["calibration"]), data["calibration_labels"])
     router_s = time.perf_counter() - t0
     # Agreement of the router's top category with the category of the exact nearest neighbour.
@@ -336,7 +337,7 @@ def bench_dataset(data: dict[str, Any], args: argparse.Namespace, work: Path) ->
         build_s = cached_build(sdir / "build.json", build_shards)
         if args.build_only:
             continue
-        # Start-up of the service's path = verify every file's sha256 (as app/index/manifest.py does, in parallel)
+        # Start-up of the service's path = verify every file's sha256 (as app/artifacts/manifest.py does, in parallel)
         # + map the shards; the model load and warm-up come on top (docs/benchmarks.md).
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:

@@ -33,11 +33,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from benchlib import encode_search, keepalive_caller, start_server  # noqa: E402
 
-from app.config import Settings  # noqa: E402
-from app.index.loader import load_engine  # noqa: E402
-from app.pipeline.build_index import BuildOptions, build_index  # noqa: E402
-from app.pipeline.catalogue import read_catalogue  # noqa: E402
-from app.search import SearchParams  # noqa: E402
+from app.engine.search import resolve_params  # noqa: E402
+from app.offline.build.build_index import BuildOptions, build_index  # noqa: E402
+from app.offline.datasets.catalogue import read_catalogue  # noqa: E402
+from app.service.config import Settings  # noqa: E402
+from app.service.engines import load_engine  # noqa: E402
 
 DEMO = Path("examples/grocery")
 
@@ -120,9 +120,7 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
         max_inflight=64,
     )
     engine = load_engine(settings)
-    params = SearchParams(
-        k=10, probe_mass=engine.manifest.probe_mass, max_probes=engine.manifest.max_probes, open_set=False
-    )
+    params = resolve_params(engine.manifest, k=10)
     # In-process: at most as many searches at once as the service's pools (every worker's) allow.
     workers = cfg.get("workers", 1)
     gate = threading.BoundedSemaphore(cfg["pool"] * workers)

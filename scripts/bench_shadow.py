@@ -37,10 +37,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from bench_service import DEMO, closed_loop, demo_index, rate, summarise  # noqa: E402
 from benchlib import encode_search, keepalive_caller, start_server  # noqa: E402
 
-from app.config import Settings  # noqa: E402
-from app.index.loader import load_engine  # noqa: E402
-from app.pipeline.catalogue import read_catalogue  # noqa: E402
-from app.search import SearchParams  # noqa: E402
+from app.engine.search import SearchParams  # noqa: E402
+from app.offline.datasets.catalogue import read_catalogue  # noqa: E402
+from app.service.config import Settings  # noqa: E402
+from app.service.engines import load_engine  # noqa: E402
 
 MODEL = Path("models/grocery-lite0-ms512")
 SHADOW = ("same", "top1_missed", "topk_missed")

@@ -8,7 +8,7 @@ service's own build code and cached under --work), with its files in the page ca
 `vps serve` --repeats times and measures the wall time from exec to the first /readyz 200. The service's own log
 lines split that time: model load, sha256 of the index files, the rest of the index load (mapping), warm-up.
 Each also as a first start on the node (no verification record: every file hashed) and as a restart (the record
-of the previous start kept: unchanged files are not hashed again, app/index/verified.py).
+of the previous start kept: unchanged files are not hashed again, app/artifacts/verified.py).
 The difference between the two indexes is what the index's size costs. Target (#7): start-up with a 1M-vector
 index <= 2 s plus model load. Writes <out>/bench_startup.json and .md.
 """
@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from benchlib import free_port, synthetic_index
 
-from app.index.manifest import resolve_current
+from app.artifacts.manifest import resolve_current
 
 DEMO_INDEX = Path("index_data")
 SCENARIOS = ("warm, first start", "cold, first start", "warm, restart", "cold, restart")

@@ -25,7 +25,7 @@ import httpx
 import psutil
 from benchlib import start_server, synthetic_index
 
-from app.pipeline.catalogue import read_catalogue
+from app.offline.datasets.catalogue import read_catalogue
 
 MB = 1024 * 1024
 

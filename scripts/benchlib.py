@@ -111,10 +111,10 @@ def synthetic_index(
     Built once: a later call returns the CURRENT version."""
     import numpy as np
 
-    from app.embedding import OnnxEmbedder
-    from app.index.manifest import resolve_current
-    from app.pipeline.build_index import BuildOptions, publish_vectors
-    from app.pipeline.catalogue import CatalogueRow
+    from app.artifacts.manifest import resolve_current
+    from app.engine.embedding import OnnxEmbedder
+    from app.offline.build.build_index import BuildOptions, publish_vectors
+    from app.offline.datasets.catalogue import CatalogueRow
 
     if (out / "CURRENT").exists():
         return resolve_current(out)

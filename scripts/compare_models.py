@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from app.embedding import OnnxEmbedder, decode_side
-from app.imaging import decode_image
-from app.pipeline.evaluation import sku_recall
-from app.pipeline.grocery import split_rows
+from app.engine.embedding import OnnxEmbedder, decode_side
+from app.engine.imaging import decode_image
+from app.offline.datasets.grocery import split_rows
+from app.offline.evaluate.metrics import sku_recall
 
 
 def embed_rows(embedder: OnnxEmbedder, root: Path, rows: list[dict[str, str]]) -> np.ndarray:

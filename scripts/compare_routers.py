@@ -4,9 +4,10 @@ train photos as the catalogue (what an index build fits on).
     python scripts/compare_routers.py --dataset ../shared/datasets/grocery-store \
         --models models/grocery-lite0-ms512 models/grocery-lite0-ms512-cat --out docs/bench
 
-Routers: the linear router the build fits (app.router.LinearRouter.fit), nearest-prototype routers (k-means
-prototypes per category, the best prototype's cosine per category) and k-nearest-neighbour votes over every
-catalogue photo (what a router that searched everything would know). Writes <out>/compare_routers.{json,md}.
+Routers: the linear router the build fits (app.offline.routing.fit.fit_linear_router), nearest-prototype
+routers (k-means prototypes per category, the best prototype's cosine per category) and k-nearest-neighbour
+votes over every catalogue photo (what a router that searched everything would know).
+Writes <out>/compare_routers.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from app.embedding import OnnxEmbedder
-from app.pipeline.grocery import split_rows
-from app.router import LinearRouter
+from app.engine.embedding import OnnxEmbedder
+from app.offline.datasets.grocery import split_rows
+from app.offline.routing.fit import fit_linear_router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_models import embed_rows
@@ -63,7 +64,7 @@ def main() -> None:
         embedder = OnnxEmbedder(model, intra_op_threads=2)
         train, val = embed_rows(embedder, args.dataset, train_rows), embed_rows(embedder, args.dataset, val_rows)
         n = len(categories)
-        scores = {"linear (the build's)": LinearRouter.fit(train, tl, categories).logits(val)}
+        scores = {"linear (the build's)": fit_linear_router(train, tl, categories).logits(val)}
         for p in (1, 4, 16):
             scores[f"nearest prototype, {p} per category"] = prototype_scores(train, tl, val, n, p)
         for k in (1, 5, 10):

@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 from benchlib import encode_search
 
-from app.pipeline.catalogue import read_catalogue
+from app.offline.datasets.catalogue import read_catalogue
 
 
 def pct(values: list[float], q: float) -> float | None:

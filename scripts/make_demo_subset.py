@@ -14,8 +14,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from app.pipeline.catalogue import write_catalogue
-from app.pipeline.grocery import split_rows
+from app.offline.datasets.catalogue import write_catalogue
+from app.offline.datasets.grocery import split_rows
 
 PER_SKU = 5
 N_QUERIES = 12

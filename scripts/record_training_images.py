@@ -6,7 +6,7 @@ flatter the router's measurement, and what the router gives on photos the model 
 
 Writes <model>/training_images.sha256 (the sha256 of every training photo's bytes, sorted, one per line) and sets
 the card's `training_images`; embeds both splits and records `evaluation.router_unseen`: the top-1 accuracy on the
-unseen photos of the router an index build fits on the training photos (app.router.LinearRouter.fit).
+unseen photos of the router an index build fits on the training photos (app.offline.routing.fit.fit_linear_router).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.embedding import OnnxEmbedder
-from app.pipeline.grocery import split_rows
-from app.router import LinearRouter
+from app.engine.embedding import OnnxEmbedder
+from app.offline.datasets.grocery import split_rows
+from app.offline.routing.fit import fit_linear_router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_models import embed_rows
@@ -45,7 +45,7 @@ def main() -> None:
     unseen = split_rows(args.dataset, args.unseen_split)
     categories = sorted({r["category"] for r in train})
     index = {c: i for i, c in enumerate(categories)}
-    router = LinearRouter.fit(
+    router = fit_linear_router(
         embed_rows(embedder, args.dataset, train), np.asarray([index[r["category"]] for r in train]), categories
     )
     predicted = router.logits(embed_rows(embedder, args.dataset, unseen)).argmax(axis=1)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Settings
-from app.pipeline.build_index import BuildOptions, build_index
+from app.offline.build.build_index import BuildOptions, build_index
+from app.service.config import Settings
 from tests.helpers import make_catalogue, make_tiny_model
 
 
@@ -59,6 +59,18 @@ def dataset_dir() -> Path:
     if not (path / "train.txt").is_file():
         pytest.fail(f"VPS_DATASET_DIR={value} does not hold the grocery dataset (no train.txt)")
     return path
+
+
+# Every test carries the marker of its tier, the folder it lives in (`pytest -m unit`, `make test-quick`).
+TIERS = ("unit", "http", "process", "browser", "deploy", "data")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: tests live in a tier folder ({', '.join(TIERS)})")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 # Figures measured by data tests, printed at the end of the run so CI logs carry them.

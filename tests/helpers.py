@@ -20,13 +20,13 @@ from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from app.config import Settings
-from app.embedding import Embedder
-from app.hashing import sha256_file
-from app.index.loader import load_engine
-from app.lifecycle import EngineLoader
-from app.pipeline.catalogue import write_catalogue
-from app.search import SearchEngine, SearchOutcome, SearchParams
+from app.artifacts.hashing import sha256_file
+from app.engine.embedding import Embedder
+from app.engine.search import SearchEngine, SearchOutcome, SearchParams
+from app.offline.datasets.catalogue import write_catalogue
+from app.service.config import Settings
+from app.service.engines import load_engine
+from app.service.lifecycle import EngineLoader
 
 TINY_SIZE = 32
 TINY_DIM = 16

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Bakes the demo index into the image (the `demo-index` stage); CI runs it too (tests/test_container.py).
+# Bakes the demo index into the image (the `demo-index` stage); CI runs it too (tests/deploy/test_container.py).
 #   build-demo-index.sh PREFIX SRC OUT
 set -eu
 prefix="$1"

@@ -1,1 +1,0 @@
-"""HTTP layer: routes, request/response schemas, error mapping, upload reading."""

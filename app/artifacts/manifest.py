@@ -1,0 +1,204 @@
+"""The index manifest: read, verify, write; and the atomic CURRENT pointer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.artifacts.hashing import sha256_stream
+from app.artifacts.verified import FileIdentity, VerifiedFiles
+from app.errors import ArtifactError
+
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    sha256: str
+    dim: int = Field(gt=0)
+
+
+class CategoryEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shard: str = Field(description="Shard file, relative to the version directory")
+    n_vectors: int = Field(gt=0)
+    n_skus: int = Field(gt=0)
+    offset: int = Field(ge=0, description="Item-table row of the shard's vector 0")
+    sha256: str
+
+
+class BuildParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    M: int
+    ef_construction: int
+    ef_search: int
+    images_total: int
+    images_failed: int
+    n_clusters: int | None = Field(None, description="k chosen by the build when the catalogue had no categories")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    version: str
+    created: str
+    model: ModelRef
+    metric: Literal["cosine"] = "cosine"
+    backend: Literal["faiss", "hnswlib"]
+    dim: int = Field(gt=0)
+    n_items: int = Field(ge=0)
+    categories: list[CategoryEntry]
+    router: str = "router.npz"
+    items: str = "items.jsonl"
+    item_offsets: str = "items.offsets.npy"
+    category_source: Literal["catalogue", "kmeans"] = "catalogue"
+    probe_mass: float = Field(gt=0.0, le=1.0)
+    max_probes: int = Field(ge=1)
+    # Open set: a query whose top hit scores below its category's threshold answers "match": false.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    global_threshold: float = -1.0
+    router_report: dict[str, Any] = Field(default_factory=dict)
+    build: BuildParams
+    files: dict[str, FileEntry]
+
+    def threshold(self, category: str) -> float:
+        """The open-set score threshold for a top hit of `category` (the global one where none was fitted)."""
+        return self.thresholds.get(category, self.global_threshold)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "created": self.created,
+            "backend": self.backend,
+            "metric": self.metric,
+            "dim": self.dim,
+            "n_items": self.n_items,
+            "n_categories": len(self.categories),
+            "category_source": self.category_source,
+            "probe_mass": self.probe_mass,
+            "max_probes": self.max_probes,
+            "thresholds": self.thresholds,
+            "global_threshold": self.global_threshold,
+            "router": self.router_report,
+            "model": self.model.model_dump(),
+            "build": self.build.model_dump(),
+        }
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = version_dir / MANIFEST_FILE
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"manifest missing: {path}") from exc
+    except ValueError as exc:
+        raise ArtifactError(f"manifest invalid: {path}: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"manifest {path}: format_version expected {FORMAT_VERSION}, got {manifest.format_version}")
+    return manifest
+
+
+def verify_files(version_dir: Path, manifest: Manifest, remembered: VerifiedFiles | None = None) -> int:
+    """Check every file's size, then its sha256, against the manifest; returns how many files were hashed. A
+    truncated memory-mapped file would crash the process at query time, so nothing is served before this passes.
+    With `remembered`, a file whose identity is the one recorded when it last hashed to the manifest's sha256
+    is not read again (app/artifacts/verified.py); the record is updated after a pass."""
+    referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
+    missing = referenced - manifest.files.keys()
+    if missing:
+        raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
+    paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
+    stat_time_ns = time.time_ns()
+    identities: dict[str, FileIdentity] = {}
+    for rel, entry in manifest.files.items():  # sizes first: cheap, and catches truncated copies at once
+        path = paths[rel]
+        try:
+            st = path.stat()
+        except OSError:
+            raise ArtifactError(f"index file {path}: missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"index file {path}: not a regular file")
+        if st.st_size != entry.size:
+            raise ArtifactError(f"index file {path}: size expected {entry.size}, got {st.st_size}")
+        identities[rel] = FileIdentity.of(st)
+    to_hash = [
+        rel
+        for rel, entry in manifest.files.items()
+        if remembered is None or remembered.remembered(rel, identities[rel]) != entry.sha256
+    ]
+    # Hashing is most of the load time of a large index; hashlib releases the GIL, so files hash in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        hashed = dict(zip(to_hash, pool.map(_hash_with_identity, [paths[rel] for rel in to_hash]), strict=True))
+    for rel, (identity, digest) in hashed.items():
+        if identity != identities[rel]:  # replaced or rewritten since the size check: not what was checked
+            raise ArtifactError(f"index file {paths[rel]}: changed while being verified")
+        if digest != manifest.files[rel].sha256:
+            raise ArtifactError(f"index file {paths[rel]}: sha256 expected {manifest.files[rel].sha256}, got {digest}")
+    if remembered is not None:
+        remembered.save({rel: (identities[rel], e.sha256) for rel, e in manifest.files.items()}, stat_time_ns)
+    return len(to_hash)
+
+
+def _hash_with_identity(path: Path) -> tuple[FileIdentity, str]:
+    """The file's identity taken on the open descriptor, so it names the bytes that were hashed."""
+    with path.open("rb") as fh:
+        identity = FileIdentity.of(os.fstat(fh.fileno()))
+        return identity, sha256_stream(fh)
+
+
+def write_manifest(version_dir: Path, manifest: Manifest) -> None:
+    (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """Join a manifest-relative path, refusing anything that escapes the version directory."""
+    candidate = (root / rel).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise ArtifactError(f"manifest path escapes the version directory: {rel!r}")
+    return candidate
+
+
+def resolve_current(index_dir: Path) -> Path:
+    pointer = index_dir / CURRENT_FILE
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"no index: {pointer} is missing (run `vps build-index`)") from exc
+    if not _VERSION_RE.match(name):
+        raise ArtifactError(f"{pointer}: not a version name: {name[:80]!r}")
+    version_dir = index_dir / name
+    if not version_dir.is_dir():
+        raise ArtifactError(f"{pointer}: version directory {version_dir} is missing")
+    return version_dir
+
+
+def publish_current(index_dir: Path, version: str) -> None:
+    """Point CURRENT at `version` atomically (write a temp file, fsync, rename over)."""
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"not a version name: {version!r}")
+    tmp = index_dir / f".{CURRENT_FILE}.{os.getpid()}.tmp"
+    with tmp.open("w") as fh:
+        fh.write(version + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, index_dir / CURRENT_FILE)

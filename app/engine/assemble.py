@@ -1,0 +1,114 @@
+"""Assemble one index version into a SearchEngine: verify every file against the manifest, check that model, router and
+shards agree, and build the SearchEngine. Anything wrong raises ArtifactError naming the file and both values."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.artifacts.items import ItemTable
+from app.artifacts.manifest import read_manifest, resolve_current, safe_join, verify_files
+from app.artifacts.shards import load_shard
+from app.artifacts.verified import VerifiedFiles
+from app.engine.embedding import Embedder, OnnxEmbedder
+from app.engine.imaging import MAX_IMAGE_PIXELS
+from app.engine.routing import load_router
+from app.engine.search import OVERFETCH, SearchEngine, Shard
+from app.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What an engine needs besides its version's files. The service fills it from its Settings
+    (app/service/engines.py); offline jobs use the defaults."""
+
+    ef_search: int | None = None  # None: the build's (manifest)
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    overfetch: int = OVERFETCH
+    verify_records: Path | None = None  # where verified file hashes are remembered (None: hash every time)
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+
+def open_index(
+    index_dir: Path, model_dir: Path, options: EngineOptions = EngineOptions(), embedder: Embedder | None = None
+) -> SearchEngine:
+    """The version `index_dir/CURRENT` names, with the model in `model_dir` (or `embedder`, reused)."""
+    t0 = time.perf_counter()
+    if embedder is None:
+        embedder = OnnxEmbedder(
+            model_dir, intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads
+        )
+    t_model = time.perf_counter()
+    engine = load_version(resolve_current(index_dir), embedder, options)
+    t_index = time.perf_counter()
+    # Start-up split in two: what the model costs and what the index's size costs (docs/benchmarks.md).
+    log.info(
+        "index loaded",
+        extra={
+            "index_version": engine.manifest.version,
+            "items": engine.manifest.n_items,
+            "shards": len(engine.shards),
+            "model_load_s": round(t_model - t0, 4),
+            "index_load_s": round(t_index - t_model, 4),
+            "load_s": round(t_index - t0, 4),
+        },
+    )
+    return engine
+
+
+def load_version(version_dir: Path, embedder: Embedder, options: EngineOptions = EngineOptions()) -> SearchEngine:
+    manifest = read_manifest(version_dir)
+    t0 = time.perf_counter()
+    remembered = None
+    if options.verify_records is not None:
+        remembered = VerifiedFiles(options.verify_records / f"{version_dir.name}.json")
+    hashed = verify_files(version_dir, manifest, remembered)
+    verify_s = round(time.perf_counter() - t0, 4)
+    log.info("index files verified", extra={"files": len(manifest.files), "hashed": hashed, "verify_s": verify_s})
+
+    card = embedder.card
+    if manifest.model.sha256 != card.sha256:
+        raise ArtifactError(
+            f"{version_dir / 'manifest.json'}: model sha256 expected {card.sha256} (served model), "
+            f"got {manifest.model.sha256} (index was built with another model)"
+        )
+    if manifest.dim != embedder.dim:
+        raise ArtifactError(f"{version_dir / 'manifest.json'}: dim expected {embedder.dim} (model), got {manifest.dim}")
+
+    router = load_router(safe_join(version_dir, manifest.router))
+    if router.dim != embedder.dim:
+        raise ArtifactError(f"router {manifest.router}: dim expected {embedder.dim} (model), got {router.dim}")
+    names = [c.name for c in manifest.categories]
+    if router.categories != names:
+        raise ArtifactError(f"router {manifest.router}: categories differ from the manifest's")
+
+    items = ItemTable.load(safe_join(version_dir, manifest.items), safe_join(version_dir, manifest.item_offsets))
+    if len(items) != manifest.n_items:
+        raise ArtifactError(f"item table: rows expected {manifest.n_items} (manifest), got {len(items)}")
+
+    shards: list[Shard] = []
+    for entry in manifest.categories:
+        path = safe_join(version_dir, entry.shard)
+        index = load_shard(
+            manifest.backend, path, dim=manifest.dim, ef_search=options.ef_search or manifest.build.ef_search
+        )
+        if index.ntotal != entry.n_vectors:
+            raise ArtifactError(f"shard {path}: vectors expected {entry.n_vectors} (manifest), got {index.ntotal}")
+        if entry.offset + entry.n_vectors > manifest.n_items:
+            raise ArtifactError(f"shard {path}: rows {entry.offset}+{entry.n_vectors} exceed the item table")
+        shards.append(Shard(entry.name, entry.offset, index, n_skus=entry.n_skus))
+
+    return SearchEngine(
+        embedder=embedder,
+        router=router,
+        shards=shards,
+        items=items,
+        manifest=manifest,
+        max_image_pixels=options.max_image_pixels,
+        overfetch=options.overfetch,
+    )

@@ -1,0 +1,289 @@
+"""The search pipeline, independent of HTTP: decode -> embed -> route -> search shards -> group by SKU."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from app.artifacts.items import ItemTable
+from app.artifacts.manifest import Manifest
+from app.artifacts.shards import ShardIndex
+from app.engine.embedding import Embedder, decode_side
+from app.engine.imaging import decode_image
+from app.engine.routing import Probe, Router, select_probes
+from app.errors import InternalError, UnknownCategory
+
+STAGES = ("decode", "embed", "route", "search", "group")
+MIN_FETCH = 64
+OVERFETCH = 4  # images fetched per wanted SKU before grouping (the service's default; VPS_OVERFETCH)
+# Shards added beyond the router's choice when it yields fewer than k SKUs (each holds a few SKUs, so filling
+# k=100 on grocery takes ~45); an explicit min_score can make every shard come up short, hence a bound.
+FILL_MAX_PROBES = 64
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    k: int = 10
+    category: str | None = None
+    min_score: float | None = None
+    probe_mass: float = 0.9
+    max_probes: int = 3
+    explain: bool = False
+    open_set: bool = False  # apply the manifest's per-category thresholds (an explicit min_score overrides)
+    fill_max_probes: int = FILL_MAX_PROBES  # shards added to fill k, at most (0: never fill)
+
+
+@dataclass(frozen=True)
+class SearchDefaults:
+    """A deployment's defaults, between what a request asks and what the index build chose (the service fills
+    them from its Settings: app/service/engines.py; offline jobs use these)."""
+
+    k: int = 10
+    probe_mass: float | None = None  # None: the manifest's
+    max_probes: int | None = None  # None: the manifest's
+    open_set: bool = False
+    fill_max_probes: int = FILL_MAX_PROBES
+
+
+def resolve_params(
+    manifest: Manifest,
+    defaults: SearchDefaults = SearchDefaults(),
+    *,
+    k: int | None = None,
+    category: str | None = None,
+    min_score: float | None = None,
+    probe_mass: float | None = None,
+    max_probes: int | None = None,
+    explain: bool = False,
+) -> SearchParams:
+    """The one rule for which value wins: the request's, else the deployment's default, else the build's."""
+    return SearchParams(
+        k=k or defaults.k,
+        category=category,
+        min_score=min_score,
+        probe_mass=probe_mass or defaults.probe_mass or manifest.probe_mass,
+        max_probes=max_probes or defaults.max_probes or manifest.max_probes,
+        explain=explain,
+        open_set=defaults.open_set,
+        fill_max_probes=defaults.fill_max_probes,
+    )
+
+
+def every_shard(params: SearchParams, n_shards: int) -> SearchParams:
+    """The same search with every shard probed: the yardstick routing is measured against."""
+    return replace(params, probe_mass=1.0, max_probes=n_shards)
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    score: float
+    item: dict[str, Any]
+
+
+@dataclass
+class SearchOutcome:
+    results: list[Hit]
+    probes: list[Probe]  # the router's choice (or the forced category)
+    forced_category: bool
+    timings_s: dict[str, float] = field(default_factory=dict)
+    image_hits: list[Hit] = field(default_factory=list)
+    top_probability: float = 0.0
+    match: bool = True
+    added: list[Probe] = field(default_factory=list)  # searched beyond the router's choice to fill k
+    vector: np.ndarray | None = None  # the query's embedding (shadow search re-runs it with every shard)
+    top_score: float | None = None  # the best hit's score, also when the open-set threshold refused it
+
+
+@dataclass
+class Shard:
+    name: str
+    offset: int
+    index: ShardIndex
+    n_skus: int = 1  # distinct SKUs in the shard (the manifest's count): how many fill probes k needs
+
+
+@dataclass
+class Candidates:
+    """Image-level hits of the shards searched so far, as global item rows and scores."""
+
+    rows: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+
+
+class SearchEngine:
+    """Everything one index version needs to answer queries. Immutable once built; safe across threads."""
+
+    def __init__(
+        self,
+        *,
+        embedder: Embedder,
+        router: Router,
+        shards: list[Shard],
+        items: ItemTable,
+        manifest: Manifest,
+        max_image_pixels: int,
+        overfetch: int,
+    ) -> None:
+        self.embedder = embedder
+        self.router = router
+        self.shards = shards
+        self.items = items
+        self.manifest = manifest
+        self.max_image_pixels = max_image_pixels
+        self.overfetch = overfetch
+        self._category_index = {s.name: i for i, s in enumerate(shards)}
+        self.categories: list[str] = [s.name for s in shards]  # shard i holds category i (read per request)
+
+    def category_id(self, name: str) -> int:
+        try:
+            return self._category_index[name]
+        except KeyError:
+            raise UnknownCategory("unknown category; GET /v1/info lists the categories of the live index") from None
+
+    def embed_image(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        t0 = time.perf_counter()
+        image = decode_image(data, max_pixels=self.max_image_pixels, min_side=decode_side(self.embedder.card.input))
+        batch = self.embedder.preprocess(image)[None]
+        t1 = time.perf_counter()
+        vector = self.embedder.embed(batch)[0]
+        if vector.shape != (self.embedder.dim,) or not np.isfinite(vector).all():
+            raise InternalError("the embedder returned a malformed or non-finite vector")  # NaN never reaches JSON
+        t2 = time.perf_counter()
+        return vector, {"decode": t1 - t0, "embed": t2 - t1}
+
+    def search_image(self, data: bytes, params: SearchParams) -> SearchOutcome:
+        if params.category is not None:
+            self.category_id(params.category)  # reject an unknown category before paying for inference
+        vector, timings = self.embed_image(data)
+        outcome = self.search_vector(vector, params)
+        outcome.timings_s = {**timings, **outcome.timings_s}
+        outcome.vector = vector
+        return outcome
+
+    def search_vector(self, vector: np.ndarray, params: SearchParams) -> SearchOutcome:
+        """route -> search the chosen shards -> group by SKU; while fewer than k SKUs, search the next shards in
+        probability order (fill, at most `fill_max_probes`) and group again; then the open-set threshold."""
+        query = np.ascontiguousarray(vector[None], dtype=np.float32)
+        clock = _Clock()
+        probs, probes = self.route(vector, params)
+        clock.lap("route")
+        candidates = Candidates()
+        self.search(query, probes, params, candidates)
+        clock.lap("search")
+        results, image_hits = self.group(candidates, params)
+        clock.lap("group")
+        added: list[Probe] = []
+        while probs is not None and len(results) < params.k:
+            more = self.fill_probes(probs, probes, added, len(results), params)
+            if not more:
+                break
+            self.search(query, more, params, candidates)
+            clock.lap("search")
+            results, image_hits = self.group(candidates, params)
+            added += more
+            clock.lap("group")
+        top_score = results[0].score if results else None
+        results = self.open_set(results, params)
+        clock.lap("group")
+        return SearchOutcome(
+            results=results,
+            probes=probes,
+            forced_category=probs is None,
+            timings_s=clock.totals,
+            image_hits=image_hits,
+            top_probability=probes[0].probability,
+            match=bool(results),
+            added=added,
+            top_score=top_score,
+        )
+
+    def route(self, vector: np.ndarray, params: SearchParams) -> tuple[np.ndarray | None, list[Probe]]:
+        """The router's probabilities and its choice of shards; a forced category: no probabilities, that one."""
+        if params.category is not None:
+            return None, [Probe(self.category_id(params.category), 1.0)]
+        probs = self.router.probabilities(vector)
+        if not np.isfinite(probs).all():
+            raise InternalError("the router produced non-finite probabilities")
+        return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes)
+
+    def fill_probes(
+        self, probs: np.ndarray, chosen: list[Probe], added: list[Probe], found: int, params: SearchParams
+    ) -> list[Probe]:
+        """The next shards in probability order whose SKU counts cover the SKUs still missing, within the fill
+        bound. Empty when the bound is reached or every shard has been searched."""
+        searched = {p.category for p in chosen} | {p.category for p in added}
+        budget = params.fill_max_probes - len(added)
+        missing = params.k - found
+        more: list[Probe] = []
+        for idx in np.argsort(-probs, kind="stable"):
+            if missing <= 0 or len(more) >= budget:
+                break
+            if int(idx) not in searched:
+                more.append(Probe(int(idx), float(probs[idx])))
+                missing -= max(1, self.shards[int(idx)].n_skus)
+        return more
+
+    def search(self, query: np.ndarray, probes: list[Probe], params: SearchParams, into: Candidates) -> None:
+        """Search each probed shard, adding its hits (as global item rows) to `into`.
+
+        Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
+        near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
+        images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway."""
+        want = max(params.k * self.overfetch, MIN_FETCH)
+        for probe in probes:
+            shard = self.shards[probe.category]
+            d, i = shard.index.search(query, min(want, shard.index.ntotal))
+            valid = i[0] >= 0
+            into.rows.append(i[0][valid] + shard.offset)
+            into.scores.append(d[0][valid])
+
+    def group(self, candidates: Candidates, params: SearchParams) -> tuple[list[Hit], list[Hit]]:
+        """One result per SKU (its best image), best first, at most k, none below min_score; with `explain`,
+        also every image hit."""
+        rows = np.concatenate(candidates.rows) if candidates.rows else np.empty(0, dtype=np.int64)
+        scores = np.concatenate(candidates.scores) if candidates.scores else np.empty(0, dtype=np.float32)
+        results: list[Hit] = []
+        image_hits: list[Hit] = []
+        seen: set[str] = set()
+        for j in np.argsort(-scores, kind="stable"):
+            score = float(scores[j])
+            if not np.isfinite(score):
+                continue
+            if params.min_score is not None and score < params.min_score:
+                break  # sorted: nothing later passes either
+            hit = Hit(int(rows[j]), score, self.items.get(int(rows[j])))
+            if params.explain:
+                image_hits.append(hit)
+            sku = str(hit.item["sku"])
+            if sku in seen:
+                continue
+            seen.add(sku)
+            results.append(hit)
+            if len(results) >= params.k and not params.explain:
+                break
+        return results[: params.k], image_hits
+
+    def open_set(self, results: list[Hit], params: SearchParams) -> list[Hit]:
+        """No results when the best hit scores below its category's threshold (an unknown product)."""
+        if results and params.min_score is None and params.open_set:
+            top = results[0]
+            if top.score < self.manifest.threshold(str(top.item["category"])):
+                return []
+        return results
+
+
+class _Clock:
+    """Seconds per stage; a stage entered more than once (filling k searches and groups again) adds up."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.totals[stage] = self.totals.get(stage, 0.0) + now - self._last
+        self._last = now

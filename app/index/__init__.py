@@ -1,1 +1,0 @@
-"""Versioned index artifacts: manifest, shard backends, item table, and the loader that checks them."""

@@ -1,0 +1,449 @@
+"""`vps build-index`: embed a catalogue, build one HNSW shard per category, fit the router, write an immutable
+version directory with its manifest, then point CURRENT at it atomically.
+
+Unreadable images are reported by path and reason and counted in the manifest: never silently dropped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from app.artifacts.hashing import sha256_file
+from app.artifacts.items import ItemTable
+from app.artifacts.manifest import (
+    FORMAT_VERSION,
+    BuildParams,
+    CategoryEntry,
+    FileEntry,
+    Manifest,
+    ModelRef,
+    publish_current,
+    write_manifest,
+)
+from app.artifacts.shards import SHARD_SUFFIX, Backend, build_shard
+from app.engine.embedding import Embedder, OnnxEmbedder, decode_side
+from app.errors import ServiceError
+from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
+from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
+from app.offline.routing.calibrate import (
+    EXHAUSTIVE_BELOW_VECTORS,
+    NEAR_DUPLICATE_COSINE,
+    Calibration,
+    RouterReport,
+    train_router,
+)
+from app.offline.routing.fit import class_centroids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    backend: Backend = "faiss"
+    M: int = 32
+    ef_construction: int = 200
+    ef_search: int = 64
+    batch_size: int = 32
+    threads: int = 2
+    # Router and probing: probe_mass is chosen by measurement (app/offline/routing/calibrate.py).
+    max_probes: int = 8
+    max_routing_loss: float = 0.005
+    router_min_images: int = 5
+    target_precision: float = 0.9
+    near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE
+    exhaustive_below: int = EXHAUSTIVE_BELOW_VECTORS  # vectors: an index this small is searched whole
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version_dir: Path
+    manifest: Manifest
+    problems: list[RowProblem]
+
+
+def embed_catalogue(
+    rows: Sequence[CatalogueRow], images_root: Path, embedder: Embedder, options: BuildOptions
+) -> tuple[np.ndarray, list[CatalogueRow], list[RowProblem]]:
+    """Embed every row's image. Returns vectors for the rows that worked, those rows (with their images' sha256),
+    and the problems."""
+    root = images_root.resolve()
+    size = decode_side(embedder.card.input)
+
+    def load(row: CatalogueRow) -> tuple[np.ndarray, str] | RowProblem:
+        try:
+            data = read_photo(root, row.image)
+            array = embedder.preprocess(decode_photo(data, size))
+        except PhotoProblem as exc:
+            return RowProblem(row.line, row.image, exc.reason)
+        except ServiceError as exc:
+            return RowProblem(row.line, row.image, exc.code)
+        return array, hashlib.sha256(data).hexdigest()
+
+    vectors: list[np.ndarray] = []
+    kept: list[CatalogueRow] = []
+    problems: list[RowProblem] = []
+    with (
+        ThreadPoolExecutor(max_workers=options.threads) as pool,
+        tqdm(total=len(rows), desc="embedding", unit="img", disable=not options.progress) as bar,
+    ):
+        for batch_rows in _chunks(rows, options.batch_size):
+            arrays: list[np.ndarray] = []
+            for row, result in zip(batch_rows, pool.map(load, batch_rows), strict=True):
+                if isinstance(result, RowProblem):
+                    problems.append(result)
+                    log.warning("image skipped", extra={"image": row.image, "line": row.line, "reason": result.reason})
+                else:
+                    arrays.append(result[0])
+                    kept.append(replace(row, sha256=result[1]))
+            if arrays:
+                vectors.append(embedder.embed(np.stack(arrays)))
+            bar.update(len(batch_rows))
+    dim = embedder.dim
+    return (np.vstack(vectors) if vectors else np.empty((0, dim), np.float32)), kept, problems
+
+
+def _chunks(rows: Sequence[CatalogueRow], n: int) -> Iterator[Sequence[CatalogueRow]]:
+    for i in range(0, len(rows), n):
+        yield rows[i : i + n]
+
+
+def assign_clusters(vectors: np.ndarray, rows: list[CatalogueRow]) -> tuple[list[CatalogueRow], int]:
+    """Categories for a catalogue without them: spherical k-means over SKU mean embeddings (a SKU never spans
+    two shards). k is the candidate with the best silhouette score; it is recorded in the router report."""
+    skus = sorted({r.sku for r in rows})
+    sku_index = {s: i for i, s in enumerate(skus)}
+    labels = np.asarray([sku_index[r.sku] for r in rows])
+    means = class_centroids(vectors, labels, len(skus))
+    candidates = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k <= max(2, len(skus) // 3)]
+    best_k, best_score, best_assign = 1, -np.inf, np.zeros(len(skus), dtype=np.int64)
+    for k in candidates:
+        km = faiss.Kmeans(means.shape[1], k, niter=25, seed=0, spherical=True, min_points_per_centroid=1)
+        km.train(np.ascontiguousarray(means, dtype=np.float32))
+        assign = km.index.search(np.ascontiguousarray(means, dtype=np.float32), 1)[1][:, 0]
+        score = _silhouette(means, assign)
+        if score > best_score:
+            best_k, best_score, best_assign = k, score, assign
+    named = [replace(r, category=f"cluster-{int(best_assign[sku_index[r.sku]]):03d}") for r in rows]
+    return named, best_k
+
+
+def _silhouette(x: np.ndarray, assign: np.ndarray) -> float:
+    """Mean silhouette with cosine distance (exact; SKU counts are small enough)."""
+    d = 1.0 - x @ x.T
+    clusters = np.unique(assign)
+    if len(clusters) < 2:
+        return -1.0
+    scores = []
+    for i in range(len(x)):
+        own = assign == assign[i]
+        if own.sum() <= 1:
+            scores.append(0.0)
+            continue
+        a = d[i, own].sum() / (own.sum() - 1)
+        b = min(d[i, assign == c].mean() for c in clusters if c != assign[i])
+        scores.append((b - a) / max(a, b, 1e-12))
+    return float(np.mean(scores))
+
+
+def _calibration_set(
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None,
+    rows: list[CatalogueRow],
+    cat_index: dict[str, int],
+    training: frozenset[str],
+) -> Calibration | None:
+    """Keep the calibration queries whose SKU is in the catalogue; their category is the catalogue's (so it also
+    works when the build clustered the categories)."""
+    if calibration is None:
+        return None
+    cal_vectors, cal_rows = calibration
+    sku_category = {r.sku: r.category for r in rows}
+    keep = [i for i, r in enumerate(cal_rows) if r.sku in sku_category]
+    if len(keep) < len(cal_rows):
+        log.warning("calibration queries of unknown SKUs ignored", extra={"count": len(cal_rows) - len(keep)})
+    if not keep:
+        return None
+    return Calibration(
+        vectors=cal_vectors[keep],
+        labels=np.asarray([cat_index[sku_category[cal_rows[i].sku]] for i in keep]),
+        skus=np.asarray([cal_rows[i].sku for i in keep]),
+        seen=np.asarray([cal_rows[i].sha256 in training for i in keep]) if training else None,
+    )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60] or "category"
+
+
+def build_index(
+    catalogue: Path,
+    images_root: Path,
+    out_dir: Path,
+    model_dir: Path,
+    options: BuildOptions = BuildOptions(),
+    embedder: Embedder | None = None,
+    calibration_queries: Path | None = None,
+    calibration_root: Path | None = None,
+) -> BuildResult:
+    """Build and publish a version. `calibration_queries` (a CSV of real query photos of catalogue SKUs, images
+    under `calibration_root`, default `images_root`) makes the router's temperature, probe_mass and open-set
+    thresholds measured on real queries instead of held-out catalogue photos."""
+    rows, problems = read_catalogue(catalogue)
+    n_unreadable_rows = len(problems)  # images_total counts every catalogue row, rejected ones included
+    for p in problems:
+        log.warning("catalogue row skipped", extra={"line": p.line, "reason": p.reason})
+    if embedder is None:
+        embedder = OnnxEmbedder(model_dir, intra_op_threads=options.threads)
+    vectors, kept, embed_problems = embed_catalogue(rows, images_root, embedder, options)
+    problems = problems + embed_problems
+    if not kept:
+        raise ValueError(f"{catalogue}: no image could be embedded ({len(problems)} problems)")
+    calibration = None
+    if calibration_queries is not None:
+        cal_rows, cal_problems = read_catalogue(calibration_queries)
+        cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(
+            cal_rows, calibration_root or images_root, embedder, options
+        )
+        for p in cal_problems + cal_embed_problems:
+            log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
+        calibration = (cal_vectors, cal_kept)
+
+    result = publish_vectors(
+        vectors,
+        kept,
+        out_dir,
+        embedder,
+        options,
+        problems=problems,
+        total=len(rows) + n_unreadable_rows,
+        calibration=calibration,
+        training_digests=embedder.card.training_digests(model_dir),
+    )
+    report = RouterReport(**result.manifest.router_report)
+    log.info("router: " + report.summary())
+    if calibration is None:
+        log.warning(
+            "no --calibration-queries: the router was measured on held-out catalogue photos, not on real query "
+            "photos; give the build query photos of catalogue SKUs for figures that match production"
+        )
+    return result
+
+
+def publish_vectors(
+    vectors: np.ndarray,
+    rows: list[CatalogueRow],
+    out_dir: Path,
+    embedder: Embedder,
+    options: BuildOptions = BuildOptions(),
+    *,
+    problems: list[RowProblem] | None = None,
+    total: int | None = None,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    training_digests: frozenset[str] = frozenset(),
+) -> BuildResult:
+    """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
+    build_index, and by benchmarks that need a large index of synthetic vectors."""
+    problems = problems or []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".building-{uuid.uuid4().hex[:12]}"
+    (staging / "shards").mkdir(parents=True)
+    try:
+        manifest = _write_version(
+            staging,
+            vectors,
+            rows,
+            problems,
+            embedder,
+            options,
+            total=total if total is not None else len(rows),
+            calibration=calibration,
+            training_digests=training_digests,
+        )
+        final = out_dir / manifest.version
+        staging.rename(final)  # the version appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_current(out_dir, manifest.version)
+    log.info(
+        "index built",
+        extra={"version": manifest.version, "items": manifest.n_items, "problems": len(problems)},
+    )
+    return BuildResult(final, manifest, problems)
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """The embedded rows grouped by category (shard-local id i is item row offset + i), and the way back to
+    catalogue order."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    rows: list[CatalogueRow]
+    categories: list[str]
+    back: np.ndarray  # grouped position -> catalogue order
+    category_source: Literal["catalogue", "kmeans"]
+    n_clusters: int | None
+
+
+def _write_version(
+    vdir: Path,
+    vectors: np.ndarray,
+    rows: list[CatalogueRow],
+    problems: list[RowProblem],
+    embedder: Embedder,
+    options: BuildOptions,
+    total: int,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    training_digests: frozenset[str] = frozenset(),
+) -> Manifest:
+    """categories -> shards -> router -> item table and build report -> manifest."""
+    grouped = _group_by_category(vectors, rows)
+    entries = _write_shards(vdir, grouped, options)
+    report = _write_router(vdir, grouped, embedder, options, calibration, training_digests)
+    item_rows: list[dict[str, Any]] = [
+        {"sku": r.sku, "category": r.category, "image": r.image, "title": r.title, "attributes": r.attributes}
+        for r in grouped.rows
+    ]
+    ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")
+    build_report = {"images_total": total, "images_embedded": len(rows), "problems": [p.__dict__ for p in problems]}
+    (vdir / "build_report.json").write_text(json.dumps(build_report, indent=2) + "\n")
+    manifest = _manifest(vdir, grouped, entries, report, embedder, options, total=total, failed=len(problems))
+    write_manifest(vdir, manifest)
+    return manifest
+
+
+def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Grouped:
+    category_source: Literal["catalogue", "kmeans"] = "catalogue"
+    n_clusters = None
+    if not any(r.category for r in rows):
+        rows, n_clusters = assign_clusters(vectors, rows)
+        category_source = "kmeans"
+        log.info("no category column: clustered the catalogue", extra={"clusters": n_clusters})
+    categories = sorted({r.category for r in rows})
+    cat_index = {c: i for i, c in enumerate(categories)}
+    labels = np.asarray([cat_index[r.category] for r in rows])
+    order = np.argsort(labels, kind="stable")
+    return _Grouped(
+        vectors=vectors[order],
+        labels=labels[order],
+        rows=[rows[i] for i in order],
+        categories=categories,
+        back=np.argsort(order, kind="stable"),
+        category_source=category_source,
+        n_clusters=n_clusters,
+    )
+
+
+def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions) -> list[CategoryEntry]:
+    entries: list[CategoryEntry] = []
+    offset = 0
+    for ci, name in enumerate(tqdm(g.categories, desc="shards", disable=not options.progress)):
+        members = np.flatnonzero(g.labels == ci)
+        rel = f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}"
+        build_shard(
+            options.backend, g.vectors[members], vdir / rel, M=options.M, ef_construction=options.ef_construction
+        )
+        entries.append(
+            CategoryEntry(
+                name=name,
+                shard=rel,
+                n_vectors=len(members),
+                n_skus=len({g.rows[i].sku for i in members}),
+                offset=offset,
+                sha256=sha256_file(vdir / rel),
+            )
+        )
+        offset += len(members)
+    return entries
+
+
+def _write_router(
+    vdir: Path,
+    g: _Grouped,
+    embedder: Embedder,
+    options: BuildOptions,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None,
+    training_digests: frozenset[str],
+) -> RouterReport:
+    # The router sees rows in catalogue order (the held-out draws are seeded over that order).
+    back = g.back
+    cat_index = {c: i for i, c in enumerate(g.categories)}
+    router, report = train_router(
+        g.vectors[back],
+        g.labels[back],
+        g.categories,
+        [g.rows[i].sku for i in back],
+        calibration=_calibration_set(calibration, g.rows, cat_index, training_digests),
+        seen=np.asarray([g.rows[i].sha256 in training_digests for i in back]) if training_digests else None,
+        model_card_unseen_top1=embedder.card.unseen_router_top1(),
+        min_images=options.router_min_images,
+        max_probes=options.max_probes,
+        max_loss=options.max_routing_loss,
+        target_precision=options.target_precision,
+        near_duplicate_cosine=options.near_duplicate_cosine,
+        exhaustive_below=options.exhaustive_below,
+    )
+    router.save(vdir / "router.npz")
+    return report
+
+
+def _manifest(
+    vdir: Path,
+    g: _Grouped,
+    entries: list[CategoryEntry],
+    report: RouterReport,
+    embedder: Embedder,
+    options: BuildOptions,
+    *,
+    total: int,
+    failed: int,
+) -> Manifest:
+    """Every file's size and sha256, and a version name from the time and the content hash."""
+    files = {
+        str(p.relative_to(vdir)): FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(vdir.rglob("*"))
+        if p.is_file()
+    }
+    content = hashlib.sha256("".join(f"{k}:{v.sha256}" for k, v in files.items()).encode()).hexdigest()
+    created = datetime.now(UTC)
+    card = embedder.card
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        version=f"{created:%Y%m%dT%H%M%SZ}-{content[:8]}",
+        created=created.isoformat(timespec="seconds"),
+        model=ModelRef(name=card.name, version=card.version, sha256=card.sha256, dim=card.output.dim),
+        backend=options.backend,
+        dim=embedder.dim,
+        n_items=len(g.rows),
+        categories=entries,
+        category_source=g.category_source,
+        probe_mass=report.probe_mass,
+        max_probes=report.max_probes,
+        thresholds=report.thresholds,
+        global_threshold=report.global_threshold,
+        router_report=report.as_dict(),
+        build=BuildParams(
+            M=options.M,
+            ef_construction=options.ef_construction,
+            ef_search=options.ef_search,
+            images_total=total,
+            images_failed=failed,
+            n_clusters=g.n_clusters,
+        ),
+        files=files,
+    )

@@ -1,1 +1,0 @@
-"""Offline jobs: export the model, build an index version."""

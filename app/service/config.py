@@ -1,0 +1,82 @@
+"""Service settings: one typed object, read from `VPS_*` environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.engine.imaging import MAX_IMAGE_PIXELS
+from app.engine.search import FILL_MAX_PROBES, OVERFETCH
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
+
+    index_dir: Path = Field(Path("index_data"), description="Directory holding CURRENT and index versions")
+    model_dir: Path = Field(Path("models/grocery-lite0-ms512"), description="Directory with model.onnx and model.json")
+
+    # Untrusted input limits.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Byte cap of one image")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64, description="Pixel cap, read from the header")
+
+    # Concurrency: a bounded pool runs decode, inference and search; admission control in front of it.
+    # 3 on 2 cores: a third thread keeps both cores busy while another holds the GIL (decode, grouping) or the
+    # event loop does (HTTP): the best HTTP throughput and HTTP / in-process ratio (docs/benchmarks.md).
+    pool_threads: int = Field(3, ge=1, le=64, description="Worker threads for decode/embed/search")
+    # None: pool_threads, nothing queued behind the pool. Measured (scripts/loadtest.py, 2 cores, open loop at 2x
+    # capacity), accepted p99 against the unloaded p99: pool 2 with 8 admitted 5.5x, 4 3.8x, 3 2.8x; pool 3 with
+    # 4 admitted 3.5x, 3 1.8x. Queueing beyond that only adds latency; the excess is better refused at once.
+    max_inflight: int | None = Field(None, ge=1, le=4096, description="Requests admitted at once; more get 503")
+    retry_after_s: int = Field(1, ge=1, le=3600)
+    # Open connections per worker (uploads in progress included); beyond it uvicorn answers 503 at once.
+    max_connections: int = Field(256, ge=8, le=65536, description="Concurrent connections per worker")
+    # A request whose decode + inference + search takes longer answers 503 `deadline_exceeded`; its admission
+    # slot stays taken until the work really ends (a thread cannot be interrupted), so slow work still counts.
+    request_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="Deadline of one search's work")
+    ort_intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads")
+    ort_inter_op_threads: int = Field(1, ge=1, le=64)
+
+    # Search defaults (a request may override within the API's bounds).
+    default_k: int = Field(10, ge=1, le=100)
+    # None: use the value the index build chose and recorded in its manifest.
+    probe_mass: float | None = Field(None, gt=0.0, le=1.0, description="Router probability mass to probe")
+    max_probes: int | None = Field(None, ge=1, le=1000, description="Most shards searched per query")
+    # When the chosen shards hold fewer than k SKUs (or fewer pass min_score), the next shards in probability
+    # order are searched until k SKUs are found, at most this many more (0: never fill).
+    fill_max_probes: int = Field(FILL_MAX_PROBES, ge=0, le=4096, description="Most shards added to fill k SKUs")
+    ef_search: int | None = Field(None, ge=8, le=4096, description="HNSW efSearch at query time")
+    overfetch: int = Field(OVERFETCH, ge=1, le=50, description="Images fetched per wanted SKU before grouping")
+    warmup_queries: int = Field(3, ge=0, le=100)
+    # Each index file's sha256 is remembered with the file's identity (device, inode, size, mtime, ctime), so a
+    # restart does not re-read unchanged files to hash them (app/artifacts/verified.py). Unwritable: hashes every time.
+    remember_verification: bool = Field(True, description="Skip re-hashing index files unchanged since verified")
+    verify_cache_dir: Path | None = Field(None, description="Verification records; default <index_dir>/.verified")
+
+    # Off by default: the build calibrates thresholds against simulated unknowns at 50 % prevalence, strict for
+    # a shop where most queries are catalogue products (demo: 3 of 12 sample photos answered, 9 of 12 right).
+    open_set: bool = Field(False, description="Answer match=false below the manifest's per-category thresholds")
+
+    # Shadow recall: this share of routed searches is searched again with every shard probed, by one background
+    # thread of its own (never a compute slot), to count the products routing loses (app/service/shadow.py). A full
+    # queue drops the sample (counted): no request waits for shadow work or fails by it.
+    shadow_sample: float = Field(0.02, ge=0.0, le=1.0, description="Share of searches re-run on every shard (0: off)")
+    shadow_queue: int = Field(8, ge=1, le=1024, description="Shadow searches waiting at most; more are dropped")
+
+    # Index updates: /admin/reload, and optionally a watch of CURRENT (every worker process polls on its own, so
+    # the watch is how all workers of a pod pick up a published version).
+    index_watch_s: float = Field(0.0, ge=0.0, le=3600.0, description="Poll CURRENT every N s (0: off)")
+    # SIGTERM: /readyz 503 at once, keep serving this long, then stop accepting and finish requests in flight.
+    drain_s: float = Field(2.0, ge=0.0, le=300.0, description="Seconds to keep serving after SIGTERM")
+
+    # Root of the catalogue's image paths (as given to build-index), for the web page's result images. Only images
+    # of rows in the live index are served from it; unset: results carry no image_url.
+    catalogue_images_dir: Path | None = Field(None, description="Root of catalogue image paths, for GET /")
+
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @property
+    def admission_limit(self) -> int:
+        return self.max_inflight if self.max_inflight is not None else self.pool_threads

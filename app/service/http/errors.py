@@ -1,0 +1,61 @@
+"""Where errors become HTTP: ServiceError -> its status and stable code; request validation -> 422
+`invalid_parameter`; anything unexpected -> 500 `internal_error` (logged with the request id, text not leaked)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import NotReady, Overloaded, ServiceError
+from app.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def request_id_of(request: Request) -> str | None:
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else None
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -> None:
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)  # noqa: S101 - registered for ServiceError only
+        headers = {"Retry-After": str(retry_after_s)} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        if isinstance(exc, Overloaded | NotReady):
+            metrics.rejected.labels(reason=exc.code).inc()
+        if exc.status >= 500 and not isinstance(exc, Overloaded):
+            log.error("request failed", extra={"request_id": request_id_of(request), "code": exc.code})
+        return error_response(exc.status, exc.code, exc.message, request_id_of(request), headers)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        message = "; ".join(parts) or "invalid request"
+        return error_response(422, "invalid_parameter", message, request_id_of(request))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
+        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request refused")
+        return error_response(exc.status_code, code, message, request_id_of(request), dict(exc.headers or {}))
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -1,0 +1,217 @@
+"""Routes: POST /search, health, readiness, info, metrics. A request goes: read_image (byte cap) ->
+runner (bounded pool) -> SearchEngine.search_image (app/engine/search.py) -> SearchResponse."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from app.engine.search import STAGES, Hit, SearchEngine, SearchOutcome, resolve_params
+from app.errors import NotReady
+from app.service.http.schemas import (
+    ErrorResponse,
+    Health,
+    Info,
+    SearchQuery,
+    SearchResponse,
+)
+from app.service.http.upload import read_image
+from app.service.state import AppState
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500, 503)}
+
+
+def _query_parameters() -> list[dict[str, Any]]:
+    """SearchQuery's fields as OpenAPI query parameters, as FastAPI would list them: /search validates its query
+    string itself (see `search_query`), so FastAPI does not see them."""
+    properties = SearchQuery.model_json_schema()["properties"]
+    return [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": schema.get("description")}
+        for name, schema in properties.items()
+    ]
+
+
+_SEARCH_OPENAPI: dict[str, Any] = {
+    "parameters": _query_parameters(),
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+# Dependencies are `async def`: FastAPI runs plain `def` dependencies in a thread pool, two thread hops per
+# request for a dictionary lookup (profiled).
+async def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.vps
+    return state
+
+
+async def get_engine(state: Annotated[AppState, Depends(get_state)]) -> SearchEngine:
+    """The engine a request runs on, taken once at its start."""
+    return state.require_engine()
+
+
+def search_query(request: Request) -> SearchQuery:
+    """The query string as one SearchQuery, validated in one pydantic-core call; errors become the same 422
+    `invalid_parameter` as FastAPI's own parameter validation."""
+    try:
+        return SearchQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in errors]) from None
+
+
+# The hot path takes only the Request: FastAPI's dependency and parameter machinery cost more event-loop CPU per
+# request than the parsing it does (under cProfile ~30% of the app's time for a search; together with the direct
+# multipart parse, the app's CPU per request fell from 692-752 to 538-559 us), and the loop's CPU is taken from
+# inference on a saturated node (docs/benchmarks.md, service overhead).
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS, openapi_extra=_SEARCH_OPENAPI)
+async def search(request: Request) -> Response:
+    t0 = time.perf_counter()
+    state: AppState = request.app.state.vps
+    engine = state.require_engine()
+    query = search_query(request)
+    settings = state.settings
+    # Full: refuse before reading a byte (cheap shedding). Otherwise the body is read before admission, so a
+    # slow upload holds a connection (bounded by the server's connection limit), never one of the few compute
+    # slots; admission is checked again once the body is in.
+    state.runner.refuse_if_full()
+    data = await read_image(request, settings.max_upload_bytes)
+    params = resolve_params(
+        engine.manifest,
+        state.search_defaults,
+        k=query.k,
+        category=query.category,
+        min_score=query.min_score,
+        probe_mass=query.probe_mass,
+        max_probes=query.max_probes,
+        explain=query.explain,
+    )
+    async with state.runner.admit() as ticket:
+        outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
+    total = time.perf_counter() - t0
+    _observe(state, outcome)
+    state.shadow.offer(
+        engine, params, outcome
+    )  # a random draw; when sampled, a non-blocking put (app/service/shadow.py)
+    body = _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)
+    # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
+    # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _observe(state: AppState, outcome: SearchOutcome) -> None:
+    m = state.metrics
+    for stage in STAGES:
+        if stage in outcome.timings_s:
+            m.observe_stage(stage, outcome.timings_s[stage])
+    m.shards_probed.observe(len(outcome.probes))
+    if not outcome.forced_category:
+        m.router_top_probability.observe(outcome.top_probability)
+    if outcome.top_score is not None:
+        m.top_score.observe(outcome.top_score)  # before the open-set threshold: drift shows in refused answers too
+    if not outcome.match:
+        m.no_match.inc()
+
+
+def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, images: bool) -> SearchResponse:
+    card = engine.embedder.card
+    names = engine.categories
+    version = engine.manifest.version
+
+    def item(hit: Hit) -> dict[str, Any]:
+        hit_item = hit.item
+        image = hit_item.get("image")
+        return {
+            "sku": str(hit_item["sku"]),
+            "score": round(hit.score, 6),
+            "category": str(hit_item["category"]),
+            "title": hit_item.get("title"),
+            "image": image,
+            "image_url": f"/v1/catalogue-images/{version}/{hit.row}" if images and image else None,
+            "attributes": hit_item.get("attributes") or {},
+        }
+
+    ms = {stage: round(outcome.timings_s.get(stage, 0.0) * 1000, 3) for stage in STAGES}
+    # Plain data validated in one pydantic-core call instead of a Python constructor call per nested model.
+    return SearchResponse.model_validate(
+        {
+            "match": outcome.match,
+            "results": [item(h) for h in outcome.results],
+            "routing": {
+                "probed": [
+                    {"category": names[p.category], "probability": round(p.probability, 6)} for p in outcome.probes
+                ],
+                "added": [
+                    {"category": names[p.category], "probability": round(p.probability, 6)} for p in outcome.added
+                ],
+                "forced": outcome.forced_category,
+            },
+            "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "dim": card.output.dim},
+            "index_version": version,
+            "timings_ms": {**ms, "total": round(total_s * 1000, 3)},
+            "hits": [
+                {"sku": str(h.item["sku"]), "score": round(h.score, 6), "image": h.item.get("image")}
+                for h in outcome.image_hits
+            ]
+            if outcome.image_hits
+            else None,
+        }
+    )
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Health:
+    if state.draining:
+        raise NotReady("the service is shutting down")
+    state.require_engine()
+    return Health(status="ready")
+
+
+@router.get("/v1/info", response_model=Info, responses={503: {"model": ErrorResponse}})
+async def info(
+    state: Annotated[AppState, Depends(get_state)], engine: Annotated[SearchEngine, Depends(get_engine)]
+) -> Info:
+    s = state.settings
+    return Info(
+        model=engine.embedder.card.model_dump(),
+        index=engine.manifest.summary(),
+        categories=engine.categories,
+        limits={
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_k": 100,
+            "default_k": s.default_k,
+            "formats": ["jpeg", "png", "webp"],
+        },
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

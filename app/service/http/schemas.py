@@ -1,0 +1,106 @@
+"""Response schemas: the JSON contract of DESIGN.md, also published in the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["corrupt_image"])
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class SearchQuery(BaseModel):
+    """POST /search's query parameters, validated as one model in one pydantic-core call by the route itself
+    (`app/service/http/routes.py: search_query`), which also lists them in the OpenAPI document."""
+
+    k: int | None = Field(None, ge=1, le=100, description="Number of SKUs")
+    category: str | None = Field(None, min_length=1, max_length=200, description="Force a category")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Score floor; replaces the open-set thresholds"
+    )
+    probe_mass: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Router mass to probe")
+    max_probes: int | None = Field(None, ge=1, le=1000, description="Most shards searched")
+    explain: bool = Field(False, description="Also return the image-level hits before grouping")
+
+
+class ResultItem(BaseModel):
+    sku: str
+    score: float
+    category: str
+    title: str | None = None
+    image: str | None = None
+    image_url: str | None = Field(None, description="Catalogue image, when the service is configured to serve them")
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProbedCategory(BaseModel):
+    category: str
+    probability: float
+
+
+class Routing(BaseModel):
+    probed: list[ProbedCategory] = Field(description="The shards the router chose (or the forced category)")
+    added: list[ProbedCategory] = Field(
+        default_factory=list,
+        description="Shards searched next, in probability order, because the chosen ones held fewer than k SKUs",
+    )
+    forced: bool = Field(description="True when the caller named the category")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    dim: int
+
+
+class Timings(BaseModel):
+    decode: float
+    embed: float
+    route: float
+    search: float
+    group: float
+    total: float
+
+
+class ImageHit(BaseModel):
+    sku: str
+    score: float
+    image: str | None = None
+
+
+class SearchResponse(BaseModel):
+    match: bool = Field(description="False when no catalogue item scores above the open-set threshold")
+    results: list[ResultItem]
+    routing: Routing
+    model: ModelInfo
+    index_version: str
+    timings_ms: Timings
+    hits: list[ImageHit] | None = Field(None, description="Image-level hits before grouping (explain=true)")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Info(BaseModel):
+    model: dict[str, Any]
+    index: dict[str, Any]
+    categories: list[str]
+    limits: dict[str, Any]
+
+
+class ReloadResponse(BaseModel):
+    result: str = Field(examples=["success"], description="success, or unchanged when CURRENT names the live version")
+    previous_version: str | None
+    version: str | None
+    load_s: float
+    pid: int = Field(description="The worker process that reloaded (each worker holds its own engine)")

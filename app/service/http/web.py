@@ -1,0 +1,102 @@
+"""The try-it web page (GET /, its script) and the catalogue images its results show.
+
+Catalogue images: GET /v1/catalogue-images/{version}/{row} serves the image of row `row` of the *live* index
+version, read from VPS_CATALOGUE_IMAGES_DIR. The client never names a path: the path comes from the index's own
+item table, is resolved inside the images root (no escape), and must be a JPEG, PNG or WebP by its bytes. A
+version's rows never change, so the answer is cacheable for good (`immutable`); another version is a 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+
+from app.artifacts.manifest import safe_join
+from app.engine.imaging import JPEG, PNG, WEBP, sniff_format
+from app.engine.search import SearchEngine
+from app.errors import ArtifactError, EmptyBody, ServiceError, UnsupportedFormat
+from app.service.http.routes import get_engine, get_state
+from app.service.state import AppState
+
+web = APIRouter()
+
+_WEB = files("app.service") / "static"
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
+_MEDIA = {JPEG: "image/jpeg", PNG: "image/png", WEBP: "image/webp"}
+_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+class ImageNotFound(ServiceError):
+    code, status, message = "image_not_found", 404, "no such catalogue image in the live index"
+
+
+def _static(name: str, media_type: str, request: Request) -> Response:
+    body = (_WEB / name).read_bytes()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "no-cache",  # revalidate: cheap 304s, and a new release is seen at once
+        "Content-Security-Policy": _CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
+
+
+@web.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page(request: Request) -> Response:
+    return _static("index.html", "text/html; charset=utf-8", request)
+
+
+@web.get("/ui/app.js", include_in_schema=False)
+async def script(request: Request) -> Response:
+    return _static("app.js", "text/javascript; charset=utf-8", request)
+
+
+@web.get(
+    "/v1/catalogue-images/{version}/{row}",
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, 404: {}},
+    response_class=Response,
+)
+async def catalogue_image(
+    version: str,
+    row: int,
+    state: Annotated[AppState, Depends(get_state)],
+    engine: Annotated[SearchEngine, Depends(get_engine)],
+) -> Response:
+    root = state.settings.catalogue_images_dir
+    if root is None or version != engine.manifest.version or not 0 <= row < len(engine.items):
+        raise ImageNotFound()
+    rel = engine.items.get(row).get("image")
+    if not isinstance(rel, str) or not rel:
+        raise ImageNotFound()
+    try:
+        path = safe_join(root, rel)  # never outside the images root, whatever the item table says
+    except ArtifactError:
+        raise ImageNotFound() from None
+    if not path.is_file() or path.stat().st_size > _MAX_IMAGE_BYTES:
+        raise ImageNotFound()
+    data = await anyio.to_thread.run_sync(path.read_bytes)
+    try:
+        media = _MEDIA[sniff_format(data)]
+    except (UnsupportedFormat, EmptyBody, KeyError):
+        raise ImageNotFound() from None
+    return Response(
+        data,
+        media_type=media,
+        headers={
+            "Cache-Control": "public, max-age=31536000, immutable",  # rows of a version never change
+            "ETag": f'"{version}-{row}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

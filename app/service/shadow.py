@@ -1,0 +1,145 @@
+"""Shadow recall: how often routing loses a product that searching every shard finds, measured on live traffic.
+
+A sample of routed searches (`VPS_SHADOW_SAMPLE`) is searched again with every shard probed, off the request
+path: the request only draws a random number and, when sampled, puts its query vector in a bounded queue
+(`VPS_SHADOW_QUEUE`) and returns. One daemon thread of its own drains the queue (never the request pool, so it
+never takes a compute slot), compares the routed SKUs with the exhaustive ones and counts the outcome in
+`vps_routing_shadow_total{outcome}`. A full queue drops the sample (`vps_routing_shadow_dropped_total`); a
+failure is counted (`vps_routing_shadow_errors_total`) and logged once, never raised.
+
+Skipped, since there is nothing to learn: a forced category (nothing was routed) and a routed search whose probes
+and fill already covered every shard. A sample keeps a reference to the engine its query ran on, so a reload
+swapping engines meanwhile does not compare two index versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from app.engine.search import SearchEngine, SearchOutcome, SearchParams, every_shard
+from app.service.metrics import SHADOW_OUTCOMES, Metrics
+
+log = logging.getLogger(__name__)
+
+ShadowOutcome = Literal["same", "top1_missed", "topk_missed"]
+
+
+def compare(routed: Sequence[str], exhaustive: Sequence[str]) -> ShadowOutcome:
+    """The routed top-k SKUs against the every-shard top-k SKUs, best first.
+
+    - `top1_missed`: the exhaustive top-1 SKU is not the routed top-1 (the answer a user sees first changed);
+    - `topk_missed`: same top-1, but some exhaustive top-k SKU is missing from the routed top-k;
+    - `same`: same top-1 and every exhaustive top-k SKU among the routed ones (order below the top may differ:
+      HNSW scores ties and near-ties differently per shard set). An empty exhaustive answer (open set, min_score)
+      loses nothing: `same`."""
+    if not exhaustive:
+        return "same"
+    if not routed or routed[0] != exhaustive[0]:
+        return "top1_missed"
+    if not set(exhaustive) <= set(routed):
+        return "topk_missed"
+    return "same"
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    engine: SearchEngine  # the engine the query ran on, not whatever is live when the job runs
+    vector: np.ndarray
+    params: SearchParams
+    routed: tuple[str, ...]
+
+
+class ShadowSampler:
+    """Owned by the app's lifespan: `start()` after load, `offer()` per search on the event loop, `stop()` at
+    shutdown. With `sample == 0` no thread is started and `offer()` returns at once."""
+
+    def __init__(self, sample: float, queue_size: int, metrics: Metrics, *, seed: int | None = None) -> None:
+        self.sample = sample
+        # Its own generator: no shared global state; one C call per request.
+        self._draw = random.Random(seed).random  # noqa: S311 (sampling, not security)
+        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=queue_size)
+        self._outcomes = {o: metrics.routing_shadow.labels(outcome=o) for o in SHADOW_OUTCOMES}
+        self._dropped = metrics.routing_shadow_dropped
+        self._errors = metrics.routing_shadow_errors
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._logged = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.sample <= 0 or self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="vps-shadow", daemon=True)
+        self._thread.start()
+
+    def offer(self, engine: SearchEngine, params: SearchParams, outcome: SearchOutcome) -> None:
+        """On the request path: cheap, never blocks, never raises."""
+        if self._thread is None or self._draw() >= self.sample:
+            return
+        try:
+            if outcome.forced_category or outcome.vector is None:
+                return
+            if len(outcome.probes) + len(outcome.added) >= len(engine.shards):
+                return  # the routed search already was exhaustive
+            routed = tuple(str(h.item["sku"]) for h in outcome.results)
+            self._queue.put_nowait(ShadowJob(engine, outcome.vector, params, routed))
+        except queue.Full:
+            self._dropped.inc()
+        except Exception:
+            self._failed()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Samples still queued are dropped, not searched: shutdown waits for one shadow search at most."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        # Only the event loop puts (offer and this): just emptied, so this does not wait; never raise at shutdown.
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout_s)
+        thread.join(timeout_s)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._stopping.is_set():
+                continue
+            try:
+                self._outcomes[self.run(job)].inc()
+            except Exception:
+                self._failed()
+
+    @staticmethod
+    def run(job: ShadowJob) -> ShadowOutcome:
+        """The job's query searched with every shard probed (probe_mass 1 takes every shard up to max_probes),
+        compared with what the routed search answered."""
+        engine = job.engine
+        params = dataclasses.replace(every_shard(job.params, len(engine.shards)), explain=False)
+        exhaustive = engine.search_vector(job.vector, params)
+        return compare(job.routed, [str(h.item["sku"]) for h in exhaustive.results])
+
+    def _failed(self) -> None:
+        self._errors.inc()
+        if not self._logged:  # a broken shadow path must not flood the logs: the counter keeps counting
+            self._logged = True
+            log.exception("shadow search failed; further failures are only counted")

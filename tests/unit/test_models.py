@@ -1,0 +1,33 @@
+"""The committed models load, match their cards (hash, dim) and give unit vectors; no torch needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine.embedding import OnnxEmbedder
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"),
+    [
+        ("efficientnet-lite0-imagenet", 1280),
+        ("grocery-lite0-ms512", 512),
+        ("grocery-lite0-ms512-int8", 512),
+        ("grocery-lite0-ms512-cat", 512),
+    ],
+)
+def test_committed_models_match_their_cards(name: str, dim: int) -> None:
+    model_dir = Path(__file__).resolve().parents[2] / "models" / name
+    embedder = OnnxEmbedder(model_dir)  # checks the hash and output dim against model.json
+    assert embedder.dim == dim
+    x = np.zeros((2, 3, 224, 224), dtype=np.float32)
+    assert np.allclose(np.linalg.norm(embedder.embed(x), axis=1), 1.0, atol=1e-5)
+
+
+def test_the_default_model_is_the_trained_one() -> None:
+    from app.service.config import Settings
+
+    assert Settings().model_dir.name == "grocery-lite0-ms512"
