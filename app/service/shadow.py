@@ -35,20 +35,18 @@ ShadowOutcome = Literal["same", "top1_missed", "topk_missed"]
 
 
 def compare(routed: Sequence[str], exhaustive: Sequence[str]) -> ShadowOutcome:
-    """The routed top-k SKUs against the every-shard top-k SKUs, best first.
+    """Where the every-shard search's best SKU is in the routed answer (mutually exclusive outcomes):
 
-    - `top1_missed`: the exhaustive top-1 SKU is not the routed top-1 (the answer a user sees first changed);
-    - `topk_missed`: same top-1, but some exhaustive top-k SKU is missing from the routed top-k;
-    - `same`: same top-1 and every exhaustive top-k SKU among the routed ones (order below the top may differ:
-      HNSW scores ties and near-ties differently per shard set). An empty exhaustive answer (open set, min_score)
-      loses nothing: `same`."""
-    if not exhaustive:
+    - `same`: it is the routed top-1;
+    - `top1_missed`: it is in the routed answer, but not first (routing demoted it);
+    - `topk_missed`: it is not in the routed answer at all (routing hid the best match).
+
+    The rest of the lists is not compared: filling k takes the next shards by router probability, the every-shard
+    search the next SKUs by score, so below the top they differ by design (on the demo at k=10, a whole-list rule
+    flagged 3,890 of 3,890 samples). An empty exhaustive answer (open set, min_score) loses nothing: `same`."""
+    if not exhaustive or (routed and routed[0] == exhaustive[0]):
         return "same"
-    if not routed or routed[0] != exhaustive[0]:
-        return "top1_missed"
-    if not set(exhaustive) <= set(routed):
-        return "topk_missed"
-    return "same"
+    return "top1_missed" if exhaustive[0] in routed else "topk_missed"
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 
 from app.artifacts.manifest import read_manifest, resolve_current
-from app.engine.routing import LinearRouter, load_router, softmax
+from app.engine.routing import LinearRouter, Probe, load_router, select_probes, softmax
+from app.engine.search import SearchEngine, SearchParams, Shard
 from app.offline.build.build_index import BuildOptions, build_index
 from app.offline.routing.calibrate import (
     MIN_POLICY_QUERIES,
+    RouterReport,
+    _choose_policy,
+    fill_shards,
     grouped_holdout,
     near_duplicate_groups,
     threshold_for_precision,
@@ -174,3 +178,77 @@ def test_a_router_that_loses_recall_at_every_mass_searches_every_shard() -> None
     assert report.probe_mass == 1.0 and report.max_probes == 4
     assert "no probe_mass" in report.policy_reason
     assert report.summary().startswith("router top-1 ") and "every shard (4)" in report.summary()
+
+
+def test_the_build_fills_k_as_the_service_does() -> None:
+    """The shards the build's measurement searches (fill_shards) are the ones SearchEngine searches: the router's
+    choice, then the next shards in probability order until they hold k SKUs."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(2, 12))
+        probs = rng.dirichlet(np.ones(n))
+        shard_skus = rng.integers(1, 4, n)
+        k = int(rng.integers(1, 12))
+        chosen = [p.category for p in select_probes(probs, probe_mass=float(rng.uniform(0.3, 1.0)), max_probes=3)]
+        engine = SearchEngine.__new__(SearchEngine)
+        engine.shards = [Shard(f"c{i}", 0, None, n_skus=int(c)) for i, c in enumerate(shard_skus)]  # type: ignore[arg-type]
+        params = SearchParams(k=k, fill_max_probes=n)
+        added: list[Probe] = []
+        found = min(k, int(shard_skus[chosen].sum()))  # exact search, nothing filtered: every SKU comes back
+        while found < k and (more := engine.fill_probes(probs, [Probe(c, 0.0) for c in chosen], added, found, params)):
+            added += more
+            found = min(k, found + int(sum(shard_skus[p.category] for p in more)))
+        assert fill_shards(probs, chosen, shard_skus, k) == chosen + [p.category for p in added]
+
+
+def test_the_policy_is_the_smallest_mass_within_both_losses() -> None:
+    report = RouterReport(
+        kind="linear",
+        temperature=1.0,
+        fallback_categories=[],
+        calibration_queries=500,
+        router_top1=0.9,
+        router_top3=0.98,
+        probe_mass=0.999,
+        max_probes=8,
+        exhaustive_recall1=0.8,
+        routed_recall1=0.8,
+        routing_loss_points=0.0,
+        mean_shards=4.0,
+        candidates=[
+            {
+                "probe_mass": 0.5,
+                "recall1": 0.78,
+                "recall5": 0.95,
+                "loss1_points": 2.0,
+                "loss5_points": 0.0,
+                "shards": 1.0,
+            },
+            {
+                "probe_mass": 0.8,
+                "recall1": 0.797,
+                "recall5": 0.93,
+                "loss1_points": 0.3,
+                "loss5_points": 2.0,
+                "shards": 1.5,
+            },
+            {
+                "probe_mass": 0.9,
+                "recall1": 0.797,
+                "recall5": 0.948,
+                "loss1_points": 0.3,
+                "loss5_points": 0.2,
+                "shards": 2.0,
+            },
+            {
+                "probe_mass": 0.99,
+                "recall1": 0.8,
+                "recall5": 0.95,
+                "loss1_points": 0.0,
+                "loss5_points": 0.0,
+                "shards": 3.0,
+            },
+        ],
+    )
+    _choose_policy(report, ["a"] * 10, n_vectors=50_000, max_loss=0.005, exhaustive_below=1000, measurable=True)
+    assert report.probe_mass == 0.9 and report.mean_shards == 2.0 and report.routing_loss5_points == 0.2

@@ -17,11 +17,11 @@ MAX_OFFLINE_PIXELS = 100_000_000
 
 
 class PhotoProblem(Exception):
-    """A photo that cannot be used; `reason` is what the build report says."""
+    """A photo that cannot be used; `reason` is what the build report says, the message names the photo too."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, image: str, reason: str) -> None:
+        super().__init__(f"{image}: {reason}")
+        self.image, self.reason = image, reason
 
 
 def read_photo(root: Path, image: str) -> bytes:
@@ -29,13 +29,13 @@ def read_photo(root: Path, image: str) -> bytes:
     base = root.resolve()
     path = (base / image).resolve()
     if not path.is_relative_to(base):
-        raise PhotoProblem("path escapes the images root")
+        raise PhotoProblem(image, "path escapes the images root")
     try:
         if path.stat().st_size > MAX_OFFLINE_IMAGE_BYTES:
-            raise PhotoProblem("file too large")
+            raise PhotoProblem(image, "file too large")
         return path.read_bytes()
     except OSError:
-        raise PhotoProblem("file missing or unreadable") from None
+        raise PhotoProblem(image, "file missing or unreadable") from None
 
 
 def decode_photo(data: bytes, min_side: int | None = None) -> Image.Image:

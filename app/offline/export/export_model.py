@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
-# EfficientNet-Lite was trained in TensorFlow with inputs scaled to [-1, 1]: (x - 127) / 128.
 
 
 def build_imagenet_lite0() -> Any:

@@ -112,8 +112,8 @@
     });
     $("routing-note").textContent = data.routing.forced
       ? "Category chosen by the request."
-      : data.routing.probed.length + " categories chosen by the router" +
-        (added.length ? ", " + added.length + " more searched to find enough products." : ".");
+      : data.routing.probed.length + " categories searched" +
+        (added.length ? ", and " + added.length + " more to find enough products." : ".");
 
     const timings = $("timings");
     timings.replaceChildren();
