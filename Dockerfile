@@ -31,6 +31,7 @@ COPY examples/grocery/LICENSE /srv/catalogue-images/LICENSE
 ENV PATH=/opt/vps/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     VPS_MODEL_DIR=/srv/models/grocery-lite0-ms512 \
     VPS_INDEX_DIR=/srv/index_data \
     VPS_CATALOGUE_IMAGES_DIR=/srv/catalogue-images \

@@ -32,7 +32,6 @@ def serve(
     # slower here. Set before numpy, faiss or onnxruntime are imported (workers inherit the environment).
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    import uvicorn
 
     # Options travel as VPS_* variables so that every worker process reads the same settings.
     if index_dir is not None:
@@ -45,7 +44,7 @@ def serve(
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level)
-    from app.service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+    from app.service.metrics import MULTIPROC_ENV, MetricsDirError, prepare_multiprocess_dir
 
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     if workers > 1 and not metrics_dir:
@@ -53,22 +52,17 @@ def serve(
     if metrics_dir:
         # Every worker maps the same index files (shared page cache, no copy per worker); metrics from all of
         # them are aggregated through files in one directory, emptied here so a restart serves no stale counts.
-        prepare_multiprocess_dir(Path(metrics_dir))
+        try:
+            prepare_multiprocess_dir(Path(metrics_dir), workers)
+        except MetricsDirError as exc:
+            typer.echo(f"cannot start: {exc}", err=True)
+            raise typer.Exit(3) from None
         os.environ[MULTIPROC_ENV] = metrics_dir
         log.info("multiprocess metrics", extra={"dir": metrics_dir, "workers": workers})
-    uvicorn.run(
-        "app.service.app:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        # After the drain (VPS_DRAIN_S), requests in flight get this long to finish.
-        timeout_graceful_shutdown=30,
-        # Bounds memory held by uploads in progress (each <= max_upload_bytes); compute is bounded separately.
-        limit_concurrency=settings.max_connections,
-    )
+    from app.service.server import run
+
+    # uvicorn with head limits and the request cap (app/service/server.py); every worker reads the same settings.
+    run(host=host, port=port, workers=workers)
 
 
 @cli.command("build-index")
@@ -88,9 +82,16 @@ def build_index_cmd(
         typer.Option(exists=True, dir_okay=False, help="CSV of real query photos of catalogue SKUs for calibration"),
     ] = None,
     calibration_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
+    max_routing_loss: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Recall@1 and @5 the probing policy may lose (0.005: half a point)")
+    ] = 0.005,
+    exhaustive_below: Annotated[
+        int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
+    ] = 1000,
 ) -> None:
     """Embed a catalogue and publish a new index version."""
     from app.offline.build.build_index import BuildOptions, build_index
+    from app.offline.routing.calibrate import RouterReport
 
     configure_logging("INFO")
     if backend not in ("faiss", "hnswlib"):
@@ -103,6 +104,8 @@ def build_index_cmd(
         ef_search=ef_search,
         batch_size=batch_size,
         threads=threads,
+        max_routing_loss=max_routing_loss,
+        exhaustive_below=exhaustive_below,
     )
     result = build_index(
         catalogue,
@@ -118,6 +121,7 @@ def build_index_cmd(
         f"built {m_.version}: {m_.n_items} images in {len(m_.categories)} categories, "
         f"{len(result.problems)} skipped (see {result.version_dir / 'build_report.json'})"
     )
+    typer.echo("router: " + RouterReport(**m_.router_report).summary())
     for p in result.problems[:20]:
         typer.echo(f"  skipped line {p.line}: {p.image}: {p.reason}", err=True)
 

@@ -43,6 +43,15 @@ class TooManyPixels(ServiceError):
     code, status, message = "too_many_pixels", 422, "the image has too many pixels"
 
 
+class ImageTooComplex(ServiceError):
+    code, status, message = (
+        "image_too_complex",
+        422,
+        "the image would cost too much to decode (too many JPEG scans or segments, or too much memory for its "
+        "size, bit depth and channels); send a plainer or smaller image",
+    )
+
+
 class InvalidParameter(ServiceError):
     code, status, message = "invalid_parameter", 422, "a request parameter is invalid"
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -83,11 +84,20 @@ def keepalive_caller(port: int, encoded: dict[int, bytes]) -> Callable[[bytes], 
     return call
 
 
-def start_server(args: list[str], env: dict[str, str], timeout_s: float = 120) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `vps serve <args>` on a free port and wait until /readyz answers 200; returns (process, base URL)."""
+def start_server(
+    args: list[str],
+    env: dict[str, str],
+    timeout_s: float = 120,
+    *,
+    vps: str | None = None,
+    log: IO[bytes] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `vps serve <args>` (this venv's, or `vps`) on a free port and wait until /readyz answers 200; returns
+    (process, base URL). Its output goes to `log`, or nowhere."""
     port = free_port()
-    vps = str(Path(sys.executable).with_name("vps"))
-    server = subprocess.Popen([vps, "serve", "--port", str(port), *args], env=env, stderr=subprocess.DEVNULL)
+    vps = vps or str(Path(sys.executable).with_name("vps"))
+    out = log if log is not None else subprocess.DEVNULL
+    server = subprocess.Popen([vps, "serve", "--port", str(port), *args], env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

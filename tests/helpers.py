@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.artifacts.hashing import sha256_file
 from app.engine.embedding import Embedder
+from app.engine.imaging import Collected
 from app.engine.search import SearchEngine, SearchOutcome, SearchParams
 from app.offline.datasets.catalogue import write_catalogue
 from app.service.config import Settings
@@ -126,6 +127,18 @@ def free_port() -> int:
         return port
 
 
+def wait_until_up(base: str, path: str = "/healthz", timeout_s: float = 30) -> bool:
+    """Poll `base + path` until it answers 200 or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}{path}", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            time.sleep(0.05)
+    return False
+
+
 @contextmanager
 def live_server(app: FastAPI) -> Iterator[str]:
     """Run the app under a real uvicorn server on 127.0.0.1; yields its base URL."""
@@ -135,14 +148,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    else:
+    if not wait_until_up(base):
         raise RuntimeError("server did not start")
     try:
         yield base
@@ -158,9 +164,9 @@ class GatedEngine(SearchEngine):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.gate = gate
 
-    def search_image(self, data: bytes, params: SearchParams) -> SearchOutcome:
+    def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
         self.gate.wait(10)
-        return super().search_image(data, params)
+        return super().search_image(data, params, warnings)
 
 
 def gated_loader(gate: threading.Event) -> EngineLoader:

@@ -192,6 +192,28 @@ def resolve_current(index_dir: Path) -> Path:
     return version_dir
 
 
+def earlier_versions(index_dir: Path) -> list[Path]:
+    """Version directories other than the one CURRENT names, newest first (names start with their UTC time)."""
+    try:
+        current = (index_dir / CURRENT_FILE).read_text().strip()
+    except OSError:
+        current = ""
+    found = [
+        d
+        for d in index_dir.iterdir()
+        if d.is_dir() and d.name != current and _VERSION_RE.match(d.name) and (d / MANIFEST_FILE).is_file()
+    ]
+    return sorted(found, key=lambda d: d.name, reverse=True)
+
+
+def make_read_only(version_dir: Path) -> None:
+    """Published files are never written again: a file truncated or rewritten under a running server (its
+    shards are memory-mapped) crashes the process with SIGBUS, so the build takes write permission away."""
+    for path in version_dir.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+
+
 def publish_current(index_dir: Path, version: str) -> None:
     """Point CURRENT at `version` atomically (write a temp file, fsync, rename over)."""
     if not _VERSION_RE.match(version):

@@ -13,7 +13,7 @@ from app.artifacts.manifest import read_manifest, resolve_current, safe_join, ve
 from app.artifacts.shards import load_shard
 from app.artifacts.verified import VerifiedFiles
 from app.engine.embedding import Embedder, OnnxEmbedder
-from app.engine.imaging import MAX_IMAGE_PIXELS
+from app.engine.imaging import MAX_DECODE_BYTES, MAX_IMAGE_PIXELS, DecodeBudget
 from app.engine.routing import load_router
 from app.engine.search import OVERFETCH, SearchEngine, Shard
 from app.errors import ArtifactError
@@ -29,6 +29,8 @@ class EngineOptions:
     ef_search: int | None = None  # None: the build's (manifest)
     max_image_pixels: int = MAX_IMAGE_PIXELS
     overfetch: int = OVERFETCH
+    max_decode_bytes: int = MAX_DECODE_BYTES
+    decode_budget: DecodeBudget | None = None  # one per process, shared by its engines (reloads keep it)
     verify_records: Path | None = None  # where verified file hashes are remembered (None: hash every time)
     intra_op_threads: int = 1
     inter_op_threads: int = 1
@@ -111,4 +113,6 @@ def load_version(version_dir: Path, embedder: Embedder, options: EngineOptions =
         manifest=manifest,
         max_image_pixels=options.max_image_pixels,
         overfetch=options.overfetch,
+        max_decode_bytes=options.max_decode_bytes,
+        decode_budget=options.decode_budget,
     )

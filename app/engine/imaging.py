@@ -7,14 +7,21 @@ any pixel is decoded; only the first frame of an animation is ever decoded.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
+import re
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Final
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from app.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from app.errors import CorruptImage, EmptyBody, ImageTooComplex, Overloaded, TooManyPixels, UnsupportedFormat
 
 JPEG: Final = "JPEG"
 PNG: Final = "PNG"
@@ -38,29 +45,157 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedFormat()
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Image.Image:
+# JPEG structure, counted before decoding. Decode CPU grows with the number of scans (each progressive scan is a
+# pass over the whole coefficient buffer: a 6000x6000 image with one scan repeated 5,000 times took 9.7 s) and
+# parsing with the number of segments. Encoders write 1 scan (baseline) or about 10 (libjpeg progressive).
+MAX_JPEG_SCANS = 64
+MAX_JPEG_SEGMENTS = 512
+# Memory one decode may take, estimated from the header (canvas, bit depth, channels, progressive coefficients)
+# before any pixel is decoded. 160 MiB admits a 40 MP baseline JPEG (decoded at reduced scale), a 20 MP
+# progressive 4:2:0 JPEG, a 16 MP RGBA PNG and a 12 MP 16-bit PNG.
+MAX_DECODE_BYTES = 160 * 1024 * 1024
+# No side longer than this, whatever the pixel count (1 x 20,000 is answered, as it was; a 1 x 40,000,000 strip is
+# not a photo).
+MAX_SIDE = 32768
+# A marker that ends entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a fill 0xFF or RSTn.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_BYTES_PER_PIXEL = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "LA": 2,
+    "PA": 2,
+    "La": 2,
+    "I;16": 2,
+    "I;16B": 2,
+    "I;16L": 2,
+    "I;16N": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "RGBA": 4,
+    "RGBa": 4,
+    "CMYK": 4,
+    "I": 4,
+    "F": 4,
+}
+
+
+def jpeg_structure(data: bytes) -> tuple[int, int]:
+    """(scans, segments) of a JPEG, walking its markers without decoding; stops early past the limits."""
+    scans = segments = 0
+    i, n = 2, len(data)
+    while i + 4 <= n and scans <= MAX_JPEG_SCANS and segments <= MAX_JPEG_SEGMENTS:
+        if data[i] != 0xFF:
+            break  # not at a marker: malformed, left to the decoder
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1  # fill byte
+            continue
+        if marker == 0xD9:
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            i += 2
+            continue
+        segments += 1
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+            scans += 1
+            m = _JPEG_MARKER.search(data, i)
+            if m is None:
+                break
+            i = m.start()
+    return scans, segments
+
+
+def decode_cost(opened: Image.Image, fmt: str, min_side: int | None) -> int:
+    """Bytes the decode of `opened` will hold at its peak, from the header alone."""
+    w, h = opened.size
+    pixels = w * h
+    if fmt == JPEG:
+        scale = 1
+        if min_side is not None:  # draft mode decodes at 1/2, 1/4 or 1/8 while both sides stay >= min_side
+            while scale < 8 and min(w, h) // (scale * 2) >= min_side:
+                scale *= 2
+        out = (pixels // (scale * scale)) * 3 * 2  # the decoded image and its RGB conversion
+        if opened.info.get("progressive") or opened.info.get("progression"):
+            # Progressive decoding keeps every component's coefficients at full size: 2 bytes a sample.
+            layers = getattr(opened, "layer", None) or [(0, 1, 1, 0)] * 3
+            hmax = max(layer[1] for layer in layers)
+            vmax = max(layer[2] for layer in layers)
+            out += sum(2 * pixels * layer[1] * layer[2] // (hmax * vmax) for layer in layers)
+        return out
+    depth = _BYTES_PER_PIXEL.get(opened.mode, 4)
+    frames = 2 if getattr(opened, "n_frames", 1) > 1 else 1  # an animation decoder keeps the previous canvas
+    if fmt == WEBP:
+        depth = 4  # WebP always decodes to RGBA
+    return pixels * (depth * frames + 3)  # + the RGB result
+
+
+class DecodeBudget:
+    """The decode memory of every request in flight, bounded: a decode that does not fit waits for none and is
+    refused (503 `overloaded`, retryable), so a few large images cannot together exceed the pod's memory or keep
+    every compute slot busy decoding. Thread-safe: the pool's threads share it."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._lock:
+            if self._used and self._used + nbytes > self.total:
+                raise Overloaded("too many large images are being decoded; retry shortly")
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= nbytes
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_side: int | None = None,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
+    budget: DecodeBudget | None = None,
+) -> Image.Image:
     """Decode untrusted bytes to an RGB image (first frame, EXIF orientation applied).
 
-    `min_side` lets JPEG decode at a reduced scale (DCT draft mode) while keeping both sides >= min_side:
-    a 12 MP photo bound for a 224-pixel model decodes about 2-3x faster that way.
+    Refused before any pixel is decoded: too many pixels or too long a side (TooManyPixels), too many JPEG scans
+    or segments, or an estimated decode memory above `max_decode_bytes` (ImageTooComplex); `budget`, when given,
+    bounds the decode memory of all requests together. `min_side` lets JPEG decode at a reduced scale (DCT draft
+    mode) while keeping both sides >= min_side: a 12 MP photo bound for a 224-pixel model decodes about 2-3x
+    faster that way. Library warnings are collected (`collect_warnings`), never printed.
     """
     fmt = sniff_format(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = opened.size
-            if width <= 0 or height <= 0:
-                raise CorruptImage()
-            if width * height > max_pixels:
-                raise TooManyPixels()
+        opened = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            raise CorruptImage()
+        if width * height > max_pixels or max(width, height) > MAX_SIDE:
+            raise TooManyPixels()
+        if fmt == JPEG:
+            scans, segments = jpeg_structure(data)
+            if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
+                raise ImageTooComplex()
+        cost = decode_cost(opened, fmt, min_side)
+        if cost > max_decode_bytes:
+            raise ImageTooComplex()
+        with budget.reserve(cost) if budget is not None else nullcontext():
             if fmt == JPEG and min_side is not None:
                 opened.draft("RGB", (min_side, min_side))
             opened.seek(0)
             opened.load()
-            image: Image.Image = ImageOps.exif_transpose(opened) or opened
-            return to_rgb(image)
-    except (TooManyPixels, CorruptImage):
+            orientation = opened.getexif().get(_ORIENTATION, 1)
+            rgb = to_rgb(_orient(_shrink(opened, min_side), orientation))
+        if cost >= TRIM_ABOVE_BYTES:
+            release_memory()
+        return rgb
+    except (TooManyPixels, CorruptImage, ImageTooComplex, Overloaded):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels() from exc
@@ -70,14 +205,58 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
         raise CorruptImage() from exc
 
 
+_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_270],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_90],
+}
+_REDUCIBLE = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "PA"})
+
+
+def _shrink(image: Image.Image, min_side: int | None) -> Image.Image:
+    """An image over twice the size preprocessing needs, reduced by an integer box filter before any conversion,
+    so that conversions copy the small image (a 5000x5000 16-bit PNG: the RSS rise fell from 257 MB, measured
+    by scripts/bench_hostile.py). JPEG needs none: draft mode already decoded it small."""
+    if min_side is None:
+        return image
+    factor = min(image.size) // (2 * min_side)
+    if factor < 2:
+        return image
+    if image.mode in _REDUCIBLE:
+        return image.reduce(factor)
+    if image.mode.startswith("I;16"):
+        arr = np.asarray(image)
+        h, w = (arr.shape[0] // factor) * factor, (arr.shape[1] // factor) * factor
+        boxes = arr[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+        return Image.fromarray(boxes.astype(np.uint16))  # mode I;16
+    return image  # palette and 1-bit: one byte a pixel at most, converted whole
+
+
+def _orient(image: Image.Image, orientation: object) -> Image.Image:
+    """EXIF orientation, applied after shrinking (as ImageOps.exif_transpose would before it)."""
+    for method in _TRANSPOSE.get(orientation if isinstance(orientation, int) else 1, []):
+        image = image.transpose(method)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited on white, 16/32-bit is rescaled."""
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grey to 8: the high byte, or the value itself when nothing exceeds 255. Integer arithmetic: the
+        # first version went through float64, 8 bytes a pixel (a 40 MP image: +0.9 GB RSS).
+        arr16 = np.asarray(image)
+        gray = (arr16 >> 8).astype(np.uint8) if arr16.size and int(arr16.max()) > 255 else arr16.astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         hi = float(arr.max()) if arr.size else 0.0
         scale = 255.0 / 65535.0 if hi > 255.0 else 1.0
         gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
@@ -88,3 +267,80 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+# --- memory given back ------------------------------------------------------------------------------------------
+# glibc keeps freed arena memory mapped: after a large decode, RSS stayed 2.4 GB after a hostile batch. malloc_trim
+# returns it to the system; it costs about a millisecond, so only after decodes at least this large.
+TRIM_ABOVE_BYTES = 32 * 1024 * 1024
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc malloc_trim; a no-op elsewhere)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+# glibc's M_ARENA_MAX. With its default (8 per core) a hostile batch left RSS at 1.09-1.20x its baseline after
+# trimming; with 2 arenas 0.87-0.90x (two runs each, scripts/bench_hostile.py). Set per process at start.
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process (what MALLOC_ARENA_MAX does from the environment)."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, arenas) == 1)
+
+
+# --- library warnings -------------------------------------------------------------------------------------------
+# Pillow warns once per bad EXIF tag: 5,400 bogus tags wrote 1.1 MB of raw UserWarning lines to the log. Warnings
+# raised while a request decodes are collected here (per request: a context variable, safe across the pool's
+# threads) and reported by the service as one counted JSON line; `warnings.catch_warnings` is not thread-safe.
+MAX_COLLECTED = 3  # messages kept per request; the rest are only counted
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.count = 0
+        self.messages: list[str] = []
+
+
+_COLLECTOR: ContextVar[Collected | None] = ContextVar("vps_warning_collector", default=None)
+_previous_showwarning = warnings.showwarning
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    collected = _COLLECTOR.get()
+    if collected is None:
+        _previous_showwarning(message, category, filename, lineno, file, line)
+        return
+    collected.count += 1
+    if len(collected.messages) < MAX_COLLECTED:
+        collected.messages.append(f"{category.__name__}: {str(message)[:200]}")
+
+
+def install_warning_capture() -> None:
+    """Route warnings raised inside `collect_warnings()` to its collector (once per process; idempotent).
+    `always`: without it Python shows each distinct message once per location and the count would lie."""
+    global _previous_showwarning
+    if warnings.showwarning is not _showwarning:
+        _previous_showwarning = warnings.showwarning
+        warnings.showwarning = _showwarning
+    warnings.filterwarnings("always", module=r"PIL\..*")
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@contextmanager
+def collect_warnings(into: Collected | None = None) -> Iterator[Collected]:
+    collected = into if into is not None else Collected()
+    token = _COLLECTOR.set(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTOR.reset(token)
+
+
+install_warning_capture()

@@ -12,11 +12,12 @@ from app.artifacts.items import ItemTable
 from app.artifacts.manifest import Manifest
 from app.artifacts.shards import ShardIndex
 from app.engine.embedding import Embedder, decode_side
-from app.engine.imaging import decode_image
+from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, collect_warnings, decode_image
 from app.engine.routing import Probe, Router, select_probes
 from app.errors import InternalError, UnknownCategory
 
 STAGES = ("decode", "embed", "route", "search", "group")
+
 MIN_FETCH = 64
 OVERFETCH = 4  # images fetched per wanted SKU before grouping (the service's default; VPS_OVERFETCH)
 # Shards added beyond the router's choice when it yields fewer than k SKUs (each holds a few SKUs, so filling
@@ -127,6 +128,8 @@ class SearchEngine:
         manifest: Manifest,
         max_image_pixels: int,
         overfetch: int,
+        max_decode_bytes: int = MAX_DECODE_BYTES,
+        decode_budget: DecodeBudget | None = None,
     ) -> None:
         self.embedder = embedder
         self.router = router
@@ -134,6 +137,8 @@ class SearchEngine:
         self.items = items
         self.manifest = manifest
         self.max_image_pixels = max_image_pixels
+        self.max_decode_bytes = max_decode_bytes
+        self.decode_budget = decode_budget  # shared by every engine of the process (reloads keep it)
         self.overfetch = overfetch
         self._category_index = {s.name: i for i, s in enumerate(shards)}
         self.categories: list[str] = [s.name for s in shards]  # shard i holds category i (read per request)
@@ -144,9 +149,17 @@ class SearchEngine:
         except KeyError:
             raise UnknownCategory("unknown category; GET /v1/info lists the categories of the live index") from None
 
-    def embed_image(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+    def embed_image(self, data: bytes, warnings: Collected | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Decode and embed; library warnings the decode raises go to `warnings` (counted, never printed)."""
         t0 = time.perf_counter()
-        image = decode_image(data, max_pixels=self.max_image_pixels, min_side=decode_side(self.embedder.card.input))
+        with collect_warnings(warnings):
+            image = decode_image(
+                data,
+                max_pixels=self.max_image_pixels,
+                min_side=decode_side(self.embedder.card.input),
+                max_decode_bytes=self.max_decode_bytes,
+                budget=self.decode_budget,
+            )
         batch = self.embedder.preprocess(image)[None]
         t1 = time.perf_counter()
         vector = self.embedder.embed(batch)[0]
@@ -155,10 +168,10 @@ class SearchEngine:
         t2 = time.perf_counter()
         return vector, {"decode": t1 - t0, "embed": t2 - t1}
 
-    def search_image(self, data: bytes, params: SearchParams) -> SearchOutcome:
+    def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
         if params.category is not None:
             self.category_id(params.category)  # reject an unknown category before paying for inference
-        vector, timings = self.embed_image(data)
+        vector, timings = self.embed_image(data, warnings)
         outcome = self.search_vector(vector, params)
         outcome.timings_s = {**timings, **outcome.timings_s}
         outcome.vector = vector

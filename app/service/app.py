@@ -4,6 +4,7 @@ then marks the service ready. Requests enter through `app/service/http/routes.py
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import io
 import itertools
 import logging
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.engine.imaging import limit_malloc_arenas
 from app.engine.search import SearchEngine, resolve_params
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
@@ -35,6 +37,8 @@ from app.service.state import AppState
 log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
 
+# Probes and scrapes carry the pod IP as Host; they build nothing from it, so VPS_ALLOWED_HOSTS leaves them be.
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -45,6 +49,8 @@ class ObserveMiddleware:
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app, self.state, self.metrics = app, state, state.metrics
+        hosts = state.settings.allowed_hosts
+        self._allowed_hosts = frozenset(h.lower() for h in hosts) if hosts else None
         # Request ids: a random per-process prefix and a counter, unique across workers and restarts without a
         # system call per request (uuid4 reads os.urandom each time). Not secrets: they only correlate logs.
         self._id_prefix, self._id_counter = os.urandom(8).hex(), itertools.count()
@@ -58,6 +64,11 @@ class ObserveMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id  # what request.state.request_id reads
         status, started = 500, False
         t0 = time.perf_counter()
+        app: ASGIApp = self.app
+        if self._allowed_hosts is not None and scope["path"] not in _PROBES and _host(scope) not in self._allowed_hosts:
+            app = error_response(
+                400, "invalid_host", "the Host header names no host this service answers for", request_id
+            )
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -72,7 +83,7 @@ class ObserveMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id})
             status = 500
@@ -92,6 +103,14 @@ class ObserveMiddleware:
                 "duration_ms": round(elapsed * 1000, 3),
             },
         )
+
+
+def _host(scope: Scope) -> str:
+    """The Host header's host, lower-cased, without its port (an IPv6 literal keeps its brackets)."""
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def warm_up(engine: SearchEngine, queries: int) -> None:
@@ -145,6 +164,9 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
         version="0.1.0",
         summary="POST a product photo, get the top-k matching SKUs.",
         lifespan=lifespan,
+        # Starlette's slash redirect builds an absolute Location from the Host header (`GET /healthz/` with
+        # `Host: evil.example` answered 307 to http://evil.example/healthz): no redirects, a JSON 404 instead.
+        redirect_slashes=False,
     )
     app.state.vps = state
     install_error_handlers(app, settings.retry_after_s, metrics)
@@ -161,4 +183,8 @@ def app_factory() -> FastAPI:
     """Entry point for `uvicorn --factory` and `vps serve`: settings from the environment, JSON logs."""
     settings = Settings()
     configure_logging(settings.log_level)
+    limit_malloc_arenas()  # memory freed after large decodes goes back to the system (app/engine/imaging.py)
+    # A fatal signal (SIGBUS from a mapped index file truncated under the server) leaves a traceback in the log
+    # instead of a silent death.
+    faulthandler.enable()
     return create_app(settings)

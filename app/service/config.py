@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.imaging import MAX_IMAGE_PIXELS
+from app.engine.imaging import MAX_DECODE_BYTES, MAX_IMAGE_PIXELS
 from app.engine.search import FILL_MAX_PROBES, OVERFETCH
 
 
@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     # Untrusted input limits.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Byte cap of one image")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64, description="Pixel cap, read from the header")
+    # Memory one decode may take, estimated from the header before any pixel is decoded (app/engine/imaging.py),
+    # and the decode memory of all requests in flight together (beyond it: 503 `overloaded`, retryable).
+    max_decode_bytes: int = Field(MAX_DECODE_BYTES, ge=1024 * 1024, description="Decode memory cap of one image")
+    decode_budget_bytes: int = Field(
+        2 * MAX_DECODE_BYTES, ge=1024 * 1024, description="Decode memory of all requests in flight, at most"
+    )
 
     # Concurrency: a bounded pool runs decode, inference and search; admission control in front of it.
     # 3 on 2 cores: a third thread keeps both cores busy while another holds the GIL (decode, grouping) or the
@@ -30,8 +36,20 @@ class Settings(BaseSettings):
     # 4 admitted 3.5x, 3 1.8x. Queueing beyond that only adds latency; the excess is better refused at once.
     max_inflight: int | None = Field(None, ge=1, le=4096, description="Requests admitted at once; more get 503")
     retry_after_s: int = Field(1, ge=1, le=3600)
-    # Open connections per worker (uploads in progress included); beyond it uvicorn answers 503 at once.
-    max_connections: int = Field(256, ge=8, le=65536, description="Concurrent connections per worker")
+    # Requests in progress per worker (uploads included); beyond it 503 `overloaded` at once (app/service/server.py).
+    # /healthz, /readyz and /metrics never count and are never refused.
+    max_connections: int = Field(256, ge=8, le=65536, description="Requests in progress per worker")
+    # HTTP heads (app/service/server.py): request line + headers in bytes and fields (431 beyond), and the time
+    # from a connection's opening, or a later request's first byte, to its complete head (408, then closed).
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024, description="Bytes of one request head")
+    max_headers: int = Field(100, ge=8, le=10000, description="Header fields of one request")
+    head_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="Seconds to receive a complete request head")
+    # A request finding every compute slot taken waits up to queue_wait_s, at most max_queued of them at once,
+    # unless a request was refused in the last second (app/service/runner.py); else 503 `overloaded`. Measured
+    # (2 cores, demo index): a burst of 300 got 3 + max_queued answers (12: 15, 0: 3); sustained 2x overload
+    # kept accepted p99 at 2.3x the unloaded p99, as with no queue (scripts/loadtest.py, docs/hardening.md).
+    queue_wait_s: float = Field(0.25, ge=0.0, le=60.0, description="Longest wait for a compute slot")
+    max_queued: int = Field(12, ge=0, le=4096, description="Requests waiting for a compute slot at most")
     # A request whose decode + inference + search takes longer answers 503 `deadline_exceeded`; its admission
     # slot stays taken until the work really ends (a thread cannot be interrupted), so slow work still counts.
     request_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="Deadline of one search's work")
@@ -51,6 +69,10 @@ class Settings(BaseSettings):
     warmup_queries: int = Field(3, ge=0, le=100)
     # Each index file's sha256 is remembered with the file's identity (device, inode, size, mtime, ctime), so a
     # restart does not re-read unchanged files to hash them (app/artifacts/verified.py). Unwritable: hashes every time.
+    # Off by default: an operator should see a broken version, not silently serve an older catalogue.
+    fallback_to_previous: bool = Field(
+        False, description="When CURRENT's version is refused, serve the newest earlier version that verifies"
+    )
     remember_verification: bool = Field(True, description="Skip re-hashing index files unchanged since verified")
     verify_cache_dir: Path | None = Field(None, description="Verification records; default <index_dir>/.verified")
 
@@ -74,6 +96,10 @@ class Settings(BaseSettings):
     # of rows in the live index are served from it; unset: results carry no image_url.
     catalogue_images_dir: Path | None = Field(None, description="Root of catalogue image paths, for GET /")
 
+    # Unset: any Host is answered (no response is built from it). Set (JSON list, e.g. ["search.example.com",
+    # "127.0.0.1"]): other hosts get 400 `invalid_host`; /healthz, /readyz and /metrics answer any (probes send
+    # the pod IP).
+    allowed_hosts: list[str] | None = Field(None, description="Host header values answered; others get 400")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from app.engine.assemble import EngineOptions, open_index
-from app.engine.embedding import Embedder
+import logging
+
+from app.artifacts.manifest import earlier_versions
+from app.engine.assemble import EngineOptions, load_version, open_index
+from app.engine.embedding import Embedder, OnnxEmbedder
+from app.engine.imaging import DecodeBudget
 from app.engine.search import SearchDefaults, SearchEngine
+from app.errors import ArtifactError
 from app.service.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -16,6 +23,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         ef_search=settings.ef_search,
         max_image_pixels=settings.max_image_pixels,
         overfetch=settings.overfetch,
+        max_decode_bytes=settings.max_decode_bytes,
+        decode_budget=DecodeBudget(settings.decode_budget_bytes),
         verify_records=records,
         intra_op_threads=settings.ort_intra_op_threads,
         inter_op_threads=settings.ort_inter_op_threads,
@@ -33,5 +42,28 @@ def search_defaults(settings: Settings) -> SearchDefaults:
 
 
 def load_engine(settings: Settings, embedder: Embedder | None = None) -> SearchEngine:
-    """The version CURRENT names under the configured index directory (the model reused when given)."""
-    return open_index(settings.index_dir, settings.model_dir, engine_options(settings), embedder)
+    """The version CURRENT names under the configured index directory (the model reused when given). When it is
+    refused and `fallback_to_previous` is set, the newest earlier version that verifies instead."""
+    options = engine_options(settings)
+    if embedder is None:
+        embedder = OnnxEmbedder(
+            settings.model_dir, intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads
+        )
+    try:
+        return open_index(settings.index_dir, settings.model_dir, options, embedder)
+    except ArtifactError as refused:
+        if not settings.fallback_to_previous:
+            raise
+        for version_dir in earlier_versions(settings.index_dir):
+            try:
+                engine = load_version(version_dir, embedder, options)
+            except ArtifactError as exc:
+                log.warning("earlier index version refused too: %s", exc)
+                continue
+            log.warning(
+                "CURRENT's index version refused; serving the newest earlier version that verifies: %s",
+                refused,
+                extra={"index_version": engine.manifest.version},
+            )
+            return engine
+        raise

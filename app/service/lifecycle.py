@@ -55,6 +55,8 @@ class IndexReloader:
         # The model does not change between index versions: reuse its ONNX session (the manifest check refuses
         # an index built with another model).
         engine = self._loader(self._state.settings, live.embedder if live is not None else None)
+        if live is not None:
+            engine.decode_budget = live.decode_budget  # one decode budget per process, across versions
         self._warm_up(engine, self._state.settings.warmup_queries)
         return engine
 
@@ -85,7 +87,9 @@ class IndexReloader:
             state.engine = engine  # the swap: one reference assignment
             state.load_error = None
             state.ready = True
-            self._refused = None
+            target = _current_name(state.settings)
+            # A fallback to an earlier version: the watch does not retry CURRENT until it changes.
+            self._refused = target if target != engine.manifest.version else None
             metrics.index_reloads.labels(result="success").inc()
             metrics.index_items.set(engine.manifest.n_items)
             if old is not None:

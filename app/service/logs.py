@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+from app.engine.imaging import install_warning_capture
+
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -39,4 +41,8 @@ def configure_logging(level: str = "INFO") -> None:
     access = logging.getLogger("uvicorn.access")
     access.handlers[:] = []
     access.propagate = False
+    # Warnings become JSON log lines (logger py.warnings), and those raised while a request decodes its image go
+    # to that request's collector instead: counted, logged once per request (app/service/http/routes.py).
+    logging.captureWarnings(True)
+    install_warning_capture()
     access.disabled = True

@@ -68,12 +68,20 @@ class Metrics:
             registry=r,
         )
         self.shards_probed = Histogram(
-            "vps_shards_probed", "Shards searched per query", buckets=(1, 2, 3, 4, 5, 8, 16, 32, 64), registry=r
+            "vps_shards_probed",
+            "Shards searched per query (chosen by the router, plus those added to fill k)",
+            buckets=(1, 2, 3, 4, 5, 8, 16, 32, 64),
+            registry=r,
         )
         self.top_score = Histogram(
             "vps_top_score",
             "Cosine score of the best hit of every search that found one (before the open-set threshold)",
             buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.library_warnings = Counter(
+            "vps_library_warnings",
+            "Warnings libraries raised while decoding request images (logged once per request, never printed)",
             registry=r,
         )
         self.no_match = Counter(
@@ -101,9 +109,8 @@ class Metrics:
         self.routing_shadow = Counter(
             "vps_routing_shadow",
             "Sampled searches re-run with every shard probed (VPS_SHADOW_SAMPLE), by outcome: same = same top-1 "
-            "SKU and every exhaustive top-k SKU among the routed top-k; top1_missed = the exhaustive top-1 SKU is "
-            "not the routed top-1; topk_missed = same top-1 but an exhaustive top-k SKU is missing from the routed "
-            "top-k",
+            "SKU; top1_missed = the exhaustive top-1 SKU is in the routed answer but not first; topk_missed = it is "
+            "not in the routed answer at all",
             ["outcome"],
             registry=r,
         )
@@ -149,11 +156,40 @@ def sweep_dead_workers(directory: Path) -> None:
             multiprocess.mark_process_dead(int(m.group(1)), str(directory))  # type: ignore[no-untyped-call]
 
 
-def prepare_multiprocess_dir(directory: Path) -> None:
-    """Create the directory and empty it of an earlier run's files: stale counts must not be served."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in directory.glob("*.db"):
-        path.unlink()
+# prometheus_client maps each metric file of a process at 1 MiB and grows it; a worker writes about five
+# (counters, histograms, gauges by mode). A mapped file that cannot be extended on a full filesystem kills the
+# process with SIGBUS, with no log line: so the space is checked once, before any worker starts.
+MULTIPROC_BYTES_PER_WORKER = 8 * 1024 * 1024
+
+
+class MetricsDirError(Exception):
+    """The multiprocess metrics directory cannot hold the workers' files; the message names it and why."""
+
+
+def prepare_multiprocess_dir(directory: Path, workers: int = 1) -> None:
+    """Create the directory, empty it of an earlier run's files (stale counts must not be served), and check
+    that it is writable with room for every worker's files; MetricsDirError otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in directory.glob("*.db"):
+            path.unlink()
+        probe = directory / f".vps-probe-{os.getpid()}"
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+        stat = os.statvfs(directory)
+    except OSError as exc:
+        raise MetricsDirError(
+            f"metrics directory {directory} ({MULTIPROC_ENV}) is not writable: {exc.strerror}"
+        ) from exc
+    free, need = stat.f_bavail * stat.f_frsize, MULTIPROC_BYTES_PER_WORKER * workers
+    if free < need:
+        raise MetricsDirError(
+            f"metrics directory {directory} ({MULTIPROC_ENV}) has {free // 1024} KiB free; "
+            f"{workers} worker(s) need {need // 1024} KiB"
+        )
 
 
 def _alive(pid: int) -> bool:

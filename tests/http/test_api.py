@@ -171,11 +171,13 @@ def test_not_ready_when_the_index_is_corrupt(tmp_path: Path, tiny_model: Path) -
 
 
 def test_overload_is_rejected_at_once_with_retry_after(faiss_index: Path, tiny_model: Path) -> None:
-    """With one admission slot held by a slow request, the next request is refused immediately."""
+    """With one admission slot held by a slow request and no queue, the next request is refused immediately
+    (the bounded queue: tests/http/test_admission_queue.py)."""
     settings = Settings(
         index_dir=faiss_index,
         model_dir=tiny_model,
         max_inflight=1,
+        max_queued=0,
         pool_threads=1,
         retry_after_s=2,
         warmup_queries=0,

@@ -101,6 +101,7 @@ def test_a_bad_new_version_is_refused_and_the_old_one_keeps_serving(
         if fault == "corrupt shard":
             v2 = _build(v2_cat, index_dir, tiny_model)
             shard = next((index_dir / v2 / "shards").iterdir())
+            shard.chmod(0o644)  # published files are read-only
             data = bytearray(shard.read_bytes())
             data[len(data) // 2] ^= 0xFF
             shard.write_bytes(bytes(data))
@@ -159,7 +160,7 @@ def test_watch_loads_a_published_version_and_does_not_retry_a_refused_one(
 
         # A corrupt v3: refused once, not retried on every poll; v2 keeps serving.
         v3_dir = index_dir / "20990101T000000Z-0badc0de"
-        shutil.copytree(index_dir / v2, v3_dir)
+        shutil.copytree(index_dir / v2, v3_dir, copy_function=shutil.copyfile)
         (v3_dir / "router.npz").write_bytes(b"not a router")
         (index_dir / "CURRENT").write_text(v3_dir.name + "\n")
         _wait_for(lambda: _metric(base, 'vps_index_reloads_total{result="failed"}') == 1)

@@ -23,7 +23,7 @@ from tests.helpers import make_tiny_model
 
 def _copy(index_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     dst = tmp_path / "index"
-    shutil.copytree(index_dir, dst)
+    shutil.copytree(index_dir, dst, copy_function=shutil.copyfile)  # writable copies: the tests damage them
     return dst, resolve_current(dst)
 
 

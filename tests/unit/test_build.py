@@ -73,3 +73,11 @@ def test_image_paths_must_stay_inside_the_images_root(tmp_path: Path) -> None:
     assert [r.image for r in rows] == good
     assert [p.image for p in problems] == bad
     assert {p.reason for p in problems} == {"image path must be relative, inside the images root"}
+
+
+def test_published_files_are_read_only(faiss_index: Path) -> None:
+    """A memory-mapped shard rewritten under a running server crashes it (SIGBUS): the build publishes every
+    file of a version without write permission (docs/hardening.md)."""
+    version = resolve_current(faiss_index)
+    files = [p for p in version.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)

@@ -31,6 +31,7 @@ from app.artifacts.manifest import (
     FileEntry,
     Manifest,
     ModelRef,
+    make_read_only,
     publish_current,
     write_manifest,
 )
@@ -234,8 +235,8 @@ def build_index(
         training_digests=embedder.card.training_digests(model_dir),
     )
     report = RouterReport(**result.manifest.router_report)
-    log.info("router: " + report.summary())
-    if calibration is None:
+    log.info("router decided", extra={"summary": report.summary()})
+    if not report.calibration_source.startswith("calibration"):
         log.warning(
             "no --calibration-queries: the router was measured on held-out catalogue photos, not on real query "
             "photos; give the build query photos of catalogue SKUs for figures that match production"
@@ -274,6 +275,7 @@ def publish_vectors(
             training_digests=training_digests,
         )
         final = out_dir / manifest.version
+        make_read_only(staging)
         staging.rename(final)  # the version appears whole or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

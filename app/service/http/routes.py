@@ -3,6 +3,7 @@ runner (bounded pool) -> SearchEngine.search_image (app/engine/search.py) -> Sea
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from app.engine.imaging import Collected
 from app.engine.search import STAGES, Hit, SearchEngine, SearchOutcome, resolve_params
 from app.errors import NotReady
 from app.service.http.schemas import (
@@ -25,6 +27,7 @@ from app.service.http.upload import read_image
 from app.service.state import AppState
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500, 503)}
 
@@ -92,10 +95,10 @@ async def search(request: Request) -> Response:
     engine = state.require_engine()
     query = search_query(request)
     settings = state.settings
-    # Full: refuse before reading a byte (cheap shedding). Otherwise the body is read before admission, so a
-    # slow upload holds a connection (bounded by the server's connection limit), never one of the few compute
-    # slots; admission is checked again once the body is in.
-    state.runner.refuse_if_full()
+    # Full (every slot and place in the queue taken): refuse before reading a byte (cheap shedding). Otherwise
+    # the body is read before admission, so a slow upload holds a connection (bounded by the server's request
+    # cap), never one of the few compute slots; admission (a short bounded wait) follows once the body is in.
+    state.runner.refuse_if_full(settings.max_queued)
     data = await read_image(request, settings.max_upload_bytes)
     params = resolve_params(
         engine.manifest,
@@ -107,17 +110,36 @@ async def search(request: Request) -> Response:
         max_probes=query.max_probes,
         explain=query.explain,
     )
-    async with state.runner.admit() as ticket:
-        outcome = await state.runner.run(ticket, settings.request_timeout_s, engine.search_image, data, params)
+    warnings = Collected()  # what the decode's libraries warn about: counted and logged once, never printed
+    try:
+        async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
+            outcome = await state.runner.run(
+                ticket, settings.request_timeout_s, engine.search_image, data, params, warnings
+            )
+    finally:
+        _report_warnings(state, request, warnings)
     total = time.perf_counter() - t0
     _observe(state, outcome)
-    state.shadow.offer(
-        engine, params, outcome
-    )  # a random draw; when sampled, a non-blocking put (app/service/shadow.py)
+    # A random draw; when sampled, a non-blocking put (app/service/shadow.py).
+    state.shadow.offer(engine, params, outcome)
     body = _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)
     # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
     # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _report_warnings(state: AppState, request: Request, warnings: Collected) -> None:
+    """One JSON line per request at most, with the count and the first few messages (bounded in bytes)."""
+    if warnings.count:
+        state.metrics.library_warnings.inc(warnings.count)
+        log.warning(
+            "library warnings while decoding",
+            extra={
+                "request_id": getattr(request.state, "request_id", None),
+                "count": warnings.count,
+                "first": warnings.messages,
+            },
+        )
 
 
 def _observe(state: AppState, outcome: SearchOutcome) -> None:
@@ -125,7 +147,7 @@ def _observe(state: AppState, outcome: SearchOutcome) -> None:
     for stage in STAGES:
         if stage in outcome.timings_s:
             m.observe_stage(stage, outcome.timings_s[stage])
-    m.shards_probed.observe(len(outcome.probes))
+    m.shards_probed.observe(len(outcome.probes) + len(outcome.added))
     if not outcome.forced_category:
         m.router_top_probability.observe(outcome.top_probability)
     if outcome.top_score is not None:
