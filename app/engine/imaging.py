@@ -50,50 +50,42 @@ def sniff_format(data: bytes) -> str:
 # parsing with the number of segments. Encoders write 1 scan (baseline) or about 10 (libjpeg progressive).
 MAX_JPEG_SCANS = 64
 MAX_JPEG_SEGMENTS = 512
+MAX_PNG_CHUNKS = 4096  # IDAT is usually split in 8-64 KiB chunks: a 10 MiB file has a few hundred
 # Memory one decode may take, estimated from the header (canvas, bit depth, channels, progressive coefficients)
-# before any pixel is decoded. 160 MiB admits a 40 MP baseline JPEG (decoded at reduced scale), a 20 MP
-# progressive 4:2:0 JPEG, a 16 MP RGBA PNG and a 12 MP 16-bit PNG.
+# before any pixel is decoded. By `decode_cost`'s rules 160 MiB admits a 40 MP JPEG, baseline (decoded at reduced
+# scale) or progressive 4:2:0, a 20 MP RGB or RGBA PNG, a 27 MP 16-bit PNG, a 14 MP WebP (10 MP animated) and a
+# 9.8 MP palette PNG (converted whole).
 MAX_DECODE_BYTES = 160 * 1024 * 1024
 # No side longer than this, whatever the pixel count (1 x 20,000 is answered, as it was; a 1 x 40,000,000 strip is
 # not a photo).
 MAX_SIDE = 32768
 # A marker that ends entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a fill 0xFF or RSTn.
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_BYTES_PER_PIXEL = {
-    "1": 1,
-    "L": 1,
-    "P": 1,
-    "LA": 2,
-    "PA": 2,
-    "La": 2,
-    "I;16": 2,
-    "I;16B": 2,
-    "I;16L": 2,
-    "I;16N": 2,
-    "RGB": 3,
-    "YCbCr": 3,
-    "RGBA": 4,
-    "RGBa": 4,
-    "CMYK": 4,
-    "I": 4,
-    "F": 4,
-}
+# Pillow's storage per pixel: 1, 2 (16-bit), or 4 (RGB, LA and the like are stored in 4 bytes too).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# Decodes this large reserve room in the shared budget; smaller ones (every ordinary photo) never wait for it.
+BUDGET_ABOVE_BYTES = 32 * 1024 * 1024
 
 
 def jpeg_structure(data: bytes) -> tuple[int, int]:
-    """(scans, segments) of a JPEG, walking its markers without decoding; stops early past the limits."""
+    """(scans, segments) of a JPEG, walking its markers without decoding; stops early past the limits. Bytes
+    between segments that are not a marker are skipped to the next 0xFF, as libjpeg does (stopping there let one
+    stray byte hide 5,000 scans)."""
     scans = segments = 0
     i, n = 2, len(data)
     while i + 4 <= n and scans <= MAX_JPEG_SCANS and segments <= MAX_JPEG_SEGMENTS:
         if data[i] != 0xFF:
-            break  # not at a marker: malformed, left to the decoder
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
         marker = data[i + 1]
         if marker == 0xFF:
             i += 1  # fill byte
             continue
         if marker == 0xD9:
             break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0x00):
             i += 2
             continue
         segments += 1
@@ -107,8 +99,21 @@ def jpeg_structure(data: bytes) -> tuple[int, int]:
     return scans, segments
 
 
-def decode_cost(opened: Image.Image, fmt: str, min_side: int | None) -> int:
-    """Bytes the decode of `opened` will hold at its peak, from the header alone."""
+def png_chunks(data: bytes) -> int:
+    """Chunks of a PNG, walked from their lengths without decoding; stops past the limit. Pillow walks each one in
+    Python (10 MB of empty private chunks: 1.6 s of CPU before the first pixel)."""
+    chunks, i, n = 0, 8, len(data)
+    while i + 8 <= n and chunks <= MAX_PNG_CHUNKS:
+        chunks += 1
+        if data[i + 4 : i + 8] == b"IEND":
+            break
+        i += 12 + int.from_bytes(data[i : i + 4], "big")
+    return chunks
+
+
+def decode_cost(opened: Image.Image, fmt: str, min_side: int | None, scans: int = 1) -> int:
+    """Bytes the decode of `opened` will hold at its peak, from the header alone; on the safe side of what
+    scripts/bench_hostile.py measured for each kind."""
     w, h = opened.size
     pixels = w * h
     if fmt == JPEG:
@@ -116,19 +121,24 @@ def decode_cost(opened: Image.Image, fmt: str, min_side: int | None) -> int:
         if min_side is not None:  # draft mode decodes at 1/2, 1/4 or 1/8 while both sides stay >= min_side
             while scale < 8 and min(w, h) // (scale * 2) >= min_side:
                 scale *= 2
-        out = (pixels // (scale * scale)) * 3 * 2  # the decoded image and its RGB conversion
-        if opened.info.get("progressive") or opened.info.get("progression"):
-            # Progressive decoding keeps every component's coefficients at full size: 2 bytes a sample.
-            layers = getattr(opened, "layer", None) or [(0, 1, 1, 0)] * 3
+        out = (pixels // (scale * scale)) * 4 * 2  # the decoded image (4 bytes a pixel in Pillow) and its RGB copy
+        if scans > 1 or opened.info.get("progressive") or opened.info.get("progression"):
+            # More than one scan (progressive, or baseline with a scan per component): libjpeg keeps every
+            # component's coefficients at full size, 2 bytes a sample (a 367-byte CMYK file: +308 MB).
+            layers = getattr(opened, "layer", None) or [(0, 1, 1, 0)] * 4
             hmax = max(layer[1] for layer in layers)
             vmax = max(layer[2] for layer in layers)
             out += sum(2 * pixels * layer[1] * layer[2] // (hmax * vmax) for layer in layers)
         return out
-    depth = _BYTES_PER_PIXEL.get(opened.mode, 4)
-    frames = 2 if getattr(opened, "n_frames", 1) > 1 else 1  # an animation decoder keeps the previous canvas
+    stored = _BYTES_PER_PIXEL.get(opened.mode, 4)
     if fmt == WEBP:
-        depth = 4  # WebP always decodes to RGBA
-    return pixels * (depth * frames + 3)  # + the RGB result
+        stored = 8  # libwebp's canvas and Pillow's copy of it
+    if getattr(opened, "n_frames", 1) > 1:
+        stored += 4  # an animation decoder keeps the previous canvas too
+    shrinks = min_side is not None and min(w, h) // (2 * min_side) >= 2 and opened.mode not in ("P", "1")
+    # Reduced first: one full-size temporary at most (RGBa premultiplied). Converted whole: palette with
+    # transparency goes through RGBA three times (+648 MB measured for a 6324^2 palette PNG).
+    return pixels * (stored + (4 if shrinks else 16))
 
 
 class DecodeBudget:
@@ -171,6 +181,15 @@ def decode_image(
     faster that way. Library warnings are collected (`collect_warnings`), never printed.
     """
     fmt = sniff_format(data)
+    # Structure first, before Pillow parses a byte: it walks every segment and chunk in Python.
+    scans = 1
+    if fmt == JPEG:
+        scans, segments = jpeg_structure(data)
+        if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
+            raise ImageTooComplex()
+    elif fmt == PNG and png_chunks(data) > MAX_PNG_CHUNKS:
+        raise ImageTooComplex()
+    cost = 0
     try:
         opened = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = opened.size
@@ -178,31 +197,30 @@ def decode_image(
             raise CorruptImage()
         if width * height > max_pixels or max(width, height) > MAX_SIDE:
             raise TooManyPixels()
-        if fmt == JPEG:
-            scans, segments = jpeg_structure(data)
-            if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
-                raise ImageTooComplex()
-        cost = decode_cost(opened, fmt, min_side)
+        cost = decode_cost(opened, fmt, min_side, scans)
         if cost > max_decode_bytes:
             raise ImageTooComplex()
-        with budget.reserve(cost) if budget is not None else nullcontext():
+        large = budget is not None and cost >= BUDGET_ABOVE_BYTES
+        with budget.reserve(cost) if large and budget is not None else nullcontext():
             if fmt == JPEG and min_side is not None:
                 opened.draft("RGB", (min_side, min_side))
             opened.seek(0)
             opened.load()
             orientation = opened.getexif().get(_ORIENTATION, 1)
-            rgb = to_rgb(_orient(_shrink(opened, min_side), orientation))
-        if cost >= TRIM_ABOVE_BYTES:
-            release_memory()
-        return rgb
+            return to_rgb(_orient(_shrink(opened, min_side), orientation))
     except (TooManyPixels, CorruptImage, ImageTooComplex, Overloaded):
         raise
+    except MemoryError as exc:
+        raise ImageTooComplex() from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels() from exc
     except Exception as exc:
         # Pillow signals malformed data with many exception types (OSError, SyntaxError, struct.error,
         # ValueError, ...); none of their text reaches the client.
         raise CorruptImage() from exc
+    finally:
+        if cost >= TRIM_ABOVE_BYTES:
+            release_memory()  # also after a large decode that failed half-way
 
 
 _ORIENTATION = 0x0112
@@ -327,7 +345,7 @@ def install_warning_capture() -> None:
     `always`: without it Python shows each distinct message once per location and the count would lie."""
     global _previous_showwarning
     if warnings.showwarning is not _showwarning:
-        _previous_showwarning = warnings.showwarning
+        _previous_showwarning = warnings.showwarning  # logging's hook, once captureWarnings is on: never ours
         warnings.showwarning = _showwarning
     warnings.filterwarnings("always", module=r"PIL\..*")
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
@@ -341,6 +359,3 @@ def collect_warnings(into: Collected | None = None) -> Iterator[Collected]:
         yield collected
     finally:
         _COLLECTOR.reset(token)
-
-
-install_warning_capture()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.imaging import MAX_DECODE_BYTES, MAX_IMAGE_PIXELS
@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] | None = Field(None, description="Host header values answered; others get 400")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _budget_holds_one_decode(self) -> Settings:
+        if self.decode_budget_bytes < self.max_decode_bytes:
+            raise ValueError("decode_budget_bytes must be at least max_decode_bytes (one largest decode must fit)")
+        return self
 
     @property
     def admission_limit(self) -> int:

@@ -36,10 +36,14 @@ class HttpLimits:
     head_timeout_s: float = 10.0
     max_requests: int | None = 256  # requests in progress per worker (probes excepted); None: no cap
     retry_after_s: int = 1
+    # Bytes of one message after its head: the upload cap, plus room for chunk framing and trailers (a chunked
+    # body's trailers are parsed after the head, so without this a 64 MB trailer stalled the loop as a head did).
+    max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
 
     @classmethod
     def from_settings(cls, s: Settings) -> HttpLimits:
-        return cls(s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s)
+        body = s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
+        return cls(s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body)
 
 
 def _app_state(app: Any) -> AppState | None:
@@ -70,6 +74,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # the bytes that arrive now belong to a request head
         self._head_bytes = 0
         self._head_fields = 0
+        self._body_bytes = 0  # fed since the head completed
         self._messages = 0  # requests read completely on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str, str] | None = None  # set by a parser callback that refuses the head
@@ -87,6 +92,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._in_head and self._head_timer is None:
+            # Bytes between messages (a client sending CRLFs after a response) begin no message in the parser,
+            # but end uvicorn's keep-alive timer: the head timer runs from them, or they held a connection forever.
+            self._arm_head_timer()
         # While a head is incomplete, at most the bytes left in its budget go to the parser; if that same head is
         # still not complete then, 431. A head that starts after a body inside one read (pipelining) is counted
         # from the next read on: at most one read (256 KiB) more, its fields still counted one by one.
@@ -101,6 +110,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, "headers_too_large", f"the request head exceeds {self.limits.max_head_bytes} bytes")
                 return
         if data:
+            self._body_bytes += len(data)
+            if self._body_bytes > self.limits.max_body_bytes:
+                self._refuse(413, "request_too_large", f"the request exceeds {self.limits.max_body_bytes} bytes")
+                return
             self._feed(data)
 
     def _feed(self, data: bytes) -> bool:
@@ -134,7 +147,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._body_bytes = False, 0
         self._cancel_head_timer()
         cap = self.limits.max_requests
         if cap is None or len(self.tasks) < cap or self._is_probe():

@@ -10,6 +10,7 @@ import contextlib
 import json
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -285,3 +286,35 @@ def test_every_worker_applies_the_limits(faiss_index: Path, tiny_model: Path, tm
         for conn in idle:
             _assert_refused(_read_answer(conn), 408, "request_timeout")
             conn.close()
+
+
+def test_bytes_between_messages_do_not_hold_a_connection(faiss_index: Path, tiny_model: Path) -> None:
+    """After a complete exchange, CRLFs keep arriving and no new request begins: the head timer runs from them."""
+    with limited(faiss_index, tiny_model, VPS_HEAD_TIMEOUT_S="1") as base:
+        answer, conn = _exchange(base, _get("/healthz"), timeout=10)
+        assert answer["status"] == 200
+        t0 = time.monotonic()
+        closed = False
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(20):  # at most 10 s of drip
+                conn.sendall(b"\r\n")
+                time.sleep(0.5)
+        conn.settimeout(10)
+        with contextlib.suppress(OSError, AssertionError):
+            closed = _closed(conn)
+        assert closed and time.monotonic() - t0 < 8
+
+
+def test_a_chunked_body_cannot_smuggle_a_huge_trailer(faiss_index: Path, tiny_model: Path) -> None:
+    """Trailers are parsed after the head, so the head limits do not see them: the body's own bound does."""
+    with limited(faiss_index, tiny_model, VPS_MAX_UPLOAD_BYTES="65536") as base:
+        head = b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+        trailer = b"X-Pad: " + b"a" * (4 * 1024 * 1024) + b"\r\n\r\n"
+        conn = socket.create_connection(("127.0.0.1", _port(base)), timeout=10)
+        t0 = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.sendall(head + trailer)
+        # The request is under way (its app waits for the body): no answer can be put in its middle, so the
+        # connection is cut, as uvicorn cuts a broken body, long before the 4 MB are parsed.
+        assert _closed(conn) and time.monotonic() - t0 < 5
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200

@@ -5,7 +5,9 @@ and library warnings collected instead of printed (issue 16, classes 1-3)."""
 from __future__ import annotations
 
 import io
+import struct
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -14,12 +16,14 @@ from PIL import Image
 from app.engine.imaging import (
     MAX_DECODE_BYTES,
     MAX_JPEG_SCANS,
+    MAX_PNG_CHUNKS,
     DecodeBudget,
     collect_warnings,
     decode_cost,
     decode_image,
     install_warning_capture,
     jpeg_structure,
+    png_chunks,
     to_rgb,
 )
 from app.errors import ImageTooComplex, Overloaded, TooManyPixels
@@ -65,17 +69,15 @@ def test_images_whose_decode_would_take_too_much_memory_are_refused(make) -> Non
 
 def test_estimates_follow_depth_channels_frames_and_draft_scale() -> None:
     png16 = Image.open(io.BytesIO(sixteen_bit_png(100, 100)))
-    assert decode_cost(png16, "PNG", None) == 100 * 100 * (2 + 3)
+    assert decode_cost(png16, "PNG", None) == 100 * 100 * (2 + 16)  # converted whole: room for RGBA copies
+    assert decode_cost(png16, "PNG", 20) == 100 * 100 * (2 + 4)  # shrunk first: one temporary
     webp = Image.open(io.BytesIO(animated_webp(100, 100)))
-    assert decode_cost(webp, "WEBP", None) == 100 * 100 * (4 * 2 + 3)
+    assert decode_cost(webp, "WEBP", 20) == 100 * 100 * (8 + 4 + 4)  # two canvases, the previous frame's, reduce
     big = io.BytesIO()
     Image.new("RGB", (4000, 3000)).save(big, "JPEG")
     jpeg = Image.open(io.BytesIO(big.getvalue()))
-    # Draft mode decodes at 1/8 here (375 x 500 keeps both sides >= 288... at 1/4: 750 x 1000).
-    assert (
-        decode_cost(jpeg, "JPEG", 288) == (4000 * 3000 // 64) * 6
-        or decode_cost(jpeg, "JPEG", 288) == (4000 * 3000 // 16) * 6
-    )
+    # Draft mode decodes at 1/8 here (500 x 375 keeps both sides >= 288): the image and its RGB copy, 4 bytes each.
+    assert decode_cost(jpeg, "JPEG", 288) == (4000 * 3000 // 64) * 8
     assert decode_cost(jpeg, "JPEG", 288) < decode_cost(jpeg, "JPEG", None)
 
 
@@ -180,3 +182,48 @@ def test_large_images_are_shrunk_before_conversion_and_keep_their_values(mode: s
     image = decode_image(buf.getvalue(), max_pixels=CAP, min_side=288)
     assert image.mode == "RGB" and image.getpixel((5, 5)) == expected
     assert min(image.size) >= 2 * 288 - 288 and (mode == "P" or max(image.size) < 1300)  # P is converted whole
+
+
+def test_a_stray_byte_does_not_hide_the_scans() -> None:
+    """libjpeg skips bytes between segments; so does the count (stopping there let 5,000 scans through)."""
+    bomb = scan_bomb(repeats=300)
+    hidden = bomb[:20] + b"\x00" + bomb[20:]  # after SOI and APP0
+    assert jpeg_structure(hidden)[0] > MAX_JPEG_SCANS
+    with pytest.raises(ImageTooComplex):
+        decode_image(hidden, max_pixels=CAP, min_side=288)
+
+
+def test_a_baseline_jpeg_with_a_scan_per_component_counts_its_coefficients() -> None:
+    """Several scans in a baseline file make libjpeg buffer every coefficient at full size, as progressive does."""
+    baseline = io.BytesIO()
+    Image.new("RGB", (1200, 1000), (10, 20, 30)).save(baseline, "JPEG", subsampling=0)  # 4:4:4
+    opened = Image.open(io.BytesIO(baseline.getvalue()))
+    assert decode_cost(opened, "JPEG", 288, scans=3) >= decode_cost(opened, "JPEG", 288) + 1200 * 1000 * 2 * 3
+
+
+def test_thousands_of_png_chunks_are_refused_before_pillow_walks_them() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    data = png.getvalue()
+    chunk = struct.pack(">I", 0) + b"prIv" + struct.pack(">I", zlib.crc32(b"prIv"))
+    flood = data[:33] + chunk * 5000 + data[33:]  # after the signature and IHDR
+    assert png_chunks(flood) > MAX_PNG_CHUNKS
+    with pytest.raises(ImageTooComplex):
+        decode_image(flood, max_pixels=CAP)
+    decode_image(data[:33] + chunk * 100 + data[33:], max_pixels=CAP)
+
+
+def test_a_palette_image_with_transparency_is_costed_as_converted_whole() -> None:
+    image = Image.new("P", (4000, 4000))
+    image.info["transparency"] = 0
+    buf = io.BytesIO()
+    image.save(buf, "PNG", transparency=0)
+    opened = Image.open(io.BytesIO(buf.getvalue()))
+    assert decode_cost(opened, "PNG", 288) == 4000 * 4000 * (1 + 16)
+
+
+def test_small_decodes_never_wait_for_the_budget() -> None:
+    budget = DecodeBudget(1024)
+    with budget.reserve(1024):  # the budget is full
+        image = decode_image(exif_warning_jpeg(1), max_pixels=CAP, budget=budget)  # a small photo still decodes
+    assert image.size == (64, 48)

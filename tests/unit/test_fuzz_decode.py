@@ -1,7 +1,7 @@
 """Fuzzing the decode path (sniff -> Pillow -> RGB -> model preprocessing) with hypothesis: random bytes and
 valid JPEG/PNG/WebP files mutated by bit flips, truncation, splices and header edits. Anything but the service's
-own error family (CorruptImage, UnsupportedFormat, TooManyPixels, EmptyBody) is a failure, and whatever decodes
-must come out as a finite model input.
+own error family (CorruptImage, UnsupportedFormat, TooManyPixels, ImageTooComplex, EmptyBody) is a failure, and
+whatever decodes must come out as a finite model input.
 
 CI runs a bounded number of examples; run it long with, e.g.:
     VPS_FUZZ_EXAMPLES=200000 pytest tests/unit/test_fuzz_decode.py
@@ -19,10 +19,10 @@ from PIL import Image
 
 from app.engine.embedding import ModelInput, decode_side, preprocess
 from app.engine.imaging import decode_image
-from app.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from app.errors import CorruptImage, EmptyBody, ImageTooComplex, TooManyPixels, UnsupportedFormat
 
 EXAMPLES = int(os.environ.get("VPS_FUZZ_EXAMPLES", "400"))
-EXPECTED = (CorruptImage, UnsupportedFormat, TooManyPixels, EmptyBody)
+EXPECTED = (CorruptImage, UnsupportedFormat, TooManyPixels, ImageTooComplex, EmptyBody)
 SPEC = ModelInput(name="images", size=32, resize_to=40, mean=(127.0,) * 3, std=(128.0,) * 3)
 MAX_PIXELS = 4_000_000
 

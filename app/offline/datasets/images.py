@@ -14,6 +14,7 @@ from app.engine.imaging import decode_image
 
 MAX_OFFLINE_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_OFFLINE_PIXELS = 100_000_000
+MAX_OFFLINE_DECODE_BYTES = 1024 * 1024 * 1024  # a catalogue photo is trusted with more memory than a query
 
 
 class PhotoProblem(Exception):
@@ -40,7 +41,9 @@ def read_photo(root: Path, image: str) -> bytes:
 
 def decode_photo(data: bytes, min_side: int | None = None) -> Image.Image:
     """RGB, EXIF-oriented, first frame (app/engine/imaging.py raises its ServiceError on bad bytes)."""
-    return decode_image(data, max_pixels=MAX_OFFLINE_PIXELS, min_side=min_side)
+    return decode_image(
+        data, max_pixels=MAX_OFFLINE_PIXELS, min_side=min_side, max_decode_bytes=MAX_OFFLINE_DECODE_BYTES
+    )
 
 
 def model_input(data: bytes, spec: ModelInput) -> np.ndarray:
