@@ -127,7 +127,9 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     state = AppState(
         settings=settings,
         metrics=metrics,
-        runner=BoundedRunner(settings.pool_threads, settings.admission_limit, metrics.inflight),
+        runner=BoundedRunner(
+            settings.pool_threads, settings.admission_limit, metrics.inflight, waits=metrics.admission_wait
+        ),
         shadow=ShadowSampler(settings.shadow_sample, settings.shadow_queue, metrics),
         search_defaults=search_defaults(settings),
     )

@@ -49,6 +49,13 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.rejected = Counter("vps_rejected", "Requests rejected before work, by reason", ["reason"], registry=r)
+        self.admission_wait = Histogram(
+            "vps_admission_wait_seconds",
+            "Time admitted searches waited for a compute slot (VPS_QUEUE_WAIT_S); those admitted at once are not "
+            "observed, those refused after waiting count in vps_rejected_total",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         # Bounded label values exist from the start at 0: rates and alerts work before the first event.
         for reason in ("overloaded", "not_ready"):
             self.rejected.labels(reason=reason)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from app.errors import DeadlineExceeded, Overloaded
 
@@ -30,12 +30,18 @@ T = TypeVar("T")
 
 class BoundedRunner:
     def __init__(
-        self, threads: int, max_inflight: int, gauge: Gauge | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        threads: int,
+        max_inflight: int,
+        gauge: Gauge | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        waits: Histogram | None = None,
     ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vps-work")
         self._max_inflight = max_inflight
         self._inflight = 0  # only touched on the event loop thread: no lock needed
         self._gauge = gauge  # vps_inflight_requests mirrors the slots taken, abandoned work included
+        self._waits = waits  # vps_admission_wait_seconds: how long admitted requests waited in the queue
         # Requests waiting for a slot, first come first served; a freed slot passes to the first of them.
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._clock = clock
@@ -64,7 +70,10 @@ class BoundedRunner:
         elif wait_s <= 0 or not self._may_wait(max_waiting):
             self._refuse()
         else:
+            t0 = self._clock()
             await self._wait_for_slot(wait_s)
+            if self._waits is not None:
+                self._waits.observe(self._clock() - t0)
         ticket = Ticket()
         try:
             yield ticket

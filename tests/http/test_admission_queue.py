@@ -49,7 +49,7 @@ def test_a_queued_request_is_served_when_a_slot_frees_and_the_queue_is_bounded(
     gate = threading.Event()
     with gated_server(faiss_index, tiny_model, gate, queue_wait_s=30.0, max_queued=2) as base:
 
-        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], str]:
             async with httpx.AsyncClient(timeout=40) as client:
                 held = asyncio.create_task(client.post(f"{base}/search", content=QUERY))
                 await _until(lambda t: "vps_inflight_requests 1.0" in t, base, client)
@@ -58,10 +58,14 @@ def test_a_queued_request_is_served_when_a_slot_frees_and_the_queue_is_bounded(
                 # Slot and queue full: refused at once, before the body is read, with the JSON error.
                 extra = [await client.post(f"{base}/search", content=QUERY) for _ in range(3)]
                 gate.set()
-                return [await held, *[await q for q in queued]], extra
+                served = [await held, *[await q for q in queued]]
+                return served, extra, (await client.get(f"{base}/metrics")).text
 
-        served, refused = asyncio.run(scenario())
+        served, refused, metrics = asyncio.run(scenario())
     assert [r.status_code for r in served] == [200, 200, 200]
+    # The two that waited are observed, with waits of at least the 0.5 s the gate stayed shut.
+    assert "vps_admission_wait_seconds_count 2.0" in metrics
+    assert 'vps_admission_wait_seconds_bucket{le="0.25"} 0.0' in metrics
     for r in refused:
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
