@@ -91,7 +91,6 @@ def build_index_cmd(
 ) -> None:
     """Embed a catalogue and publish a new index version."""
     from app.offline.build.build_index import BuildOptions, build_index
-    from app.offline.routing.calibrate import RouterReport
 
     configure_logging("INFO")
     if backend not in ("faiss", "hnswlib"):
@@ -121,7 +120,7 @@ def build_index_cmd(
         f"built {m_.version}: {m_.n_items} images in {len(m_.categories)} categories, "
         f"{len(result.problems)} skipped (see {result.version_dir / 'build_report.json'})"
     )
-    typer.echo("router: " + RouterReport(**m_.router_report).summary())
+    typer.echo("router: " + result.router_report.summary())
     for p in result.problems[:20]:
         typer.echo(f"  skipped line {p.line}: {p.image}: {p.reason}", err=True)
 

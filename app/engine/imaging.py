@@ -46,7 +46,8 @@ def sniff_format(data: bytes) -> str:
 
 
 # JPEG structure, counted before decoding. Decode CPU grows with the number of scans (each progressive scan is a
-# pass over the whole coefficient buffer: a 6000x6000 image with one scan repeated 5,000 times took 9.7 s) and
+# pass over the whole coefficient buffer: a 6000x6000 image with one scan repeated 1,000 times took 10.2 s of CPU,
+# scripts/bench_hostile.py) and
 # parsing with the number of segments. Encoders write 1 scan (baseline) or about 10 (libjpeg progressive).
 MAX_JPEG_SCANS = 64
 MAX_JPEG_SEGMENTS = 512
@@ -63,8 +64,9 @@ MAX_SIDE = 32768
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 # Pillow's storage per pixel: 1, 2 (16-bit), or 4 (RGB, LA and the like are stored in 4 bytes too).
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-# Decodes this large reserve room in the shared budget; smaller ones (every ordinary photo) never wait for it.
-BUDGET_ABOVE_BYTES = 32 * 1024 * 1024
+# A large decode: it reserves room in the shared budget (smaller ones, every ordinary photo, never wait for it),
+# and its freed memory is given back afterwards (release_memory).
+LARGE_DECODE_BYTES = 32 * 1024 * 1024
 
 
 def jpeg_structure(data: bytes) -> tuple[int, int]:
@@ -200,7 +202,7 @@ def decode_image(
         cost = decode_cost(opened, fmt, min_side, scans)
         if cost > max_decode_bytes:
             raise ImageTooComplex()
-        large = budget is not None and cost >= BUDGET_ABOVE_BYTES
+        large = budget is not None and cost >= LARGE_DECODE_BYTES
         with budget.reserve(cost) if large and budget is not None else nullcontext():
             if fmt == JPEG and min_side is not None:
                 opened.draft("RGB", (min_side, min_side))
@@ -219,27 +221,27 @@ def decode_image(
         # ValueError, ...); none of their text reaches the client.
         raise CorruptImage() from exc
     finally:
-        if cost >= TRIM_ABOVE_BYTES:
+        if cost >= LARGE_DECODE_BYTES:
             release_memory()  # also after a large decode that failed half-way
 
 
 _ORIENTATION = 0x0112
 _TRANSPOSE = {
-    2: [Image.Transpose.FLIP_LEFT_RIGHT],
-    3: [Image.Transpose.ROTATE_180],
-    4: [Image.Transpose.FLIP_TOP_BOTTOM],
-    5: [Image.Transpose.TRANSPOSE],
-    6: [Image.Transpose.ROTATE_270],
-    7: [Image.Transpose.TRANSVERSE],
-    8: [Image.Transpose.ROTATE_90],
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 _REDUCIBLE = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "PA"})
 
 
 def _shrink(image: Image.Image, min_side: int | None) -> Image.Image:
     """An image over twice the size preprocessing needs, reduced by an integer box filter before any conversion,
-    so that conversions copy the small image (a 5000x5000 16-bit PNG: the RSS rise fell from 257 MB, measured
-    by scripts/bench_hostile.py). JPEG needs none: draft mode already decoded it small."""
+    so that conversions copy the small image (a 5000x5000 16-bit PNG: the RSS rise fell from 257 to 117 MB,
+    scripts/bench_hostile.py). JPEG needs none: draft mode already decoded it small."""
     if min_side is None:
         return image
     factor = min(image.size) // (2 * min_side)
@@ -257,9 +259,8 @@ def _shrink(image: Image.Image, min_side: int | None) -> Image.Image:
 
 def _orient(image: Image.Image, orientation: object) -> Image.Image:
     """EXIF orientation, applied after shrinking (as ImageOps.exif_transpose would before it)."""
-    for method in _TRANSPOSE.get(orientation if isinstance(orientation, int) else 1, []):
-        image = image.transpose(method)
-    return image
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -288,9 +289,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # --- memory given back ------------------------------------------------------------------------------------------
-# glibc keeps freed arena memory mapped: after a large decode, RSS stayed 2.4 GB after a hostile batch. malloc_trim
-# returns it to the system; it costs about a millisecond, so only after decodes at least this large.
-TRIM_ABOVE_BYTES = 32 * 1024 * 1024
+# glibc keeps freed arena memory mapped: a hostile batch left RSS at 5.3x its baseline (scripts/bench_hostile.py).
+# malloc_trim returns it to the system (0.04 ms median, 0.3 ms at most over 20 calls here); called after large
+# decodes only.
 _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 

@@ -20,8 +20,8 @@ STAGES = ("decode", "embed", "route", "search", "group")
 
 MIN_FETCH = 64
 OVERFETCH = 4  # images fetched per wanted SKU before grouping (the service's default; VPS_OVERFETCH)
-# Shards added beyond the router's choice when it yields fewer than k SKUs (each holds a few SKUs, so filling
-# k=100 on grocery takes ~45); an explicit min_score can make every shard come up short, hence a bound.
+# Shards added beyond the router's choice when it yields fewer than k SKUs (grocery: 81 SKUs in 43 categories,
+# so a k above that searches all 43); an explicit min_score can make every shard come up short, hence a bound.
 FILL_MAX_PROBES = 64
 
 

@@ -24,7 +24,7 @@ from app.engine.search import SearchEngine, resolve_params
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
 from app.service.http.admin import admin
-from app.service.http.errors import error_response, install_error_handlers
+from app.service.http.errors import PROBE_PATHS, error_response, install_error_handlers
 from app.service.http.routes import router
 from app.service.http.web import web
 from app.service.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
@@ -37,8 +37,6 @@ from app.service.state import AppState
 log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
 
-# Probes and scrapes carry the pod IP as Host; they build nothing from it, so VPS_ALLOWED_HOSTS leaves them be.
-_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -65,7 +63,11 @@ class ObserveMiddleware:
         status, started = 500, False
         t0 = time.perf_counter()
         app: ASGIApp = self.app
-        if self._allowed_hosts is not None and scope["path"] not in _PROBES and _host(scope) not in self._allowed_hosts:
+        if (
+            self._allowed_hosts is not None
+            and scope["path"] not in PROBE_PATHS
+            and _host(scope) not in self._allowed_hosts
+        ):
             app = error_response(
                 400, "invalid_host", "the Host header names no host this service answers for", request_id
             )

@@ -19,11 +19,12 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from app.service.config import Settings
+from app.service.http.errors import PROBE_PATHS, error_payload
 from app.service.state import AppState
 
 log = logging.getLogger("app.http")
 
-PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+_PROBES = frozenset(p.encode() for p in PROBE_PATHS)
 # After a refusal the server stops writing and reads (discarding) for this long before closing: a client still
 # sending its head then reads the answer instead of a connection reset.
 LINGER_S = 2.0
@@ -59,7 +60,7 @@ def _app_state(app: Any) -> AppState | None:
 
 
 def error_body(code: str, message: str, request_id: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    return json.dumps(error_payload(code, message, request_id)).encode()
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -166,7 +167,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _is_probe(self) -> bool:
         try:
-            return self.parser.get_method() == b"GET" and httptools.parse_url(self.url).path in PROBE_PATHS
+            return self.parser.get_method() == b"GET" and httptools.parse_url(self.url).path in _PROBES
         except httptools.HttpParserError:
             return False
 

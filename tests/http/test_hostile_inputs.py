@@ -40,7 +40,7 @@ def _metric(base: str, name: str) -> float:
     ],
     ids=["repeated progressive scans", "2,000 JPEG segments", "16-bit PNG 6300x6300", "animated WebP canvas"],
 )
-def test_decode_bombs_are_refused_before_their_cost(server: str, make) -> None:  # type: ignore[no-untyped-def]
+def test_decode_bombs_are_refused_with_a_stable_code(server: str, make) -> None:  # type: ignore[no-untyped-def]
     r = httpx.post(f"{server}/search", content=make(), timeout=30)
     assert r.status_code == 422, r.text[:300]
     assert r.json()["error"]["code"] == "image_too_complex"

@@ -76,6 +76,10 @@ class BuildResult:
     manifest: Manifest
     problems: list[RowProblem]
 
+    @property
+    def router_report(self) -> RouterReport:
+        return RouterReport(**self.manifest.router_report)
+
 
 def embed_catalogue(
     rows: Sequence[CatalogueRow], images_root: Path, embedder: Embedder, options: BuildOptions
@@ -234,7 +238,7 @@ def build_index(
         calibration=calibration,
         training_digests=embedder.card.training_digests(model_dir),
     )
-    report = RouterReport(**result.manifest.router_report)
+    report = result.router_report
     log.info("router decided", extra={"summary": report.summary()})
     if not report.calibration_source.startswith("calibration"):
         log.warning(

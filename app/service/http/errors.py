@@ -21,11 +21,20 @@ def request_id_of(request: Request) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
+# Liveness, readiness and scrapes: never refused by the request cap (app/service/server.py), answered for any Host
+# (app/service/app.py), since probes send the pod IP and build nothing from it.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def error_payload(code: str, message: str, request_id: str | None) -> dict[str, dict[str, str | None]]:
+    """The one JSON error shape, for the app's handlers and the protocol's own refusals."""
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
 def error_response(
     status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_payload(code, message, request_id), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -> None:
