@@ -6,7 +6,7 @@ flatter the router's measurement, and what the router gives on photos the model 
 
 Writes <model>/training_images.sha256 (the sha256 of every training photo's bytes, sorted, one per line) and sets
 the card's `training_images`; embeds both splits and records `evaluation.router_unseen`: the top-1 accuracy on the
-unseen photos of the router an index build fits on the training photos (app.offline.routing.fit.fit_linear_router).
+unseen photos of the router an index build fits on the training photos by default (app.offline.routing.fit.fit_router).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from app.engine.embedding import OnnxEmbedder
 from app.offline.datasets.grocery import split_rows
-from app.offline.routing.fit import fit_linear_router
+from app.offline.routing.fit import fit_router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_models import embed_rows
@@ -45,8 +45,11 @@ def main() -> None:
     unseen = split_rows(args.dataset, args.unseen_split)
     categories = sorted({r["category"] for r in train})
     index = {c: i for i, c in enumerate(categories)}
-    router = fit_linear_router(
-        embed_rows(embedder, args.dataset, train), np.asarray([index[r["category"]] for r in train]), categories
+    router = fit_router(
+        "prototype",
+        embed_rows(embedder, args.dataset, train),
+        np.asarray([index[r["category"]] for r in train]),
+        categories,
     )
     predicted = router.logits(embed_rows(embedder, args.dataset, unseen)).argmax(axis=1)
     top1 = float(np.mean(predicted == np.asarray([index[r["category"]] for r in unseen])))
@@ -56,6 +59,7 @@ def main() -> None:
     card["training_images"] = FINGERPRINT
     card.setdefault("evaluation", {})["router_unseen"] = {
         "top1": round(top1, 4),
+        "router": router.kind,
         "catalogue": f"{args.train_split} split ({len(train)} photos, the model's training photos)",
         "queries": f"{args.unseen_split} split ({len(unseen)} photos the model never trained on)",
         "command": "python scripts/record_training_images.py --dataset DATASET --model " + str(args.model),

@@ -143,10 +143,10 @@ def test_default_build_without_query_photos_routes_without_losing_products(
     _report(measured, f"{DEFAULT_MODEL.name}, train catalogue, no calibration queries", f)
     assert f["routing_loss_points"] <= 0.5
     assert f["routing_loss5_points"] <= 0.5
-    assert f["shards_per_query"] < 4.0
-    # Measured 0.873 against 0.841 on val (the last-20 % split said 0.995): the model was trained on these
-    # photos, so no held-out part of them is fully unseen (docs/routing.md).
-    assert abs(f["build_router_top1"] - f["router_top1"]) <= 0.05
+    assert f["shards_per_query"] < 3.0  # measured 2.49 (docs/bench/compare_routers.md)
+    # Issue 14's bar: the build's own figure within 3 points of val's. The prototype router measured 0.865 on
+    # held-out groups and 0.865 on val; the linear router 0.873 against 0.841 (docs/routing.md).
+    assert abs(f["build_router_top1"] - f["router_top1"]) <= 0.03
 
 
 def test_studio_catalogue_without_query_photos_loses_no_recall(

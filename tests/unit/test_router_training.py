@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.artifacts.manifest import read_manifest, resolve_current
-from app.engine.routing import LinearRouter, Probe, load_router, select_probes, softmax
+from app.engine.routing import LinearRouter, Probe, PrototypeRouter, load_router, select_probes, softmax
 from app.engine.search import SearchEngine, SearchParams, Shard
 from app.offline.build.build_index import BuildOptions, build_index
 from app.offline.routing.calibrate import (
@@ -22,7 +22,7 @@ from app.offline.routing.calibrate import (
     threshold_for_precision,
     train_router,
 )
-from app.offline.routing.fit import fit_linear_router, fit_temperature
+from app.offline.routing.fit import fit_linear_router, fit_prototype_router, fit_temperature
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -102,6 +102,31 @@ def test_linear_router_with_a_fallback_category(tmp_path: Path) -> None:
     assert np.allclose(loaded.probabilities(x[0]), router.probabilities(x[0]))
 
 
+def test_prototype_router_keeps_small_categories_whole_and_round_trips(tmp_path: Path) -> None:
+    x, labels = _clusters((200, 40, 3))
+    router = fit_prototype_router(x, labels, ["a", "b", "tiny"], per_category=16)
+    assert router.n_prototypes == 16 + 16 + 3  # a category of 3 images keeps all three
+    logits = router.logits(x)
+    # A category's logit is the best cosine among its prototypes: never below the cosine to any of its own
+    # images' prototypes, and a tiny category's prototypes are its images, so they score themselves 1.0.
+    assert np.allclose(logits[labels == 2, 2], 1.0, atol=1e-5)
+    assert (logits.argmax(axis=1) == labels).mean() > 0.97
+    router.temperature = 0.05
+    router.save(tmp_path / "r.npz")
+    loaded = load_router(tmp_path / "r.npz")
+    assert isinstance(loaded, PrototypeRouter) and loaded.temperature == 0.05
+    assert np.allclose(loaded.predict_proba(x[:5]), router.predict_proba(x[:5]))
+    assert np.isclose(loaded.probabilities(x[0]).sum(), 1.0)
+
+
+def test_prototype_router_rejects_inconsistent_offsets() -> None:
+    protos = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError):
+        PrototypeRouter(["a", "b"], protos, np.asarray([0, 4, 4]), 1.0)  # b owns nothing
+    with pytest.raises(ValueError):
+        PrototypeRouter(["a", "b"], protos, np.asarray([0, 2]), 1.0)
+
+
 def test_train_router_chooses_probe_mass_within_the_loss_budget() -> None:
     x, labels = _clusters((50, 50, 50, 50))
     skus = [f"{c}-{i % 5}" for i, c in enumerate(labels)]
@@ -136,7 +161,7 @@ def test_catalogue_without_categories_is_clustered(catalogue: Path, tiny_model: 
 @pytest.mark.parametrize("backend", ["faiss"])
 def test_manifest_records_router_choices(faiss_index: Path, backend: str) -> None:
     m = read_manifest(resolve_current(faiss_index))
-    assert m.router_report["kind"] == "linear"
+    assert m.router_report["kind"] == "prototype"  # the build's default
     assert m.probe_mass == m.router_report["probe_mass"] and m.max_probes == m.router_report["max_probes"]
     # A tiny index is searched whole, and the manifest says why.
     assert m.probe_mass == 1.0 and m.max_probes == len(m.categories)
@@ -252,3 +277,16 @@ def test_the_policy_is_the_smallest_mass_within_both_losses() -> None:
     )
     _choose_policy(report, ["a"] * 10, n_vectors=50_000, max_loss=0.005, exhaustive_below=1000, measurable=True)
     assert report.probe_mass == 0.9 and report.mean_shards == 2.0 and report.routing_loss5_points == 0.2
+
+
+def test_the_report_says_which_categories_fall_back_to_the_global_threshold() -> None:
+    x, labels = _clusters((50, 50, 50, 50))
+    skus = [f"{c}" for c in labels]  # one SKU per category: a known query's top hit is right, an unknown's is not
+    names = ["a", "b", "c", "d"]
+    _, strict = train_router(x, labels, names, skus, min_threshold_samples=10_000)
+    assert sorted(strict.threshold_fallback) == names  # no category has 10,000 samples
+    assert set(strict.thresholds.values()) == {strict.global_threshold}
+    assert sum(strict.threshold_samples.values()) == 2 * strict.calibration_queries  # a known and an unknown each
+    _, loose = train_router(x, labels, names, skus, min_threshold_samples=1)
+    own = [n for n in names if n not in loose.threshold_fallback]
+    assert own and all(loose.threshold_samples[n] >= 1 for n in own)

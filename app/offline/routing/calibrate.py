@@ -26,14 +26,16 @@ card's own figure on unseen photos.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from app.engine.routing import LinearRouter, select_probes
+from app.engine.routing import FittedRouter, select_probes
 from app.offline.evaluate.metrics import top_skus
-from app.offline.routing.fit import fit_linear_router, fit_temperature
+from app.offline.routing.fit import PROTOTYPES_PER_CATEGORY, RouterKind, fit_router, fit_temperature
 
 PROBE_MASS_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 # Grocery, default model: groups at 0.85 leave held-out photos at a mean nearest-neighbour cosine of 0.77 to the
@@ -73,6 +75,11 @@ class RouterReport:
     target_precision: float = 0.9
     global_threshold: float = -1.0
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Open-set samples per category, and the categories that use `global_threshold` instead of their own (fewer
+    # than `min_threshold_samples` samples, or the target precision not reached).
+    threshold_samples: dict[str, int] = field(default_factory=dict)
+    threshold_fallback: list[str] = field(default_factory=list)
+    min_threshold_samples: int = 20
     calibration_source: str = ""
     policy_reason: str = ""
     routing_loss5_points: float = 0.0
@@ -89,12 +96,12 @@ class RouterReport:
         line = (
             f"router top-1 {self.router_top1:.3f} over {self.calibration_queries} measured photos "
             f"({self.calibration_source}); "
-            f"probing {self.policy_label()}: {self.mean_shards:.2f} shards a query before filling to k, routing loss "
-            f"{self.routing_loss_points:.2f} points of recall@1 and {self.routing_loss5_points:.2f} of recall@5 "
+            f"probing {self.policy_label()}: {self.mean_shards:.3f} shards a query before filling to k, routing loss "
+            f"{self.routing_loss_points:.3f} points of recall@1 and {self.routing_loss5_points:.3f} of recall@5 "
             f"({self.policy_reason})"
         )
         if self.queries_seen_in_training:
-            line += f"; {100 * self.queries_seen_in_training:.0f} % of those photos were in the model's training set"
+            line += f"; {100 * self.queries_seen_in_training:.1f} % of those photos were in the model's training set"
             if self.model_card_unseen_top1 is not None:
                 line += f" (its card: top-1 {self.model_card_unseen_top1:.3f} on photos it never saw)"
         return line
@@ -208,7 +215,7 @@ class _Round:
 
     queries: _Photos
     catalogue: _Photos
-    router: LinearRouter
+    router: FittedRouter
     seen: np.ndarray | None
 
 
@@ -230,7 +237,9 @@ def train_router(
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE,
     holdout_repeats: int = HOLDOUT_REPEATS,
     exhaustive_below: int = EXHAUSTIVE_BELOW_VECTORS,
-) -> tuple[LinearRouter, RouterReport]:
+    router_kind: RouterKind = "prototype",
+    prototypes_per_category: int = PROTOTYPES_PER_CATEGORY,
+) -> tuple[FittedRouter, RouterReport]:
     """Train the router and measure the probing policy and thresholds.
 
     With `calibration` (real query photos of catalogue SKUs): the router is trained on the whole catalogue and
@@ -238,7 +247,8 @@ def train_router(
     catalogue against the rest, `holdout_repeats` times with different groups held out, pooled. `seen` marks
     catalogue photos the model was trained on."""
     everything = _Photos(vectors, labels, np.asarray(skus))
-    router = fit_linear_router(vectors, labels, categories, min_images=min_images)
+    fit = partial(fit_router, router_kind, min_images=min_images, per_category=prototypes_per_category)
+    router = fit(vectors, labels, categories)
     if calibration is not None:
         queries = _Photos(calibration.vectors, calibration.labels, calibration.skus)
         rounds, source, measurable = (
@@ -248,7 +258,7 @@ def train_router(
         )
     else:
         rounds, source, measurable = _holdout_rounds(
-            everything, categories, seen, min_images=min_images, cosine=near_duplicate_cosine, repeats=holdout_repeats
+            everything, categories, seen, fit=fit, cosine=near_duplicate_cosine, repeats=holdout_repeats
         )
     temperature = _pooled_temperature(rounds)
     router.temperature = temperature
@@ -256,18 +266,11 @@ def train_router(
         r.router.temperature = temperature
     rounds = [_sample(r, max_measure_queries // len(rounds)) for r in rounds]
     report = _measure(rounds, categories, max_probes, target_precision, min_threshold_samples)
-    _choose_policy(
-        report,
-        categories,
-        n_vectors=len(vectors),
-        max_loss=max_loss,
-        exhaustive_below=exhaustive_below,
-        measurable=measurable,
-    )
-    counts = np.bincount(labels, minlength=len(categories))
-    report.fallback_categories = [categories[i] for i in np.flatnonzero(counts < min_images)]
-    report.calibration_source = source
-    report.near_duplicate_cosine = near_duplicate_cosine
+    _choose_policy(report, categories, len(vectors), max_loss, exhaustive_below, measurable)
+    if router.kind == "linear":  # the prototype router has no fallback: a small category's images are its prototypes
+        counts = np.bincount(labels, minlength=len(categories))
+        report.fallback_categories = [categories[i] for i in np.flatnonzero(counts < min_images)]
+    report.calibration_source, report.near_duplicate_cosine = source, near_duplicate_cosine
     seen_all = [r.seen for r in rounds if r.seen is not None and len(r.seen)]
     report.queries_seen_in_training = round(float(np.concatenate(seen_all).mean()), 4) if seen_all else None
     report.model_card_unseen_top1 = model_card_unseen_top1
@@ -279,7 +282,7 @@ def _holdout_rounds(
     categories: list[str],
     seen: np.ndarray | None,
     *,
-    min_images: int,
+    fit: Callable[[np.ndarray, np.ndarray, list[str]], FittedRouter],
     cosine: float,
     repeats: int,
 ) -> tuple[list[_Round], str, bool]:
@@ -297,7 +300,7 @@ def _holdout_rounds(
         _Round(
             everything.take(h),
             everything.take(~h),
-            fit_linear_router(everything.vectors[~h], everything.labels[~h], categories, min_images=min_images),
+            fit(everything.vectors[~h], everything.labels[~h], categories),
             seen[h] if seen is not None else None,
         )
         for h in helds
@@ -325,7 +328,6 @@ def _sample(r: _Round, cap: int) -> _Round:
 def _choose_policy(
     report: RouterReport,
     categories: list[str],
-    *,
     n_vectors: int,
     max_loss: float,
     exhaustive_below: int,
@@ -423,9 +425,9 @@ def _measure(
         for m, mass in enumerate(masses)
     ]
     last = candidates[-1]
-    global_threshold, thresholds = open_set.thresholds(categories, target_precision, min_threshold_samples)
+    th = open_set.thresholds(categories, target_precision, min_threshold_samples)
     return RouterReport(
-        kind="linear",
+        kind=rounds[0].router.kind,
         temperature=round(rounds[0].router.temperature, 6),
         fallback_categories=[],
         calibration_queries=n,
@@ -439,8 +441,11 @@ def _measure(
         mean_shards=round(float(last["shards"]), 3),
         candidates=[{k: round(float(v), 4) for k, v in c.items()} for c in candidates],
         target_precision=target_precision,
-        global_threshold=round(global_threshold, 6),
-        thresholds=thresholds,
+        global_threshold=round(th.global_threshold, 6),
+        thresholds=th.by_category,
+        threshold_samples=th.samples,
+        threshold_fallback=th.fallback,
+        min_threshold_samples=min_threshold_samples,
     )
 
 
@@ -499,15 +504,27 @@ class _OpenSetSamples:
         self.correct.append(correct)
         self.categories.append(category)
 
-    def thresholds(
-        self, categories: list[str], target_precision: float, min_samples: int
-    ) -> tuple[float, dict[str, float]]:
+    def thresholds(self, categories: list[str], target_precision: float, min_samples: int) -> _Thresholds:
+        """Per category (of the top hit) its own threshold when it has `min_samples` samples and reaches the
+        precision; else the global one. Which categories fell back is recorded: a demo-sized calibration leaves
+        every category below the sample floor, and equal thresholds must not look like a measured coincidence."""
         s, c, cat = np.asarray(self.scores), np.asarray(self.correct, dtype=bool), np.asarray(self.categories)
         global_t = threshold_for_precision(s, c, target_precision) if len(s) else None
-        global_threshold = global_t if global_t is not None else -1.0
-        out: dict[str, float] = {}
+        out = _Thresholds(global_t if global_t is not None else -1.0)
         for ci, name in enumerate(categories):
             mask = cat == ci
-            t = threshold_for_precision(s[mask], c[mask], target_precision) if mask.sum() >= min_samples else None
-            out[name] = round(t if t is not None else global_threshold, 6)
-        return global_threshold, out
+            n = int(mask.sum())
+            t = threshold_for_precision(s[mask], c[mask], target_precision) if n >= min_samples else None
+            out.by_category[name] = round(t if t is not None else out.global_threshold, 6)
+            out.samples[name] = n
+            if t is None:
+                out.fallback.append(name)
+        return out
+
+
+@dataclass
+class _Thresholds:
+    global_threshold: float
+    by_category: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)  # open-set samples whose top hit is in the category
+    fallback: list[str] = field(default_factory=list)  # categories on the global threshold
