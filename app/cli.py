@@ -1,21 +1,149 @@
-"""`vps`: serve, build-index, export-model, grocery-catalogue."""
+"""`vps`: serve, build-index, export-model, train, quantize-model, evaluate, grocery-catalogue.
+
+A failure prints one line on stderr naming the file, line or option, and exits with the code of its kind
+(`describe_error`, README "Command line: errors and exit codes"); `vps --debug ...` or VPS_DEBUG=1 adds the
+traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+import traceback
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
+from typer.core import TyperGroup
 
-from app.service.config import Settings
+from app.errors import ArtifactError, BuildRefused, CatalogueError, ModelNotFound
+from app.service.config import SHIPPED_MODEL_DIR, Settings
 from app.service.logs import configure_logging
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual product search")
+if TYPE_CHECKING:
+    from app.offline.build.build_index import BuildResult, Limit
+
+# Exit codes; 2 is also click's own for a bad option or usage.
+EXIT_UNEXPECTED = 1  # a bug, or the machine (an unwritable --out, a missing extra)
+EXIT_USAGE = 2  # a bad option or setting
+EXIT_INPUT = 3  # bad input data: a catalogue or query CSV, images that give nothing to index
+EXIT_ARTIFACT = 4  # a model or index artifact missing or failing verification
+EXIT_REFUSED = 5  # the build would lose products: nothing published, CURRENT unchanged
+_DEBUG = "vps.debug"
+FIGURES = 3  # decimals of every figure the CLI prints
+
+
+def describe_error(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one line for a command's failure."""
+    if isinstance(exc, CatalogueError):
+        return EXIT_INPUT, _one_line(str(exc))
+    if isinstance(exc, ArtifactError):
+        return EXIT_ARTIFACT, _one_line(str(exc))
+    if isinstance(exc, BuildRefused):
+        return EXIT_REFUSED, _one_line(str(exc))
+    if isinstance(exc, ValidationError):
+        return EXIT_USAGE, "invalid settings: " + settings_errors(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        return EXIT_UNEXPECTED, (
+            f"module {exc.name} is not installed: this command needs an extra "
+            "(pip install -e '.[train]' for train, export-model and quantize-model; '.[eval]' for evaluate)"
+        )
+    if isinstance(exc, OSError) and exc.filename:
+        return EXIT_UNEXPECTED, f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+    return EXIT_UNEXPECTED, f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)"
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text.strip())
+
+
+def settings_errors(exc: ValidationError) -> str:
+    """Each invalid setting as `field (VPS_FIELD): why`."""
+    parts = []
+    for e in exc.errors():
+        field = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{field} (VPS_{field.upper()}): {e['msg']}" if field else e["msg"])
+    return "; ".join(parts)
+
+
+def _debug_wanted(ctx: typer.Context) -> bool:
+    return bool(ctx.meta.get(_DEBUG)) or os.environ.get("VPS_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+class _Commands(TyperGroup):
+    """Runs a command; turns its failure into one line on stderr and the exit code of its kind."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # click's own: a usage error prints its message and exits 2
+        except Exception as exc:
+            code, line = describe_error(exc)
+            if _debug_wanted(ctx):
+                typer.echo(traceback.format_exc(), err=True, nl=False)
+            typer.echo(f"error: {line}", err=True)
+            ctx.exit(code)
+
+
+cli = typer.Typer(
+    cls=_Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    # Plain click output: usage errors as one `Error: ...` line, help with choices as [a|b], no boxes.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
 log = logging.getLogger("app.cli")
+
+
+@cli.callback()
+def options(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Print a failure's traceback (or set VPS_DEBUG=1)")] = False,
+) -> None:
+    """Visual product search. Exit codes: 1 unexpected, 2 bad option or setting, 3 bad input data (catalogue,
+    queries), 4 model or index artifact problem, 5 build refused because products would be lost."""
+    ctx.meta[_DEBUG] = debug
+
+
+def resolve_model_dir(option: Path | None) -> tuple[Path, str]:
+    """--model, else VPS_MODEL_DIR, else the shipped model (found from the package, not the working directory).
+    Returns the directory and where it came from."""
+    if option is not None:
+        return option, "--model"
+    env = os.environ.get("VPS_MODEL_DIR")
+    if env:
+        return Path(env), "VPS_MODEL_DIR"
+    if (SHIPPED_MODEL_DIR / "model.json").is_file():
+        return SHIPPED_MODEL_DIR, "the shipped default"
+    raise ModelNotFound(
+        f"no model: --model not given, VPS_MODEL_DIR not set, and the shipped model is not at {SHIPPED_MODEL_DIR} "
+        "(an installed wheel carries no models/); pass --model DIR or set VPS_MODEL_DIR"
+    )
+
+
+def model_line(model_dir: Path, source: str) -> str:
+    """Which model a command uses: name, version, hash and directory (a missing card raises ArtifactError)."""
+    from app.engine.embedding import ModelCard
+
+    try:
+        card = ModelCard.load(model_dir)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc} (model directory from {source})") from exc
+    return f"model: {card.name} {card.version} sha256 {card.sha256[:12]} ({model_dir.resolve()}, {source})"
+
+
+def fmt(value: object) -> str:
+    """A figure as the CLI prints it: floats with FIGURES decimals, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{FIGURES}f}"
+    return str(value)
 
 
 @cli.command()
@@ -26,7 +154,7 @@ def serve(
     index_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_INDEX_DIR")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="Overrides VPS_MODEL_DIR")] = None,
 ) -> None:
-    """Serve the CURRENT index version over HTTP."""
+    """Serve the CURRENT index version over HTTP (exit 2: invalid settings, 3: the machine cannot run it)."""
     # The service parallelises across requests (pool threads, worker processes). BLAS and OpenMP thread pools
     # inside one request only fight them for the cores: under contention OpenBLAS spinning made a numpy fit 8x
     # slower here. Set before numpy, faiss or onnxruntime are imported (workers inherit the environment).
@@ -41,8 +169,8 @@ def serve(
     try:
         settings = Settings()
     except ValidationError as exc:
-        typer.echo(f"invalid settings: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        typer.echo(f"invalid settings: {settings_errors(exc)}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
     configure_logging(settings.log_level)
     from app.service.metrics import MULTIPROC_ENV, MetricsDirError, prepare_multiprocess_dir
 
@@ -65,37 +193,98 @@ def serve(
     run(host=host, port=port, workers=workers)
 
 
+class BackendName(StrEnum):
+    faiss = "faiss"
+    hnswlib = "hnswlib"
+
+
+class RouterName(StrEnum):
+    prototype = "prototype"
+    linear = "linear"
+
+
+# build-index's options, declared here so that the command reads as what it does.
+_CatalogueCsv = Annotated[
+    Path, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV: sku,category,image[,title,...]")
+]
+_ImagesRoot = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSV's image paths")]
+_IndexOut = Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")]
+_ModelOpt = Annotated[
+    Path | None,
+    typer.Option(help="Model directory (default: VPS_MODEL_DIR, else the shipped models/grocery-lite0-ms512)"),
+]
+_BackendOpt = Annotated[BackendName, typer.Option(case_sensitive=False, help="Shard index library")]
+_M = Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M: graph links per vector")]
+_EfConstruction = Annotated[int, typer.Option(min=8, max=4096, help="HNSW efConstruction: build-time candidates")]
+_EfSearch = Annotated[int, typer.Option(min=8, max=4096, help="HNSW efSearch recorded for queries (VPS_EF_SEARCH)")]
+_BatchSize = Annotated[int, typer.Option(min=1, max=512, help="Images per ONNX Runtime call")]
+_Threads = Annotated[int, typer.Option(min=1, max=64, help="Decode threads and ONNX Runtime intra-op threads")]
+_CalibrationQueries = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="CSV of real query photos of catalogue SKUs for calibration"),
+]
+_CalibrationRoot = Annotated[
+    Path | None, typer.Option(exists=True, file_okay=False, help="Root of the calibration CSV's images")
+]
+_MaxRoutingLoss = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Recall@1 and @5 the probing policy may lose (0.005: half a point)")
+]
+_ExhaustiveBelow = Annotated[
+    int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
+]
+_RouterOpt = Annotated[
+    RouterName,
+    typer.Option(
+        case_sensitive=False,
+        help="Category router: nearest prototypes (16 a category) or a linear softmax (docs/routing.md)",
+    ),
+]
+_MaxFailedImages = Annotated[
+    str,
+    typer.Option(
+        metavar="COUNT|FRACTION",
+        help="Images that may fail before the build is refused (exit 5): a count (3) or a fraction (0.01, 5%)",
+    ),
+]
+_MaxLostSkus = Annotated[
+    str,
+    typer.Option(
+        metavar="COUNT|FRACTION",
+        help="SKUs that may lose every image before the build is refused (exit 5): a count or a fraction",
+    ),
+]
+
+
 @cli.command("build-index")
 def build_index_cmd(
-    catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV: sku,category,image[,title,...]")],
-    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the image paths")],
-    out: Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")] = Path("index_data"),
-    model: Annotated[Path, typer.Option(help="Model directory")] = Path("models/grocery-lite0-ms512"),
-    backend: Annotated[str, typer.Option(help="faiss or hnswlib")] = "faiss",
-    m: Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M")] = 32,
-    ef_construction: Annotated[int, typer.Option(min=8, max=4096)] = 200,
-    ef_search: Annotated[int, typer.Option(min=8, max=4096)] = 64,
-    batch_size: Annotated[int, typer.Option(min=1, max=512)] = 32,
-    threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    calibration_queries: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="CSV of real query photos of catalogue SKUs for calibration"),
-    ] = None,
-    calibration_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False)] = None,
-    max_routing_loss: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Recall@1 and @5 the probing policy may lose (0.005: half a point)")
-    ] = 0.005,
-    exhaustive_below: Annotated[
-        int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
-    ] = 1000,
+    catalogue: _CatalogueCsv,
+    images_root: _ImagesRoot,
+    out: _IndexOut = Path("index_data"),
+    model: _ModelOpt = None,
+    backend: _BackendOpt = BackendName.faiss,
+    m: _M = 32,
+    ef_construction: _EfConstruction = 200,
+    ef_search: _EfSearch = 64,
+    batch_size: _BatchSize = 32,
+    threads: _Threads = 2,
+    calibration_queries: _CalibrationQueries = None,
+    calibration_root: _CalibrationRoot = None,
+    max_routing_loss: _MaxRoutingLoss = 0.005,
+    exhaustive_below: _ExhaustiveBelow = 1000,
+    router: _RouterOpt = RouterName.prototype,
+    max_failed_images: _MaxFailedImages = "0.01",
+    max_lost_skus: _MaxLostSkus = "0",
 ) -> None:
-    """Embed a catalogue and publish a new index version."""
+    """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a
+    SKU would lose every image or more images fail than --max-failed-images."""
     from app.offline.build.build_index import BuildOptions, build_index
 
+    failed_limit = _limit(max_failed_images, "--max-failed-images")
+    lost_limit = _limit(max_lost_skus, "--max-lost-skus")
     configure_logging("INFO")
-    if backend not in ("faiss", "hnswlib"):
-        raise typer.BadParameter("backend must be faiss or hnswlib", param_hint="--backend")
-    chosen: Literal["faiss", "hnswlib"] = "faiss" if backend == "faiss" else "hnswlib"
+    model_dir, source = resolve_model_dir(model)
+    typer.echo(model_line(model_dir, source))
+    chosen: Literal["faiss", "hnswlib"] = "faiss" if backend is BackendName.faiss else "hnswlib"
     options = BuildOptions(
         backend=chosen,
         M=m,
@@ -105,24 +294,46 @@ def build_index_cmd(
         threads=threads,
         max_routing_loss=max_routing_loss,
         exhaustive_below=exhaustive_below,
+        router="linear" if router is RouterName.linear else "prototype",
+        max_failed_images=failed_limit,
+        max_lost_skus=lost_limit,
     )
     result = build_index(
         catalogue,
         images_root,
         out,
-        model,
+        model_dir,
         options,
         calibration_queries=calibration_queries,
         calibration_root=calibration_root,
     )
-    m_ = result.manifest
+    _print_build(result)
+
+
+def _limit(text: str, option: str) -> Limit:
+    from app.offline.build.build_index import Limit
+
+    try:
+        return Limit.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _print_build(result: BuildResult, shown: int = 20) -> None:
+    m_, c = result.manifest, result.coverage
     typer.echo(
-        f"built {m_.version}: {m_.n_items} images in {len(m_.categories)} categories, "
-        f"{len(result.problems)} skipped (see {result.version_dir / 'build_report.json'})"
+        f"built {m_.version}: indexed {c.summary()} in {len(m_.categories)} categories; "
+        f"{len(result.problems)} images skipped, {len(c.lost_skus)} SKUs lost "
+        f"(see {result.version_dir / 'build_report.json'})"
     )
     typer.echo("router: " + result.router_report.summary())
-    for p in result.problems[:20]:
+    if c.lost_skus:
+        more = f" and {len(c.lost_skus) - shown} more" if len(c.lost_skus) > shown else ""
+        typer.echo(f"  lost SKUs (every image failed): {', '.join(c.lost_skus[:shown])}{more}", err=True)
+    for p in result.problems[:shown]:
         typer.echo(f"  skipped line {p.line}: {p.image}: {p.reason}", err=True)
+    if len(result.problems) > shown:
+        typer.echo(f"  and {len(result.problems) - shown} more skipped images in build_report.json", err=True)
 
 
 @cli.command("export-model")
@@ -146,25 +357,31 @@ def export_model_cmd(
     typer.echo(f"exported {out / 'model.onnx'} sha256={card.sha256}")
 
 
+class LossName(StrEnum):
+    ms = "ms"
+    proxy_anchor = "proxy_anchor"
+    triplet = "triplet"
+
+
 @cli.command()
 def train(
     catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training catalogue CSV")],
-    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSVs' image paths")],
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints, history.json")],
     val_queries: Annotated[Path | None, typer.Option(help="Query CSV for validation (other photos)")] = None,
     studio_catalogue: Annotated[Path | None, typer.Option(help="Studio-image catalogue CSV, also validated")] = None,
-    loss: Annotated[str, typer.Option(help="ms, proxy_anchor or triplet")] = "ms",
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    loss: Annotated[LossName, typer.Option(help="Metric-learning loss")] = LossName.ms,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs in all (a rerun resumes from last.pt)")] = 12,
     p: Annotated[int, typer.Option("--P", min=2, help="SKUs per batch")] = 16,
     k: Annotated[int, typer.Option("--K", min=2, help="Photos per SKU in a batch")] = 4,
-    dim: Annotated[int, typer.Option(min=8, max=2048)] = 512,
-    train_size: Annotated[int, typer.Option(min=64, max=512)] = 192,
-    freeze_blocks: Annotated[int, typer.Option(min=0, max=16)] = 8,
-    lr: Annotated[float, typer.Option()] = 3e-4,
-    seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    steps_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
-    eval_every: Annotated[int, typer.Option(min=1)] = 1,
+    dim: Annotated[int, typer.Option(min=8, max=2048, help="Embedding dimension")] = 512,
+    train_size: Annotated[int, typer.Option(min=64, max=512, help="Image side in pixels during training")] = 192,
+    freeze_blocks: Annotated[int, typer.Option(min=0, max=16, help="Leading MBConv blocks kept frozen")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same run)")] = 0,
+    threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads")] = 2,
+    steps_per_epoch: Annotated[int | None, typer.Option(min=1, help="Batches per epoch (default: one pass)")] = None,
+    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N epochs (and after the last)")] = 1,
     category_weight: Annotated[
         float, typer.Option(min=0.0, help="Weight of the coarse-category term (0: SKU metric loss only)")
     ] = 0.0,
@@ -174,15 +391,13 @@ def train(
     from app.offline.train.train_embedding import train as run_training
 
     configure_logging("INFO")
-    if loss not in ("ms", "proxy_anchor", "triplet"):
-        raise typer.BadParameter("loss must be ms, proxy_anchor or triplet", param_hint="--loss")
     cfg = TrainConfig(
         catalogue=catalogue,
         images_root=images_root,
         out_dir=out,
         val_queries=val_queries,
         studio_catalogue=studio_catalogue,
-        loss=loss,  # type: ignore[arg-type]
+        loss=loss.value,  # type: ignore[arg-type]
         epochs=epochs,
         P=p,
         K=k,
@@ -196,17 +411,17 @@ def train(
         eval_every=eval_every,
         category_weight=category_weight,
     )
-    state = run_training(cfg)
-    typer.echo(f"best: {state['best']}")
+    best = run_training(cfg)["best"] or {}
+    typer.echo("best: " + " ".join(f"{key}={fmt(v)}" for key, v in best.items() if isinstance(v, int | float)))
 
 
 @cli.command("quantize-model")
 def quantize_model_cmd(
     model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="fp32 model directory")],
     calibration: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV of photos")],
-    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSV's image paths")],
     out: Annotated[Path, typer.Option(help="Directory for the int8 model")],
-    n_images: Annotated[int, typer.Option(min=8, max=10000)] = 256,
+    n_images: Annotated[int, typer.Option(min=8, max=10000, help="Calibration photos used")] = 256,
 ) -> None:
     """Static int8 (QDQ) quantisation calibrated on catalogue photos."""
     from app.offline.export.quantize import quantize_model
@@ -220,36 +435,44 @@ def quantize_model_cmd(
 def evaluate(
     index: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Index directory (with CURRENT)")],
     queries: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Query CSV: sku,category,image")],
-    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False)],
+    images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSV's image paths")],
     out: Annotated[Path, typer.Option(help="Directory for report.json and report.html")],
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: VPS_MODEL_DIR)")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: VPS_MODEL_DIR, else the shipped model)")
+    ] = None,
 ) -> None:
     """Measure an index with query photos; writes report.json and a self-contained report.html
     (needs the `eval` extra for the plots)."""
     from app.offline.evaluate.job import evaluate_index
 
     configure_logging("WARNING")
-    report = evaluate_index(index, model or Settings().model_dir, queries, images_root, out)
+    model_dir, source = resolve_model_dir(model)
+    typer.echo(model_line(model_dir, source))
+    report = evaluate_index(index, model_dir, queries, images_root, out)
     r = report["retrieval"]
     typer.echo(
-        f"recall@1={r['recall@1']:.4f} recall@5={r['recall@5']:.4f} router top-1={report['routing']['top1_accuracy']} "
-        f"-> {out / 'report.html'}"
+        f"recall@1={fmt(r['recall@1'])} recall@5={fmt(r['recall@5'])} "
+        f"router top-1={fmt(report['routing']['top1_accuracy'])} -> {out / 'report.html'}"
     )
+
+
+class SplitName(StrEnum):
+    train = "train"
+    val = "val"
+    iconic = "iconic"
 
 
 @cli.command("grocery-catalogue")
 def grocery_catalogue_cmd(
     dataset: Annotated[Path, typer.Option(exists=True, file_okay=False, help="GroceryStoreDataset root")],
-    split: Annotated[str, typer.Option(help="train, val or iconic")],
+    split: Annotated[SplitName, typer.Option(help="Dataset split (iconic: the studio image of each SKU)")],
     out: Annotated[Path, typer.Option(help="CSV to write")],
 ) -> None:
     """Write a catalogue CSV for one split of the GroceryStoreDataset."""
     from app.offline.datasets.catalogue import write_catalogue
     from app.offline.datasets.grocery import split_rows
 
-    if split not in ("train", "val", "iconic"):
-        raise typer.BadParameter("split must be train, val or iconic", param_hint="--split")
-    rows = split_rows(dataset, split)
+    rows = split_rows(dataset, split.value)
     write_catalogue(out, rows)
     typer.echo(f"wrote {len(rows)} rows to {out}")
 

@@ -100,3 +100,23 @@ class InternalError(ServiceError):
 
 class ArtifactError(Exception):
     """An artifact (model, index) failed verification at load. Never mapped to a request: start-up fails."""
+
+
+class CatalogueError(ValueError):
+    """Bad input data for an offline job: a catalogue or query CSV that cannot be read (the message names the file
+    and line), or a catalogue none of whose images can be embedded. `vps` exits 3."""
+
+
+class ModelNotFound(ArtifactError):
+    """No model directory was given and none was found where the default is looked for. `vps` exits 4, like any
+    other model or index artifact problem."""
+
+
+class BuildRefused(Exception):
+    """The build would lose products (every image of a SKU failed, or more images failed than allowed): nothing
+    was published and CURRENT is unchanged. `vps` exits 5."""
+
+    def __init__(self, message: str, *, lost_skus: list[str], report: str) -> None:
+        super().__init__(message)
+        self.lost_skus = lost_skus
+        self.report = report

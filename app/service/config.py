@@ -10,12 +10,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.engine.imaging import MAX_DECODE_BYTES, MAX_IMAGE_PIXELS
 from app.engine.search import FILL_MAX_PROBES, OVERFETCH
 
+# The model the repository ships, found from the package rather than the working directory: a checkout or an
+# editable install keeps models/ beside app/. An installed wheel carries no models (the image copies one and sets
+# VPS_MODEL_DIR): there this path does not exist and `vps` says so.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "grocery-lite0-ms512"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
 
     index_dir: Path = Field(Path("index_data"), description="Directory holding CURRENT and index versions")
-    model_dir: Path = Field(Path("models/grocery-lite0-ms512"), description="Directory with model.onnx and model.json")
+    model_dir: Path = Field(SHIPPED_MODEL_DIR, description="Directory with model.onnx and model.json")
 
     # Untrusted input limits.
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Byte cap of one image")

@@ -1,7 +1,9 @@
 """`vps build-index`: embed a catalogue, build one HNSW shard per category, fit the router, write an immutable
 version directory with its manifest, then point CURRENT at it atomically.
 
-Unreadable images are reported by path and reason and counted in the manifest: never silently dropped."""
+Unreadable images are reported by path and reason and counted in the manifest: never silently dropped. A build
+that would lose a SKU (every image of it failed) or more images than allowed publishes nothing: it raises
+BuildRefused, writes its report beside the versions and leaves CURRENT alone."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from app.artifacts.manifest import (
 )
 from app.artifacts.shards import SHARD_SUFFIX, Backend, build_shard
 from app.engine.embedding import Embedder, OnnxEmbedder, decode_side
-from app.errors import ServiceError
+from app.errors import BuildRefused, CatalogueError, ServiceError
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
 from app.offline.routing.calibrate import (
@@ -47,9 +49,81 @@ from app.offline.routing.calibrate import (
     RouterReport,
     train_router,
 )
-from app.offline.routing.fit import class_centroids
+from app.offline.routing.fit import RouterKind, class_centroids
 
 log = logging.getLogger(__name__)
+
+# A refused build's report: beside the versions (never inside one: nothing is published); the latest refusal only,
+# removed by the next build that publishes.
+REFUSED_REPORT = "refused-build-report.json"
+LOST_SKUS_NAMED = 10  # SKUs named in a refusal's message; the report lists all of them
+
+
+@dataclass(frozen=True)
+class Limit:
+    """How many of something a build may lose: at most `count` of them, or at most `fraction` of the total."""
+
+    count: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """`3` is a count; `0.01`, `1.0` and `5%` are fractions (a decimal point or % makes a fraction)."""
+        t = text.strip()
+        try:
+            if t.endswith("%"):
+                value = float(t[:-1]) / 100
+            elif any(c in t for c in ".eE"):
+                value = float(t)
+            else:
+                count = int(t)
+                if count < 0:
+                    raise ValueError(t)
+                return cls(count=count)
+        except ValueError:
+            raise ValueError(f"{text!r} is neither a count (3) nor a fraction (0.01, 5%)") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{text!r}: a fraction lies between 0 and 1")
+        return cls(fraction=value)
+
+    def exceeded(self, n: int, total: int) -> bool:
+        if self.count is not None:
+            return n > self.count
+        return n > (self.fraction or 0.0) * total
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.fraction:g}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the catalogue the index holds. A SKU is lost when every one of its rows failed."""
+
+    images_total: int
+    images_indexed: int
+    skus_total: int
+    lost_skus: tuple[str, ...] = ()
+
+    @property
+    def images_failed(self) -> int:
+        return self.images_total - self.images_indexed
+
+    @property
+    def skus_indexed(self) -> int:
+        return self.skus_total - len(self.lost_skus)
+
+    def summary(self) -> str:
+        return f"{self.images_indexed} of {self.images_total} images and {self.skus_indexed} of {self.skus_total} SKUs"
+
+    def report(self, problems: Sequence[RowProblem]) -> dict[str, Any]:
+        return {
+            "images_total": self.images_total,
+            "images_embedded": self.images_indexed,
+            "skus_total": self.skus_total,
+            "skus_indexed": self.skus_indexed,
+            "lost_skus": list(self.lost_skus),
+            "problems": [p.__dict__ for p in problems],
+        }
 
 
 @dataclass(frozen=True)
@@ -64,9 +138,14 @@ class BuildOptions:
     max_probes: int = 8
     max_routing_loss: float = 0.005
     router_min_images: int = 5
+    router: RouterKind = "prototype"
     target_precision: float = 0.9
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE
     exhaustive_below: int = EXHAUSTIVE_BELOW_VECTORS  # vectors: an index this small is searched whole
+    # Losses beyond these refuse the build (BuildRefused): a few unreadable photos are normal in a large
+    # catalogue, a product that vanishes from search is not.
+    max_failed_images: Limit = Limit(fraction=0.01)
+    max_lost_skus: Limit = Limit(count=0)
     progress: bool = True
 
 
@@ -75,6 +154,7 @@ class BuildResult:
     version_dir: Path
     manifest: Manifest
     problems: list[RowProblem]
+    coverage: Coverage
 
     @property
     def router_report(self) -> RouterReport:
@@ -94,9 +174,9 @@ def embed_catalogue(
             data = read_photo(root, row.image)
             array = embedder.preprocess(decode_photo(data, size))
         except PhotoProblem as exc:
-            return RowProblem(row.line, row.image, exc.reason)
+            return RowProblem(row.line, row.image, exc.reason, row.sku)
         except ServiceError as exc:
-            return RowProblem(row.line, row.image, exc.code)
+            return RowProblem(row.line, row.image, exc.code, row.sku)
         return array, hashlib.sha256(data).hexdigest()
 
     vectors: list[np.ndarray] = []
@@ -215,17 +295,11 @@ def build_index(
         embedder = OnnxEmbedder(model_dir, intra_op_threads=options.threads)
     vectors, kept, embed_problems = embed_catalogue(rows, images_root, embedder, options)
     problems = problems + embed_problems
-    if not kept:
-        raise ValueError(f"{catalogue}: no image could be embedded ({len(problems)} problems)")
+    coverage = coverage_of(rows, kept, problems, total=len(rows) + n_unreadable_rows)
+    check_coverage(coverage, problems, options, out_dir, catalogue, images_root)
     calibration = None
     if calibration_queries is not None:
-        cal_rows, cal_problems = read_catalogue(calibration_queries)
-        cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(
-            cal_rows, calibration_root or images_root, embedder, options
-        )
-        for p in cal_problems + cal_embed_problems:
-            log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
-        calibration = (cal_vectors, cal_kept)
+        calibration = _embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
 
     result = publish_vectors(
         vectors,
@@ -234,10 +308,12 @@ def build_index(
         embedder,
         options,
         problems=problems,
-        total=len(rows) + n_unreadable_rows,
+        total=coverage.images_total,
+        lost_skus=coverage.lost_skus,
         calibration=calibration,
         training_digests=embedder.card.training_digests(model_dir),
     )
+    (out_dir / REFUSED_REPORT).unlink(missing_ok=True)  # an earlier refusal no longer describes the index
     report = result.router_report
     log.info("router decided", extra={"summary": report.summary()})
     if not report.calibration_source.startswith("calibration"):
@@ -246,6 +322,87 @@ def build_index(
             "photos; give the build query photos of catalogue SKUs for figures that match production"
         )
     return result
+
+
+def _embed_calibration(
+    queries: Path, root: Path, embedder: Embedder, options: BuildOptions
+) -> tuple[np.ndarray, list[CatalogueRow]]:
+    cal_rows, cal_problems = read_catalogue(queries)
+    cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(cal_rows, root, embedder, options)
+    for p in cal_problems + cal_embed_problems:
+        log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
+    return cal_vectors, cal_kept
+
+
+def coverage_of(
+    rows: Sequence[CatalogueRow], kept: Sequence[CatalogueRow], problems: Sequence[RowProblem], *, total: int
+) -> Coverage:
+    """A SKU named by any row (usable or not) is lost when none of its rows was embedded."""
+    skus = {r.sku for r in rows} | {p.sku for p in problems if p.sku}
+    lost = skus - {r.sku for r in kept}
+    return Coverage(images_total=total, images_indexed=len(kept), skus_total=len(skus), lost_skus=tuple(sorted(lost)))
+
+
+def check_coverage(
+    coverage: Coverage,
+    problems: Sequence[RowProblem],
+    options: BuildOptions,
+    out_dir: Path,
+    catalogue: Path,
+    images_root: Path,
+) -> None:
+    """Refuse, before anything is written into the index directory but the refusal's report, a build that indexes
+    nothing (CatalogueError) or loses more than the options allow (BuildRefused)."""
+    c = coverage
+    reasons = []
+    if options.max_lost_skus.exceeded(len(c.lost_skus), c.skus_total):
+        reasons.append(
+            f"{len(c.lost_skus)} of {c.skus_total} SKUs would lose every image (--max-lost-skus "
+            f"{options.max_lost_skus}): {_first(c.lost_skus)}"
+        )
+    if options.max_failed_images.exceeded(c.images_failed, c.images_total):
+        reasons.append(
+            f"{c.images_failed} of {c.images_total} images failed (fraction {c.images_failed / c.images_total:.3f}, "
+            f"--max-failed-images {options.max_failed_images})"
+        )
+    if c.images_indexed and not reasons:
+        return
+    if not c.images_total:
+        raise CatalogueError(f"{catalogue}: the catalogue has no rows")
+    report = _write_refused_report(out_dir, catalogue, c, problems, "; ".join(reasons))
+    if not c.images_indexed:
+        first = f" (first: line {problems[0].line}: {problems[0].image}: {problems[0].reason})" if problems else ""
+        raise CatalogueError(
+            f"{catalogue}: no image could be embedded, {c.images_failed} of {c.images_total} rows failed{first}; "
+            f"check the CSV and --images-root ({images_root}); report: {report}"
+        )
+    raise BuildRefused(
+        f"build refused, nothing published, CURRENT unchanged: {'; '.join(reasons)}; report: {report}",
+        lost_skus=list(c.lost_skus),
+        report=str(report),
+    )
+
+
+def _first(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:LOST_SKUS_NAMED])
+    return shown + (f" and {len(names) - LOST_SKUS_NAMED} more" if len(names) > LOST_SKUS_NAMED else "")
+
+
+def _write_refused_report(
+    out_dir: Path, catalogue: Path, coverage: Coverage, problems: Sequence[RowProblem], reason: str
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "refused": reason or "no image could be embedded",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "catalogue": str(catalogue),
+        **coverage.report(problems),
+    }
+    path = out_dir / REFUSED_REPORT
+    tmp = path.with_name(f".{REFUSED_REPORT}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)  # a reader never sees half a report
+    return path
 
 
 def publish_vectors(
@@ -257,12 +414,19 @@ def publish_vectors(
     *,
     problems: list[RowProblem] | None = None,
     total: int | None = None,
+    lost_skus: Sequence[str] = (),
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
 ) -> BuildResult:
     """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
     build_index, and by benchmarks that need a large index of synthetic vectors."""
     problems = problems or []
+    coverage = Coverage(
+        images_total=total if total is not None else len(rows),
+        images_indexed=len(rows),
+        skus_total=len({r.sku for r in rows} | set(lost_skus)),
+        lost_skus=tuple(lost_skus),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".building-{uuid.uuid4().hex[:12]}"
     (staging / "shards").mkdir(parents=True)
@@ -274,7 +438,7 @@ def publish_vectors(
             problems,
             embedder,
             options,
-            total=total if total is not None else len(rows),
+            coverage=coverage,
             calibration=calibration,
             training_digests=training_digests,
         )
@@ -287,9 +451,9 @@ def publish_vectors(
     publish_current(out_dir, manifest.version)
     log.info(
         "index built",
-        extra={"version": manifest.version, "items": manifest.n_items, "problems": len(problems)},
+        extra={"version": manifest.version, "indexed": coverage.summary(), "problems": len(problems)},
     )
-    return BuildResult(final, manifest, problems)
+    return BuildResult(final, manifest, problems, coverage)
 
 
 @dataclass(frozen=True)
@@ -313,7 +477,7 @@ def _write_version(
     problems: list[RowProblem],
     embedder: Embedder,
     options: BuildOptions,
-    total: int,
+    coverage: Coverage,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
 ) -> Manifest:
@@ -326,8 +490,8 @@ def _write_version(
         for r in grouped.rows
     ]
     ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")
-    build_report = {"images_total": total, "images_embedded": len(rows), "problems": [p.__dict__ for p in problems]}
-    (vdir / "build_report.json").write_text(json.dumps(build_report, indent=2) + "\n")
+    (vdir / "build_report.json").write_text(json.dumps(coverage.report(problems), indent=2) + "\n")
+    total = coverage.images_total
     manifest = _manifest(vdir, grouped, entries, report, embedder, options, total=total, failed=len(problems))
     write_manifest(vdir, manifest)
     return manifest
@@ -403,6 +567,7 @@ def _write_router(
         target_precision=options.target_precision,
         near_duplicate_cosine=options.near_duplicate_cosine,
         exhaustive_below=options.exhaustive_below,
+        router_kind=options.router,
     )
     router.save(vdir / "router.npz")
     return report

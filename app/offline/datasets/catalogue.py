@@ -7,6 +7,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from app.errors import CatalogueError
+
 REQUIRED = ("sku", "image")
 COLUMNS = ("sku", "category", "image")
 
@@ -27,36 +29,66 @@ class RowProblem:
     line: int
     image: str
     reason: str
+    sku: str = ""  # "" when the row names none; a SKU all of whose rows have problems is lost to the index
 
 
 def read_catalogue(path: Path) -> tuple[list[CatalogueRow], list[RowProblem]]:
+    """The rows that can be used and the problems of the others. A file that cannot be read as a catalogue (no
+    `sku` or `image` column, not UTF-8, broken CSV quoting) raises CatalogueError naming the file and line."""
     rows: list[CatalogueRow] = []
     problems: list[RowProblem] = []
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected sku,[category,]image[,title,...]")
-        has_category = "category" in header
-        reader.fieldnames = header
-        for line, raw in enumerate(reader, start=2):
-            rec = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-            needed = COLUMNS if has_category else REQUIRED
-            if not all(rec.get(c) for c in needed):
-                problems.append(RowProblem(line, rec.get("image", ""), "missing sku, category or image"))
-                continue
-            if not is_relative_inside(rec["image"]):
-                # The build reads images_root / image, and the web page serves it: never a path outside the root.
-                problems.append(RowProblem(line, rec["image"], "image path must be relative, inside the images root"))
-                continue
-            attributes = {k: v for k, v in rec.items() if k not in (*COLUMNS, "title") and v}
-            rows.append(
-                CatalogueRow(
-                    line, rec["sku"], rec.get("category", ""), rec["image"], rec.get("title") or None, attributes
-                )
-            )
+        try:
+            has_category = _check_header(path, reader)
+            for raw in reader:
+                _parse_row(reader.line_num, raw, has_category, rows, problems)
+        except UnicodeDecodeError as exc:
+            raise CatalogueError(f"{path}: line {_first_non_utf8_line(path)}: not UTF-8 text") from exc
+        except csv.Error as exc:
+            raise CatalogueError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from exc
     return rows, problems
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    # Text is decoded in chunks, so the reader's position at the error is not the line: find it in the bytes.
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
+
+
+def _check_header(path: Path, reader: csv.DictReader[str]) -> bool:
+    """Normalise the header in place; True when it has a category column."""
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise CatalogueError(
+            f"{path}: line 1: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty file'}); "
+            "expected sku,[category,]image[,title,...]"
+        )
+    reader.fieldnames = header
+    return "category" in header
+
+
+def _parse_row(
+    line: int, raw: dict[str, str], has_category: bool, rows: list[CatalogueRow], problems: list[RowProblem]
+) -> None:
+    rec = {k: (v or "").strip() for k, v in raw.items() if k is not None}  # key None: values beyond the header
+    sku = rec.get("sku", "")
+    needed = COLUMNS if has_category else REQUIRED
+    if not all(rec.get(c) for c in needed):
+        problems.append(RowProblem(line, rec.get("image", ""), "missing sku, category or image", sku))
+        return
+    if not is_relative_inside(rec["image"]):
+        # The build reads images_root / image, and the web page serves it: never a path outside the root.
+        problems.append(RowProblem(line, rec["image"], "image path must be relative, inside the images root", sku))
+        return
+    attributes = {k: v for k, v in rec.items() if k not in (*COLUMNS, "title") and v}
+    rows.append(CatalogueRow(line, sku, rec.get("category", ""), rec["image"], rec.get("title") or None, attributes))
 
 
 def is_relative_inside(image: str) -> bool:
