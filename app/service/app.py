@@ -16,7 +16,9 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from PIL import Image
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.engine.imaging import limit_malloc_arenas
@@ -38,6 +40,8 @@ log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+UNMATCHED = "unmatched"  # the route label of requests no route matched (404s, bounded cardinality)
+MAX_LOGGED_PATH = 256
 
 
 class ObserveMiddleware:
@@ -45,8 +49,11 @@ class ObserveMiddleware:
     last-resort 500: an unexpected exception becomes `internal_error` with the request id, its text only logged.
     Plain ASGI, not BaseHTTPMiddleware: that one costs a task group and a stream per request (profiled here)."""
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, plain_routes: frozenset[str] = frozenset()) -> None:
         self.app, self.state, self.metrics = app, state, state.metrics
+        # FastAPI's own pages (/docs, /openapi.json) are plain Starlette routes, which leave no route in the scope:
+        # matched by their fixed path instead, so they are not counted as "unmatched" with the 404s.
+        self._plain_routes = plain_routes
         hosts = state.settings.allowed_hosts
         self._allowed_hosts = frozenset(h.lower() for h in hosts) if hosts else None
         # Request ids: a random per-process prefix and a counter, unique across workers and restarts without a
@@ -91,20 +98,29 @@ class ObserveMiddleware:
             status = 500
             if not started:
                 await error_response(500, "internal_error", "internal error", request_id)(scope, receive, send_with_id)
-        template = getattr(scope.get("route"), "path", "unmatched")
+        template = self._route_label(scope, status)
         elapsed = time.perf_counter() - t0
         self.metrics.requests.labels(route=template, status=str(status)).inc()
         self.metrics.request_duration.labels(route=template).observe(elapsed)
-        access_log.info(
-            "request",
-            extra={
-                "request_id": request_id,
-                "method": scope["method"],
-                "route": template,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-            },
-        )
+        extra = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "route": template,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+        if status == 404 or template == UNMATCHED:
+            # The template alone cannot say what was missing; the path (bounded) can. Logs only, never a label.
+            extra["path"] = scope["path"][:MAX_LOGGED_PATH]
+        access_log.info("request", extra=extra)
+
+    def _route_label(self, scope: Scope, status: int) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return str(getattr(route, "path", UNMATCHED))
+        if status != 404 and scope["path"] in self._plain_routes:
+            return str(scope["path"])
+        return UNMATCHED
 
 
 def _host(scope: Scope) -> str:
@@ -178,7 +194,9 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     app.include_router(admin)
     app.include_router(web)
 
-    app.add_middleware(ObserveMiddleware, state=state)
+    # Routes without path parameters that FastAPI adds itself (docs, schema): no APIRoute, no route in the scope.
+    plain = frozenset(r.path for r in app.routes if isinstance(r, Route) and not isinstance(r, APIRoute))
+    app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain)
 
     return app
 

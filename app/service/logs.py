@@ -46,3 +46,7 @@ def configure_logging(level: str = "INFO") -> None:
     logging.captureWarnings(True)
     install_warning_capture()
     access.disabled = True
+    # faiss's loader logs at INFO each SIMD build it tries, with a "Could not load library" traceback for each;
+    # this wheel is one dynamic-dispatch build (AVX2 / AVX-512 picked at run time), so all of it is noise.
+    # Whether faiss is imported before or after this call, only its warnings pass.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)

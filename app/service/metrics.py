@@ -36,6 +36,8 @@ class Metrics:
         self._routing_shadow(self.registry)
 
     def _http(self, r: CollectorRegistry) -> None:
+        # route: the template (/v1/catalogue-images/{version}/{row}), FastAPI's own pages by their path (/docs,
+        # /openapi.json), "unmatched" for every path no route matched: bounded, whatever clients send.
         self.requests = Counter(
             "vps_requests", "HTTP requests by route template and status", ["route", "status"], registry=r
         )

@@ -3,10 +3,13 @@ against the real service with the demo index and the shipped model."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -86,6 +89,99 @@ def test_a_non_image_shows_a_plain_error(page: Page, base_url: str, tmp_path: Pa
     expect(error).to_contain_text("could not be searched")
     expect(error).to_contain_text("unsupported image format")
     page.screenshot(path=str(tmp_path / "error.png"))
+
+
+def test_after_an_error_no_broken_photo_and_the_message_stays(page: Page, base_url: str, tmp_path: Path) -> None:
+    """A file the browser cannot show left a broken-image icon for "your photo" beside the error."""
+    page.goto(base_url)
+    page.set_input_files("#file", str(QUERY))
+    expect(page.locator("#results li").first).to_be_visible(timeout=20_000)
+    preview = page.locator("#preview")
+    expect(preview).to_be_visible()
+    assert preview.evaluate("img => img.naturalWidth") > 0
+    truncated = QUERY.read_bytes()[:1500]  # the browser may show its top rows; the service refuses it
+    bad_files = [
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo at all"},
+        {"name": "cut.jpg", "mimeType": "image/jpeg", "buffer": truncated},
+    ]
+    for i, bad in enumerate(bad_files):
+        page.set_input_files("#file", bad)  # type: ignore[arg-type]
+        error = page.locator("#error")
+        expect(error).to_be_visible(timeout=20_000)
+        expect(error).to_contain_text("could not be searched")
+        page.wait_for_timeout(500)  # past the photo's own load or error event
+        broken = "img => !img.hidden && getComputedStyle(img).display !== 'none' && !(img.complete && img.naturalWidth)"
+        assert not preview.evaluate(broken), bad["name"]
+        if bad["name"] == "notes.txt":
+            expect(preview).to_be_hidden()  # nothing to show at all
+        expect(error).to_be_visible()  # hiding the photo did not take the message with it
+        expect(page.locator("#output")).to_be_hidden()
+        page.screenshot(path=str(tmp_path / f"error-{i}.png"))
+
+
+def test_loading_the_page_asks_for_nothing_missing(page: Page, base_url: str) -> None:
+    """Every load of the page cost a 404 for /favicon.ico. Chromium fetches the icon after the load, outside
+    Playwright's response events, so the server's own counts are the witness."""
+    before = _requests_by_route(base_url)
+    statuses: list[tuple[int, str]] = []
+    page.on("response", lambda r: statuses.append((r.status, r.url)))
+    page.goto(base_url)
+    expect(page.locator("#drop")).to_be_visible()
+    page_itself = {("/", "200"), ("/ui/app.js", "200"), ("/metrics", "200")}  # and these scrapes
+    deadline = time.monotonic() + 15
+    while True:  # until the browser asked for an icon, found or not
+        after = _requests_by_route(base_url)
+        new = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0) and k not in page_itself}
+        if new:
+            break
+        assert time.monotonic() < deadline, "the browser asked for no icon"
+        time.sleep(0.1)
+    assert new == {("/ui/icon.svg", "200"): 1.0}  # the icon the page links; no 404
+    assert [s for s in statuses if s[0] >= 400] == []
+
+
+def _requests_by_route(base_url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{base_url}/metrics").text
+    found = re.findall(r'^vps_requests_total\{route="([^"]*)",status="(\d+)"\} ([0-9.e+]+)$', text, re.M)
+    return {(route, status): float(v) for route, status, v in found}
+
+
+def test_the_evaluation_report_reads_in_a_browser(browser: Browser, demo_index: Path, tmp_path: Path) -> None:
+    """vps evaluate's page: a legend naming every category, a colour bar beside the matrix, counts in its cells;
+    rendered by chromium from the file, with nothing fetched."""
+    pytest.importorskip("matplotlib", reason="the eval extra (matplotlib) is not installed")
+    from app.offline.evaluate.job import evaluate_index
+
+    out = tmp_path / "report"
+    report = evaluate_index(demo_index, DEFAULT_MODEL, DEMO / "calibration.csv", DEMO / "images", out, progress=False)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url))
+    try:
+        page.goto((out / "report.html").as_uri())
+        legend = page.locator("#projection-legend")
+        expect(legend).to_be_visible()
+        entries = legend.locator("text").all_text_contents()
+        assert set(report["routing"]["categories"]) <= set(entries) and "category" in entries
+        figure, legend_box = page.locator("#projection").bounding_box(), legend.bounding_box()
+        assert figure and legend_box and legend_box["x"] > figure["x"] + figure["width"] / 2  # beside the points
+        assert legend_box["x"] + legend_box["width"] <= figure["x"] + figure["width"] + 1  # inside the figure
+        colorbar = page.locator("#confusion-colorbar")
+        expect(colorbar).to_be_visible()
+        assert {"0.0", "0.2", "1.0"} <= set(colorbar.locator("text").all_text_contents())
+        matrix = page.locator("#confusion-axes_1").bounding_box()
+        bar_box = colorbar.bounding_box()
+        assert matrix and bar_box and bar_box["x"] >= matrix["x"] + matrix["width"] - 1  # to its right
+        counts = page.locator("#confusion [id^='count-'] text").all_text_contents()
+        assert sum(int(c) for c in counts) == report["queries"]  # one number per non-zero cell, adding up
+        assert page.get_by_text("HNSW image recall@10 (every shard").is_visible()
+        assert page.locator("#plots-missing").count() == 0
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        assert (tmp_path / "report.png").stat().st_size > 100_000
+        assert all(url.startswith(("file:", "data:")) for url in fetched), fetched
+    finally:
+        context.close()
 
 
 def test_phone_width_and_keyboard_only(browser: Browser, base_url: str, tmp_path: Path) -> None:

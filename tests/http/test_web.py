@@ -37,6 +37,18 @@ def test_page_and_script_are_self_contained_with_a_strict_policy(server: str) ->
     assert again.status_code == 304
 
 
+def test_the_page_links_an_icon_that_is_served(server: str) -> None:
+    """Without a linked icon every page load asked for /favicon.ico and got a 404."""
+    page = httpx.get(f"{server}/").text
+    assert '<link rel="icon" href="/ui/icon.svg" type="image/svg+xml">' in page
+    for path in ("/ui/icon.svg", "/favicon.ico"):  # the second for pages that link none (/docs)
+        icon = httpx.get(f"{server}{path}")
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml", path
+        assert icon.content.startswith(b"<svg") and b"<script" not in icon.content
+        assert "max-age" in icon.headers["cache-control"]
+    assert httpx.get(f"{server}/openapi.json").json()["paths"].keys().isdisjoint({"/ui/icon.svg", "/favicon.ico"})
+
+
 def test_results_link_their_catalogue_image_which_is_cacheable(server: str, catalogue: Path) -> None:
     r = httpx.post(f"{server}/search", content=encode(product_image("white-milk", 8)), params={"k": 3})
     top = r.json()["results"][0]

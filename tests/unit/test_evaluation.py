@@ -1,8 +1,12 @@
-"""SKU recall against hand-computed values."""
+"""Evaluation metrics against hand-computed values, and how offline jobs report progress."""
 
 from __future__ import annotations
 
+import io
+import logging
+
 import numpy as np
+import pytest
 
 from app.offline.evaluate.metrics import sku_recall, top_skus
 
@@ -59,14 +63,58 @@ def test_classification_report_with_zero_support_and_never_predicted() -> None:
     assert rep["weighted avg"]["recall"] == (2 / 3 * 3 + 0) / 4
 
 
-def test_overlap_and_pr_curve() -> None:
-    from app.offline.evaluate.metrics import overlap_at_k, pr_curve
+def test_ann_recall_counts_by_score_so_ties_are_not_misses() -> None:
+    from app.offline.evaluate.metrics import ann_recall
 
-    assert overlap_at_k([np.array([1, 2, 3])], [np.array([3, 2, 9])], 3) == 2 / 3
+    scores = np.array([0.9, 0.8, 0.8, 0.5, 0.1])  # rows 1 and 2: the same photo twice
+    assert ann_recall(np.array([0, 1]), scores, 2) == 1.0
+    assert ann_recall(np.array([0, 2]), scores, 2) == 1.0  # the tied twin is just as near: a hit
+    assert ann_recall(np.array([0, 3]), scores, 2) == 0.5  # a real miss
+    assert ann_recall(np.array([0]), scores, 2) == 0.5  # an answer short of k misses the rest
+    assert ann_recall(np.array([3, 3, 3]), scores, 3) == 0.0  # a row counts once
+    assert ann_recall(np.array([1, 0]), np.array([0.9, 0.1]), 10) == 1.0  # fewer rows than k: all of them
+    # A float-rounding swap at the k-th place (faiss and numpy add in another order) is within the tolerance.
+    assert ann_recall(np.array([0, 2]), np.array([0.9, 0.7000001, 0.7]), 2) == 1.0
+
+
+def test_pr_curve() -> None:
+    from app.offline.evaluate.metrics import pr_curve
+
     curve = pr_curve(np.array([0.9, 0.8, 0.8, 0.5]), np.array([True, False, True, False]))
     assert curve["threshold"] == [0.9, 0.8, 0.5]  # the tie at 0.8 is one point
     assert curve["precision"] == [1.0, 2 / 3, 0.5]
     assert curve["recall"] == [0.5, 1.0, 1.0]
+
+
+def test_progress_in_a_log_file_is_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Not a terminal: no bar (tqdm's carriage returns would pile up in the file), a plain line now and then."""
+    from app.offline.progress import progress
+
+    out = io.StringIO()  # a file: isatty() is False
+    with caplog.at_level(logging.INFO, logger="app.offline.progress"):
+        assert list(progress(range(50), desc="embedding", unit="img", every_s=0, stream=out)) == list(range(50))
+        with progress(total=3, desc="shards", stream=out, every_s=3600) as bar:
+            bar.update(2)
+            bar.update(1)
+        assert list(progress(range(5), desc="quiet", enabled=False, stream=out)) == list(range(5))
+    assert out.getvalue() == ""  # nothing drawn
+    lines = [r.getMessage() for r in caplog.records]
+    assert all("\r" not in line for line in lines)
+    assert lines[0].startswith("embedding: 1/50 img (2 %)") and lines[-2].startswith("embedding: 50/50 img (100 %)")
+    assert lines[-1].startswith("shards: 3/3 it (100 %)")  # only the closing line within an hour
+    assert not any(line.startswith("quiet") for line in lines)
+
+
+def test_progress_on_a_terminal_is_tqdm_s_bar() -> None:
+    from app.offline.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    assert sum(progress(range(3), desc="evaluating", unit="query", stream=out)) == 3
+    assert "\r" in out.getvalue() and "3/3" in out.getvalue()
 
 
 def test_top_skus_matches_a_full_stable_sort_on_large_catalogues() -> None:

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
 from app.artifacts.hashing import sha256_file
 from app.artifacts.items import ItemTable
@@ -42,6 +41,7 @@ from app.engine.embedding import Embedder, OnnxEmbedder, decode_side
 from app.errors import BuildRefused, CatalogueError, ServiceError
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
+from app.offline.progress import progress
 from app.offline.routing.calibrate import (
     EXHAUSTIVE_BELOW_VECTORS,
     NEAR_DUPLICATE_COSINE,
@@ -184,7 +184,7 @@ def embed_catalogue(
     problems: list[RowProblem] = []
     with (
         ThreadPoolExecutor(max_workers=options.threads) as pool,
-        tqdm(total=len(rows), desc="embedding", unit="img", disable=not options.progress) as bar,
+        progress(None, total=len(rows), desc="embedding", unit="img", enabled=options.progress) as bar,
     ):
         for batch_rows in _chunks(rows, options.batch_size):
             arrays: list[np.ndarray] = []
@@ -522,7 +522,7 @@ def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Groupe
 def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions) -> list[CategoryEntry]:
     entries: list[CategoryEntry] = []
     offset = 0
-    for ci, name in enumerate(tqdm(g.categories, desc="shards", disable=not options.progress)):
+    for ci, name in enumerate(progress(g.categories, desc="shards", unit="shard", enabled=options.progress)):
         members = np.flatnonzero(g.labels == ci)
         rel = f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}"
         build_shard(

@@ -118,15 +118,17 @@ def classification_report(matrix: np.ndarray, names: list[str]) -> dict[str, dic
     return out
 
 
-def overlap_at_k(approx_ids: list[np.ndarray], exact_ids: list[np.ndarray], k: int) -> float:
-    """ANN recall@k: mean fraction of the exact top-k ids found in the approximate top-k."""
-    if len(exact_ids) == 0:
-        return 0.0
-    hits = [
-        len(set(a[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
-        for a, e in zip(approx_ids, exact_ids, strict=True)
-    ]
-    return float(np.mean(hits))
+def ann_recall(approx_rows: np.ndarray, exact_scores: np.ndarray, k: int, tol: float = 1e-5) -> float:
+    """ANN recall@k of one query, by score: the share of the k nearest rows (exact scores of every row) that the
+    approximate top-k matches, a row counting when its exact score reaches the exact k-th best (within `tol`).
+    By score, not by id: two rows with the same score (duplicate photos) or a float-rounding swap at the k-th
+    place are equally near, and an id comparison would count them as misses."""
+    want = min(k, len(exact_scores))
+    if want == 0:
+        return 1.0
+    kth = np.partition(exact_scores, len(exact_scores) - want)[len(exact_scores) - want]
+    rows = np.unique(np.asarray(approx_rows[:k], dtype=np.int64))
+    return min(int((exact_scores[rows] >= kth - tol).sum()), want) / want
 
 
 def pr_curve(scores: np.ndarray, correct: np.ndarray) -> dict[str, list[float]]:

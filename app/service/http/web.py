@@ -1,4 +1,4 @@
-"""The try-it web page (GET /, its script) and the catalogue images its results show.
+"""The try-it web page (GET /, its script, its icon) and the catalogue images its results show.
 
 Catalogue images: GET /v1/catalogue-images/{version}/{row} serves the image of row `row` of the *live* index
 version, read from VPS_CATALOGUE_IMAGES_DIR. The client never names a path: the path comes from the index's own
@@ -31,6 +31,13 @@ _CSP = (
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
 _MEDIA = {JPEG: "image/jpeg", PNG: "image/png", WEBP: "image/webp"}
+# The page's icon, linked from index.html: without one every load of the page cost a 404 for /favicon.ico.
+# Kept here, not in static/, so that every install has it (package data lists the page's .html and .js only).
+_ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    b'fill="#0b63c5"/><circle cx="14" cy="14" r="7" fill="none" stroke="#fff" stroke-width="3"/>'
+    b'<path d="M19 19l6 6" stroke="#fff" stroke-width="3.5" stroke-linecap="round"/></svg>'
+)
 _MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
@@ -61,6 +68,16 @@ async def page(request: Request) -> Response:
 @web.get("/ui/app.js", include_in_schema=False)
 async def script(request: Request) -> Response:
     return _static("app.js", "text/javascript; charset=utf-8", request)
+
+
+@web.get("/ui/icon.svg", include_in_schema=False)
+@web.get("/favicon.ico", include_in_schema=False)  # browsers ask for it on pages that link no icon (/docs)
+async def icon() -> Response:
+    return Response(
+        _ICON,
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 @web.get(

@@ -32,8 +32,8 @@
     again.disabled = false;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
+    preview.hidden = true; // shown once decoded (the load listener below)
     preview.src = previewUrl;
-    preview.style.display = "block";
     search();
   }
 
@@ -127,6 +127,10 @@
     output.hidden = false;
   }
 
+  // The photo is shown only once the browser could decode it: a file it cannot show (not an image, corrupt, a
+  // format it lacks) would otherwise leave a broken-image icon beside the error message.
+  preview.addEventListener("load", () => { preview.hidden = false; });
+  preview.addEventListener("error", () => { preview.hidden = true; });
   fileInput.addEventListener("change", () => choose(fileInput.files[0]));
   form.addEventListener("submit", (e) => { e.preventDefault(); search(); });
   kInput.addEventListener("change", () => { if (current) search(); });
