@@ -41,7 +41,7 @@ from app.engine.embedding import Embedder, OnnxEmbedder, decode_side
 from app.errors import BuildRefused, CatalogueError, ServiceError
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
-from app.offline.progress import progress
+from app.offline.progress import Progress, progress
 from app.offline.routing.calibrate import (
     EXHAUSTIVE_BELOW_VECTORS,
     NEAR_DUPLICATE_COSINE,
@@ -182,10 +182,8 @@ def embed_catalogue(
     vectors: list[np.ndarray] = []
     kept: list[CatalogueRow] = []
     problems: list[RowProblem] = []
-    with (
-        ThreadPoolExecutor(max_workers=options.threads) as pool,
-        progress(None, total=len(rows), desc="embedding", unit="img", enabled=options.progress) as bar,
-    ):
+    bar: Progress[None] = progress(None, total=len(rows), desc="embedding", unit="img", enabled=options.progress)
+    with ThreadPoolExecutor(max_workers=options.threads) as pool, bar:
         for batch_rows in _chunks(rows, options.batch_size):
             arrays: list[np.ndarray] = []
             for row, result in zip(batch_rows, pool.map(load, batch_rows), strict=True):
