@@ -94,6 +94,22 @@ class NotReady(ServiceError):
     code, status, message = "not_ready", 503, "the service is not ready"
 
 
+class ProductNotFound(ServiceError):
+    code, status, message = "product_not_found", 404, "no product with this SKU; PUT /v1/products/{sku} creates it"
+
+
+class ImageNotFound(ServiceError):
+    code, status, message = "image_not_found", 404, "the product has no image with this id"
+
+
+class CatalogueUnavailable(ServiceError):
+    code, status, message = (
+        "catalogue_unavailable",
+        503,
+        "the catalogue database cannot be reached; nothing was changed, retry later (searches keep serving)",
+    )
+
+
 class InternalError(ServiceError):
     code, status, message = "internal_error", 500, "internal error"
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,50 @@ def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
         calibration_queries=DEMO / "calibration.csv",
     )
     return out
+
+
+# PostgreSQL: the server this machine runs (trust auth). Each test run gets its own database, dropped at the end.
+# CI sets VPS_REQUIRE_POSTGRES=1 (.ci/run): there an unreachable server fails instead of skipping.
+POSTGRES_ADMIN_URL = os.environ.get("VPS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        with admin.connect() as conn:
+            name = f"vps_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        message = (
+            f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL} ({type(exc.orig).__name__}); set VPS_TEST_POSTGRES_URL"
+        )
+        if os.environ.get("VPS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty catalogue database of each kind: a new SQLite file, or a new schema-less PostgreSQL database
+    emptied for the test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalogue.db'}"
+        return
+    import sqlalchemy as sa
+
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()

@@ -80,6 +80,9 @@ class Manifest(BaseModel):
     router_report: dict[str, Any] = Field(default_factory=dict)
     build: BuildParams
     files: dict[str, FileEntry]
+    # The catalogue database's sequence number the version holds (compaction); None: built from a CSV alone.
+    # Changes after it are applied live (app/engine/delta.py).
+    catalogue_seq: int | None = None
 
     def threshold(self, category: str) -> float:
         """The open-set score threshold for a top hit of `category` (the global one where none was fitted)."""

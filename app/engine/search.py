@@ -11,6 +11,7 @@ import numpy as np
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import Manifest
 from app.artifacts.shards import ShardIndex
+from app.engine.delta import Delta
 from app.engine.embedding import Embedder, decode_side
 from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, collect_warnings, decode_image
 from app.engine.routing import Probe, Router, select_probes
@@ -97,6 +98,7 @@ class SearchOutcome:
     added: list[Probe] = field(default_factory=list)  # searched beyond the router's choice to fill k
     vector: np.ndarray | None = None  # the query's embedding (shadow search re-runs it with every shard)
     top_score: float | None = None  # the best hit's score, also when the open-set threshold refused it
+    live: list[str] = field(default_factory=list)  # categories only live changes hold (searched whole, unrouted)
 
 
 @dataclass
@@ -109,10 +111,20 @@ class Shard:
 
 @dataclass
 class Candidates:
-    """Image-level hits of the shards searched so far, as global item rows and scores."""
+    """Image-level hits of the shards searched so far: base rows (>= 0, global item rows) and live delta rows
+    (< 0: row -1 - i is `live[i]`), with their scores; `delta` is the one snapshot the whole request reads."""
 
+    delta: Delta
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
+    live: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_live(self, items: list[dict[str, Any]], scores: np.ndarray) -> None:
+        if items:
+            first = len(self.live)
+            self.live += items
+            self.rows.append(-1 - np.arange(first, first + len(items), dtype=np.int64))
+            self.scores.append(scores)
 
 
 class SearchEngine:
@@ -142,12 +154,19 @@ class SearchEngine:
         self.overfetch = overfetch
         self._category_index = {s.name: i for i, s in enumerate(shards)}
         self.categories: list[str] = [s.name for s in shards]  # shard i holds category i (read per request)
+        # Live catalogue changes after the version's sequence number: replaced whole by the follower
+        # (app/catalogue/follow.py); a request reads the reference once.
+        self.delta = Delta.empty(manifest.catalogue_seq or 0)
 
     def category_id(self, name: str) -> int:
         try:
             return self._category_index[name]
         except KeyError:
             raise UnknownCategory("unknown category; GET /v1/info lists the categories of the live index") from None
+
+    def check_category(self, name: str, delta: Delta) -> None:
+        if name not in self._category_index and name not in delta.segments:
+            self.category_id(name)  # raises
 
     def embed_image(self, data: bytes, warnings: Collected | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """Decode and embed; library warnings the decode raises go to `warnings` (counted, never printed)."""
@@ -170,7 +189,7 @@ class SearchEngine:
 
     def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
         if params.category is not None:
-            self.category_id(params.category)  # reject an unknown category before paying for inference
+            self.check_category(params.category, self.delta)  # reject an unknown category before inference
         vector, timings = self.embed_image(data, warnings)
         outcome = self.search_vector(vector, params)
         outcome.timings_s = {**timings, **outcome.timings_s}
@@ -178,14 +197,16 @@ class SearchEngine:
         return outcome
 
     def search_vector(self, vector: np.ndarray, params: SearchParams) -> SearchOutcome:
-        """route -> search the chosen shards -> group by SKU; while fewer than k SKUs, search the next shards in
-        probability order (fill, at most `fill_max_probes`) and group again; then the open-set threshold."""
+        """route -> search the chosen shards (and their live delta) -> group by SKU; while fewer than k SKUs,
+        search the next shards in probability order (fill, at most `fill_max_probes`) and group again; then the
+        open-set threshold."""
         query = np.ascontiguousarray(vector[None], dtype=np.float32)
         clock = _Clock()
-        probs, probes = self.route(vector, params)
+        candidates = Candidates(self.delta)
+        probs, probes, live = self.route(vector, params, candidates.delta)
         clock.lap("route")
-        candidates = Candidates()
         self.search(query, probes, params, candidates)
+        self.search_live(query, live, params, candidates)
         clock.lap("search")
         results, image_hits = self.group(candidates, params)
         clock.lap("group")
@@ -208,20 +229,28 @@ class SearchEngine:
             forced_category=probs is None,
             timings_s=clock.totals,
             image_hits=image_hits,
-            top_probability=probes[0].probability,
+            top_probability=probes[0].probability if probes else 1.0,
             match=bool(results),
             added=added,
             top_score=top_score,
+            live=live,
         )
 
-    def route(self, vector: np.ndarray, params: SearchParams) -> tuple[np.ndarray | None, list[Probe]]:
-        """The router's probabilities and its choice of shards; a forced category: no probabilities, that one."""
+    def route(
+        self, vector: np.ndarray, params: SearchParams, delta: Delta
+    ) -> tuple[np.ndarray | None, list[Probe], list[str]]:
+        """The router's probabilities, its choice of shards, and the categories only live changes hold (the
+        router has never seen them: searched whole until compaction). A forced category: no probabilities, that
+        one (a shard, or a live-only category)."""
         if params.category is not None:
-            return None, [Probe(self.category_id(params.category), 1.0)]
+            if params.category not in self._category_index and params.category in delta.segments:
+                return None, [], [params.category]
+            return None, [Probe(self.category_id(params.category), 1.0)], []
         probs = self.router.probabilities(vector)
         if not np.isfinite(probs).all():
             raise InternalError("the router produced non-finite probabilities")
-        return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes)
+        live = [c for c in delta.segments if c not in self._category_index]
+        return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes), live
 
     def fill_probes(
         self, probs: np.ndarray, chosen: list[Probe], added: list[Probe], found: int, params: SearchParams
@@ -246,13 +275,22 @@ class SearchEngine:
         Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
         near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
         images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway."""
-        want = max(params.k * self.overfetch, MIN_FETCH)
+        want = self.fetch_size(params)
         for probe in probes:
             shard = self.shards[probe.category]
             d, i = shard.index.search(query, min(want, shard.index.ntotal))
             valid = i[0] >= 0
             into.rows.append(i[0][valid] + shard.offset)
             into.scores.append(d[0][valid])
+            into.add_live(*into.delta.search(shard.name, query, want))
+
+    def search_live(self, query: np.ndarray, categories: list[str], params: SearchParams, into: Candidates) -> None:
+        want = self.fetch_size(params)
+        for name in categories:
+            into.add_live(*into.delta.search(name, query, want))
+
+    def fetch_size(self, params: SearchParams) -> int:
+        return max(params.k * self.overfetch, MIN_FETCH)
 
     def group(self, candidates: Candidates, params: SearchParams) -> tuple[list[Hit], list[Hit]]:
         """One result per SKU (its best image), best first, at most k, none below min_score; with `explain`,
@@ -268,7 +306,13 @@ class SearchEngine:
                 continue
             if params.min_score is not None and score < params.min_score:
                 break  # sorted: nothing later passes either
-            hit = Hit(int(rows[j]), score, self.items.get(int(rows[j])))
+            row = int(rows[j])
+            if row >= 0:
+                hit = Hit(row, score, self.items.get(row))
+                if candidates.delta.masks(str(hit.item["sku"])):
+                    continue  # changed since the version was built: its live rows speak for it
+            else:
+                hit = Hit(row, score, candidates.live[-1 - row])
             if params.explain:
                 image_hits.append(hit)
             sku = str(hit.item["sku"])

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -21,11 +22,15 @@ from PIL import Image
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.catalogue.follow import CatalogueFollower, SyncStatus
+from app.catalogue.store import CatalogueStore
 from app.engine.imaging import limit_malloc_arenas
 from app.engine.search import SearchEngine, resolve_params
+from app.errors import CatalogueUnavailable
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
 from app.service.http.admin import admin
+from app.service.http.catalogue import catalogue
 from app.service.http.errors import PROBE_PATHS, error_response, install_error_handlers
 from app.service.http.routes import router
 from app.service.http.web import web
@@ -140,6 +145,42 @@ def warm_up(engine: SearchEngine, queries: int) -> None:
         engine.search_image(buf.getvalue(), resolve_params(engine.manifest, k=5))
 
 
+def open_catalogue(settings: Settings, metrics: Metrics) -> CatalogueFollower | None:
+    """The catalogue database and its follower; None (writes answer 503, searches serve the index) when it cannot
+    be opened: a read-only index volume without VPS_CATALOGUE_URL, or a database that is down at start-up."""
+    store = CatalogueStore(settings.catalogue_database_url())
+    try:
+        store.create_schema()
+    except CatalogueUnavailable:
+        log.error("catalogue database unavailable: catalogue writes are refused until a restart finds it")
+        store.close()
+        return None
+
+    def observe(engine: SearchEngine | None, status: SyncStatus) -> None:
+        metrics.sync_lag.set(status.lag_s)
+        if not status.ok:
+            metrics.sync_failures.inc()
+        if engine is not None:
+            metrics.delta_items.set(engine.delta.n_items)
+
+    return CatalogueFollower(store, settings.sync_s, observe)
+
+
+def start_threads(state: AppState) -> None:
+    """Started in the lifespan, not in create_app: inside the worker process, and stopped (no leaked threads)."""
+    state.shadow.start()
+    if state.catalogue is not None:
+        state.catalogue.start(lambda: state.engine)
+
+
+def stop_threads(state: AppState) -> None:
+    state.shadow.stop()
+    if state.catalogue is not None:
+        state.catalogue.stop()
+        state.catalogue.store.close()
+    state.runner.shutdown()
+
+
 def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAPI:
     metrics = Metrics()
     state = AppState(
@@ -158,6 +199,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
+        state.catalogue = await anyio.to_thread.run_sync(open_catalogue, settings, metrics)
         # A refused model or index: never ready; one log line names the file and both values. The watch and
         # /admin/reload can still bring a good version in.
         outcome = await reloader.reload()
@@ -165,8 +207,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
             log.info("ready", extra={"startup_s": round(time.perf_counter() - t0, 4)})
         restore_sigterm = install_sigterm_drain(state, settings.drain_s)
         watch = asyncio.create_task(reloader.watch(settings.index_watch_s)) if settings.index_watch_s > 0 else None
-        # Started here, not in create_app: inside the worker process, and stopped below (no leaked threads).
-        state.shadow.start()
+        start_threads(state)
         try:
             yield
         finally:
@@ -175,8 +216,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
                 watch.cancel()
             if restore_sigterm is not None:
                 restore_sigterm()
-            state.shadow.stop()
-            state.runner.shutdown()
+            stop_threads(state)
             mark_this_process_dead()
 
     app = FastAPI(
@@ -192,6 +232,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     install_error_handlers(app, settings.retry_after_s, metrics)
     app.include_router(router)
     app.include_router(admin)
+    app.include_router(catalogue)
     app.include_router(web)
 
     # Routes without path parameters that FastAPI adds itself (docs, schema): no APIRoute, no route in the scope.

@@ -105,8 +105,30 @@ class Settings(BaseSettings):
     # "127.0.0.1"]): other hosts get 400 `invalid_host`; /healthz, /readyz and /metrics answer any (probes send
     # the pod IP).
     allowed_hosts: list[str] | None = Field(None, description="Host header values answered; others get 400")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin routes")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin and /v1/products writes")
+
+    # The catalogue of record (app/catalogue/store.py): unset, a SQLite file `catalogue.db` in index_dir; else a
+    # SQLAlchemy URL, `sqlite:///path` or `postgresql+psycopg://user:password@host/db` (several replicas).
+    catalogue_url: SecretStr | None = Field(None, description="Catalogue database URL (default: SQLite in index_dir)")
+    # Every worker and replica applies catalogue changes within this many seconds (the process that took a write
+    # applies it before answering).
+    sync_s: float = Field(1.0, gt=0.0, le=2.0, description="Seconds between catalogue change-log polls")
+    max_images_per_write: int = Field(16, ge=1, le=64, description="Images one POST /v1/products/{sku}/images takes")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    def catalogue_database_url(self) -> str:
+        if self.catalogue_url is None:
+            return f"sqlite:///{(self.index_dir / 'catalogue.db').absolute()}"
+        url = self.catalogue_url.get_secret_value()
+        # A bare postgresql:// would pick psycopg2, which is not installed: psycopg 3 is.
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+
+    @model_validator(mode="after")
+    def _catalogue_url_is_supported(self) -> Settings:
+        url = self.catalogue_url.get_secret_value() if self.catalogue_url is not None else None
+        if url is not None and not url.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
+            raise ValueError("catalogue_url must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_one_decode(self) -> Settings:

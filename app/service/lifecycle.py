@@ -58,6 +58,8 @@ class IndexReloader:
         if live is not None:
             engine.decode_budget = live.decode_budget  # one decode budget per process, across versions
         self._warm_up(engine, self._state.settings.warmup_queries)
+        if self._state.catalogue is not None:
+            self._state.catalogue.catch_up(engine)  # live changes after the version's sequence number
         return engine
 
     async def reload(self, *, only_if_changed: bool = False) -> ReloadOutcome:
@@ -85,6 +87,9 @@ class IndexReloader:
                 return ReloadOutcome("unchanged", previous, previous, load_s=load_s)
             old = state.engine
             state.engine = engine  # the swap: one reference assignment
+            if state.catalogue is not None:
+                # Writes applied to the old engine between the catch-up and the swap.
+                await anyio.to_thread.run_sync(state.catalogue.catch_up, engine)
             state.load_error = None
             state.ready = True
             target = _current_name(state.settings)

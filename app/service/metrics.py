@@ -24,6 +24,7 @@ _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 _SCORE_BUCKETS = (-0.5, 0.0, 0.2, *(round(0.3 + 0.05 * i, 2) for i in range(14)), 0.975, 1.0)  # 0.3-0.95 by 0.05
 # Outcomes of a shadow search (app/service/shadow.py: compare), routed top-k against the every-shard top-k.
 SHADOW_OUTCOMES = ("same", "top1_missed", "topk_missed")
+CATALOGUE_OPS = ("put_product", "add_images", "delete_image", "delete_product")
 
 
 class Metrics:
@@ -34,6 +35,31 @@ class Metrics:
         self._search(self.registry)
         self._index(self.registry)
         self._routing_shadow(self.registry)
+        self._catalogue(self.registry)
+
+    def _catalogue(self, r: CollectorRegistry) -> None:
+        """Live catalogue changes (app/catalogue/): writes taken here, the delta this process serves, its lag."""
+        self.catalogue_changes = Counter(
+            "vps_catalogue_changes", "Catalogue writes committed by this service, by operation", ["op"], registry=r
+        )
+        for op in CATALOGUE_OPS:
+            self.catalogue_changes.labels(op=op)
+        self.delta_items = Gauge(
+            "vps_catalogue_delta_items",
+            "Images served from live catalogue changes on top of the index version (compaction folds them in)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.sync_lag = Gauge(
+            "vps_catalogue_sync_lag_seconds",
+            "Seconds from a catalogue change's commit to this process serving it (the last change applied), or "
+            "since the last successful sync while the database is unreachable",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.sync_failures = Counter(
+            "vps_catalogue_sync_failures", "Catalogue change-log polls that failed", registry=r
+        )
 
     def _http(self, r: CollectorRegistry) -> None:
         # route: the template (/v1/catalogue-images/{version}/{row}), FastAPI's own pages by their path (/docs,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from app.catalogue.follow import CatalogueFollower
 from app.engine.search import SearchDefaults, SearchEngine
 from app.errors import NotReady
 from app.service.config import Settings
@@ -43,6 +44,9 @@ class AppState:
     draining: bool = False  # SIGTERM received: /readyz answers 503 while requests are still served
     load_error: str | None = None
     reloader: Reloader | None = None
+    # The catalogue of record and this process's follower of its change log (app/catalogue/follow.py); None
+    # when the database could not be opened at start-up (writes answer 503 catalogue_unavailable).
+    catalogue: CatalogueFollower | None = None
 
     def require_engine(self) -> SearchEngine:
         if not self.ready or self.engine is None:

@@ -56,7 +56,12 @@ def test_raw_body_and_forced_category(server: str) -> None:
     )
     assert r.status_code == 200
     body = r.json()
-    assert body["routing"] == {"probed": [{"category": "milk", "probability": 1.0}], "added": [], "forced": True}
+    assert body["routing"] == {
+        "probed": [{"category": "milk", "probability": 1.0}],
+        "added": [],
+        "forced": True,
+        "live": [],
+    }
     assert {x["sku"] for x in body["results"]} == {"blue-milk", "white-milk"}
     assert len(body["hits"]) == 6  # explain: the image-level hits before grouping
 

@@ -42,6 +42,9 @@ NOT_SETTINGS = {
     "VPS_DATASET_DIR": "tests/conftest.py",
     "VPS_CONTRACT_EXAMPLES": "tests/http/test_contract.py",
     "VPS_FUZZ_EXAMPLES": "tests/unit/test_fuzz_decode.py",
+    # Tests on PostgreSQL: where the server is, and (CI) fail instead of skipping when it cannot be reached.
+    "VPS_TEST_POSTGRES_URL": "tests/conftest.py",
+    "VPS_REQUIRE_POSTGRES": "tests/conftest.py",
 }
 
 

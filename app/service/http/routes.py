@@ -170,7 +170,8 @@ def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, i
             "category": str(hit_item["category"]),
             "title": hit_item.get("title"),
             "image": image,
-            "image_url": f"/v1/catalogue-images/{version}/{hit.row}" if images and image else None,
+            "image_url": hit_item.get("image_url")
+            or (f"/v1/catalogue-images/{version}/{hit.row}" if images and image else None),
             "attributes": hit_item.get("attributes") or {},
         }
 
@@ -188,6 +189,7 @@ def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, i
                     {"category": names[p.category], "probability": round(p.probability, 6)} for p in outcome.added
                 ],
                 "forced": outcome.forced_category,
+                "live": outcome.live,
             },
             "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "dim": card.output.dim},
             "index_version": version,
@@ -202,16 +204,23 @@ def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, i
     )
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
+@router.get(
+    "/readyz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": ErrorResponse}}
+)
 async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Health:
     if state.draining:
         raise NotReady("the service is shutting down")
     state.require_engine()
+    # Ready to search whatever the catalogue database does: a search never needs it. Degraded writes are said.
+    if state.catalogue is None:
+        return Health(status="ready", detail="catalogue database unavailable since start-up: writes are refused")
+    if not state.catalogue.status.ok:
+        return Health(status="ready", detail=f"catalogue: {state.catalogue.status.reason}; writes may be refused")
     return Health(status="ready")
 
 

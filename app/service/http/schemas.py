@@ -37,7 +37,11 @@ class ResultItem(BaseModel):
     category: str
     title: str | None = None
     image: str | None = None
-    image_url: str | None = Field(None, description="Catalogue image, when the service is configured to serve them")
+    image_url: str | None = Field(
+        None,
+        description="Catalogue image: for products changed through /v1/products always, for the built index when the "
+        "service is configured to serve its images",
+    )
     attributes: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -53,6 +57,11 @@ class Routing(BaseModel):
         description="Shards searched next, in probability order, because the chosen ones held fewer than k SKUs",
     )
     forced: bool = Field(description="True when the caller named the category")
+    live: list[str] = Field(
+        default_factory=list,
+        description="Categories that only live catalogue changes hold (added through /v1/products since the index "
+        "version was built): searched whole on every query until compaction",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -89,6 +98,7 @@ class SearchResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    detail: str | None = Field(None, description="What is degraded while the service still serves searches")
 
 
 class Info(BaseModel):

@@ -23,21 +23,7 @@ MAX_FILES, MAX_FIELDS, MAX_FIELD_BYTES = 4, 16, 64 * 1024
 async def read_image(request: Request, max_bytes: int) -> bytes:
     content_type = request.headers.get("content-type", "")
     is_multipart = content_type.lower().startswith("multipart/form-data")
-    limit = max_bytes + MULTIPART_OVERHEAD if is_multipart else max_bytes
-
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ImageTooLarge()  # refuse before reading a byte
-
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk[: limit + 1 - len(body)]  # never hold more than cap + 1 bytes
-            if len(body) > limit:
-                raise ImageTooLarge()  # and stop reading at the first chunk past the cap
-    except ClientDisconnect:
-        raise ClientClosedRequest() from None
-
+    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD if is_multipart else max_bytes)
     data = image_from_multipart(content_type, body) if is_multipart else bytes(body)
     if len(data) > max_bytes:
         raise ImageTooLarge()
@@ -46,15 +32,54 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
     return data
 
 
+async def read_images(request: Request, max_bytes: int, max_images: int) -> list[bytes]:
+    """Every `image` part of a multipart body (catalogue writes), each within `max_bytes`, at most
+    `max_images` of them; the body within their sum."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise MissingImage("send the images as multipart fields named 'image'")
+    body = await read_body(request, max_images * max_bytes + MULTIPART_OVERHEAD)
+    parts = _parse_multipart(content_type, body, max_files=max_images)
+    if not parts.images:
+        raise MissingImage()
+    if any(len(i) > max_bytes for i in parts.images):
+        raise ImageTooLarge()
+    if not all(parts.images):
+        raise EmptyBody()
+    return [bytes(i) for i in parts.images]
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ImageTooLarge()  # refuse before reading a byte
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk[: limit + 1 - len(body)]  # never hold more than cap + 1 bytes
+            if len(body) > limit:
+                raise ImageTooLarge()  # and stop reading at the first chunk past the cap
+    except ClientDisconnect:
+        raise ClientClosedRequest() from None
+    return body
+
+
 def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
     """The `image` part's bytes (the last one if repeated, as a form dictionary would keep). python-multipart's
     parser driven directly with callbacks that keep only that part: Starlette's form parser also builds an
     UploadFile and a spooled file per part, work done on the event loop for parts this route throws away."""
+    collector = _parse_multipart(content_type, body, max_files=MAX_FILES)
+    if collector.image is None:
+        raise MissingImage()
+    return bytes(collector.image)
+
+
+def _parse_multipart(content_type: str, body: bytes | bytearray, *, max_files: int) -> _ImagePart:
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidMultipart()
-    collector = _ImagePart()
+    collector = _ImagePart(max_files)
     callbacks: MultipartCallbacks = {
         "on_part_begin": collector.on_part_begin,
         "on_header_field": collector.on_header_field,
@@ -70,17 +95,17 @@ def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
         parser.finalize()
     except FormParserError:
         raise InvalidMultipart() from None
-    if collector.image is None:
-        raise MissingImage()
-    return bytes(collector.image)
+    return collector
 
 
 class _ImagePart:
     """Callbacks for one pass over the body: requires a name on each part, bounds the number of file parts and
     of fields and the size of a field, and keeps the image part (file or field; the body cap bounds it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_files: int = MAX_FILES) -> None:
         self.image: bytearray | None = None
+        self.images: list[bytearray] = []  # every image part, in order
+        self._max_files = max_files
         self._files = self._fields = self._field_bytes = 0
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -113,7 +138,7 @@ class _ImagePart:
             self._fields += 1
         else:
             self._files += 1
-        if self._files > MAX_FILES or self._fields > MAX_FIELDS:
+        if self._files > self._max_files or self._fields > MAX_FIELDS:
             raise InvalidMultipart()
         self._data = bytearray() if name == IMAGE_FIELD else None
 
@@ -128,3 +153,4 @@ class _ImagePart:
     def on_part_end(self) -> None:
         if self._data is not None:
             self.image = self._data
+            self.images.append(self._data)

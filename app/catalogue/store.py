@@ -1,0 +1,370 @@
+"""The catalogue of record: products, their images (by the sha256 of the bytes), stored embeddings (image sha256 x
+model sha256) and an ordered change log, in a database. SQLite (WAL, synchronous=FULL) embedded by default;
+PostgreSQL through `postgresql+psycopg://...` for several replicas. SQLAlchemy Core speaks both; the database's
+transactions are the durability: a write returns after its commit, so an acknowledged change survives kill -9.
+
+Sequence numbers come from one counter row incremented inside each write transaction. The row lock it takes is held
+until commit, so writers commit in sequence order: a reader that sees change n sees every change before it (a
+BIGSERIAL would hand out numbers in one order and commit them in another, and a follower could skip one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from app.errors import CatalogueUnavailable, ImageNotFound, ProductNotFound
+
+meta = sa.MetaData()
+counter = sa.Table(
+    "vps_counter",
+    meta,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+products = sa.Table(
+    "vps_products",
+    meta,
+    sa.Column("sku", sa.String(256), primary_key=True),
+    sa.Column("category", sa.String(256), nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("attributes", sa.Text, nullable=False),  # JSON object of strings and numbers
+    sa.Column("seq", sa.BigInteger, nullable=False),  # last change
+)
+images = sa.Table(
+    "vps_images",
+    meta,
+    sa.Column("sku", sa.String(256), sa.ForeignKey("vps_products.sku", ondelete="CASCADE"), primary_key=True),
+    sa.Column("image_id", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),  # within its request: images list in the order added
+)
+blobs = sa.Table(
+    "vps_blobs",
+    meta,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+embeddings = sa.Table(
+    "vps_embeddings",
+    meta,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("model_sha256", sa.String(64), primary_key=True),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("vector", sa.LargeBinary, nullable=False),  # float32, little-endian
+)
+changes = sa.Table(
+    "vps_changes",
+    meta,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("op", sa.String(32), nullable=False),
+    sa.Column("sku", sa.String(256), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),  # unix seconds at commit: sync lag is measured from it
+)
+SEQ = "seq"
+OPS = ("put_product", "add_images", "delete_image", "delete_product")
+
+
+@dataclass(frozen=True)
+class NewImage:
+    sha256: str
+    data: bytes
+    vector: np.ndarray  # unit float32, embedded by the model `model_sha256` names
+
+
+@dataclass(frozen=True)
+class ImageState:
+    image_id: str
+    sha256: str
+    vector: np.ndarray | None  # None: not embedded for the model asked about
+
+
+@dataclass(frozen=True)
+class ProductState:
+    sku: str
+    category: str
+    title: str
+    attributes: dict[str, Any]
+    seq: int
+    images: tuple[ImageState, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChangeBatch:
+    """The state, at one snapshot, of every SKU changed after `after`; None for a deleted SKU."""
+
+    after: int
+    head: int  # the last sequence number the snapshot holds
+    head_at: float  # commit time of `head` (0 when nothing changed)
+    products: dict[str, ProductState | None] = field(default_factory=dict)
+
+
+def image_id_for(sha256: str) -> str:
+    """Stable and per SKU: the same bytes added twice to one SKU are one image."""
+    return sha256[:24]
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CatalogueStore:
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.engine = _make_engine(url, connect_timeout_s)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create_schema(self) -> None:
+        """Idempotent; several workers starting at once take turns (SQLite's write lock, a PostgreSQL advisory
+        lock), so none fails on a table another just created."""
+        with self._tx() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7353570)")  # an arbitrary, fixed key
+            meta.create_all(conn)
+            if conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).first() is None:
+                conn.execute(counter.insert().values(name=SEQ, value=0))
+
+    # Writes: one transaction each, one sequence number each.
+
+    def put_product(self, sku: str, category: str, title: str, attributes: dict[str, Any]) -> int:
+        with self._tx() as conn:
+            seq = self._next_seq(conn, "put_product", sku)
+            values = {
+                "category": category,
+                "title": title,
+                "attributes": json.dumps(attributes, sort_keys=True),
+                "seq": seq,
+            }
+            done = conn.execute(products.update().where(products.c.sku == sku).values(**values)).rowcount
+            if not done:
+                conn.execute(products.insert().values(sku=sku, **values))
+            return seq
+
+    def add_images(self, sku: str, new: Sequence[NewImage], model_sha256: str) -> tuple[int, list[str]]:
+        """Add images (bytes, and their vectors for `model_sha256`); the ids, in order. Unknown SKU: 404."""
+        with self._tx() as conn:
+            seq = self._next_seq(conn, "add_images", sku)  # the counter's lock first: the check below sees the latest
+            self._require_product(conn, sku)
+            ids: list[str] = []
+            for position, img in enumerate(new):
+                _insert_missing(conn, blobs, {"sha256": img.sha256}, {"data": img.data})
+                vec = np.ascontiguousarray(img.vector, dtype="<f4")
+                _insert_missing(
+                    conn,
+                    embeddings,
+                    {"sha256": img.sha256, "model_sha256": model_sha256},
+                    {"dim": len(vec), "vector": vec.tobytes()},
+                )
+                image_id = image_id_for(img.sha256)
+                row = {"sha256": img.sha256, "seq": seq, "position": position}
+                _insert_missing(conn, images, {"sku": sku, "image_id": image_id}, row)
+                ids.append(image_id)
+            conn.execute(products.update().where(products.c.sku == sku).values(seq=seq))
+            return seq, ids
+
+    def delete_image(self, sku: str, image_id: str) -> int:
+        with self._tx() as conn:
+            seq = self._next_seq(conn, "delete_image", sku)  # the counter's lock first: the check below sees the latest
+            self._require_product(conn, sku)
+            gone = conn.execute(images.delete().where(images.c.sku == sku, images.c.image_id == image_id)).rowcount
+            if not gone:
+                raise ImageNotFound()  # the transaction rolls back: no sequence number is used up
+            conn.execute(products.update().where(products.c.sku == sku).values(seq=seq))
+            return seq
+
+    def delete_product(self, sku: str) -> int:
+        with self._tx() as conn:
+            seq = self._next_seq(
+                conn, "delete_product", sku
+            )  # the counter's lock first: the check below sees the latest
+            self._require_product(conn, sku)
+            conn.execute(images.delete().where(images.c.sku == sku))
+            conn.execute(products.delete().where(products.c.sku == sku))
+            return seq
+
+    def put_embedding(self, sha256: str, model_sha256: str, vector: np.ndarray) -> None:
+        """Store a vector computed for an image another model embedded first (not a change: no sequence number)."""
+        vec = np.ascontiguousarray(vector, dtype="<f4")
+        with self._tx() as conn:
+            _insert_missing(
+                conn,
+                embeddings,
+                {"sha256": sha256, "model_sha256": model_sha256},
+                {"dim": len(vec), "vector": vec.tobytes()},
+            )
+
+    # Reads.
+
+    def head(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
+
+    def get_product(self, sku: str, model_sha256: str | None = None) -> ProductState:
+        with self._read() as conn:
+            state = _product_states(conn, [sku], model_sha256).get(sku)
+        if state is None:
+            raise ProductNotFound()
+        return state
+
+    def image_bytes(self, sku: str, image_id: str) -> bytes:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(blobs.c.data)
+                .join(images, images.c.sha256 == blobs.c.sha256)
+                .where(images.c.sku == sku, images.c.image_id == image_id)
+            ).first()
+        if row is None:
+            raise ImageNotFound()
+        return bytes(row[0])
+
+    def blob(self, sha256: str) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute(sa.select(blobs.c.data).where(blobs.c.sha256 == sha256)).first()
+        return None if row is None else bytes(row[0])
+
+    def changes_since(self, after: int, model_sha256: str, *, max_skus: int = 50_000) -> ChangeBatch:
+        """Every SKU changed after `after`, as it stands now, read in one snapshot. At most `max_skus` SKUs (the
+        earliest changed): `head` is then the last change of those, and the next call continues from there."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(changes.c.seq, changes.c.sku, changes.c.at)
+                .where(changes.c.seq > after)
+                .order_by(changes.c.seq)
+            ).all()
+            if not rows:
+                return ChangeBatch(after, after, 0.0)
+            skus: dict[str, None] = {}
+            head, head_at = after, 0.0
+            for seq, sku, at in rows:
+                if sku not in skus and len(skus) >= max_skus:
+                    break
+                skus[sku] = None
+                head, head_at = int(seq), float(at)
+            states = _product_states(conn, list(skus), model_sha256)
+        return ChangeBatch(after, head, head_at, {s: states.get(s) for s in skus})
+
+    def snapshot(self, model_sha256: str) -> tuple[int, list[ProductState]]:
+        """Every product with its images at one sequence number (what compaction builds from)."""
+        with self._read() as conn:
+            head = int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
+            skus = [r[0] for r in conn.execute(sa.select(products.c.sku).order_by(products.c.sku))]
+            states = _product_states(conn, skus, model_sha256)
+        return head, [states[s] for s in skus]
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(sa.select(1))
+
+    # Plumbing.
+
+    def _next_seq(self, conn: Connection, op: str, sku: str) -> int:
+        conn.execute(counter.update().where(counter.c.name == SEQ).values(value=counter.c.value + 1))
+        seq = int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
+        conn.execute(changes.insert().values(seq=seq, op=op, sku=sku, at=time.time()))
+        return seq
+
+    def _require_product(self, conn: Connection, sku: str) -> None:
+        if conn.execute(sa.select(products.c.sku).where(products.c.sku == sku)).first() is None:
+            raise ProductNotFound()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            if exc.connection_invalidated or isinstance(exc, OperationalError):
+                raise CatalogueUnavailable() from exc
+            raise
+        except SQLAlchemyError as exc:
+            raise CatalogueUnavailable() from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        # One snapshot for every statement of a read: REPEATABLE READ on PostgreSQL; SQLite's read transaction
+        # in WAL mode is a snapshot already.
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(vps_read=True)
+                if conn.dialect.name == "postgresql":
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    yield conn
+        except SQLAlchemyError as exc:
+            raise CatalogueUnavailable() from exc
+
+
+def _insert_missing(conn: Connection, table: sa.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
+    where = [table.c[k] == v for k, v in key.items()]
+    if conn.execute(sa.select(*[table.c[k] for k in key]).where(*where)).first() is None:
+        conn.execute(table.insert().values(**key, **values))
+
+
+def _product_states(conn: Connection, skus: list[str], model_sha256: str | None) -> dict[str, ProductState]:
+    out: dict[str, ProductState] = {}
+    for start in range(0, len(skus), 500):  # bounded IN lists
+        chunk = skus[start : start + 500]
+        prods = conn.execute(sa.select(products).where(products.c.sku.in_(chunk))).all()
+        by_sku: dict[str, list[ImageState]] = {p.sku: [] for p in prods}
+        joined = images.outerjoin(  # no model asked: a key no row has, so every vector is None
+            embeddings,
+            sa.and_(embeddings.c.sha256 == images.c.sha256, embeddings.c.model_sha256 == (model_sha256 or "")),
+        )
+        query = (
+            sa.select(images.c.sku, images.c.image_id, images.c.sha256, embeddings.c.vector)
+            .select_from(joined)
+            .where(images.c.sku.in_(chunk))
+        )
+        for row in conn.execute(query.order_by(images.c.sku, images.c.seq, images.c.position)):
+            vec = None if row[3] is None else np.frombuffer(row[3], dtype="<f4").astype(np.float32)
+            by_sku[row[0]].append(ImageState(row[1], row[2], vec))
+        for p in prods:
+            out[p.sku] = ProductState(
+                p.sku, p.category, p.title, json.loads(p.attributes), int(p.seq), tuple(by_sku[p.sku])
+            )
+    return out
+
+
+def _make_engine(url: str, connect_timeout_s: float) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30.0})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=4,
+        max_overflow=4,
+        connect_args={"connect_timeout": max(1, int(connect_timeout_s))},
+    )
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event issues BEGIN IMMEDIATE itself
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk before it returns
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE for writes: a writer takes the write lock at BEGIN, so two writers queue instead of one failing
+    # with "database is locked" when it upgrades a read lock. Reads take a deferred BEGIN: a snapshot, no lock.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("vps_read") else "BEGIN IMMEDIATE")

@@ -1,0 +1,154 @@
+"""Catalogue writes through the API (bearer `VPS_ADMIN_TOKEN`, as /admin): products and their images change in
+the database (app/catalogue/store.py) and are searchable at once in this process and within `VPS_SYNC_S` in every
+other (app/catalogue/follow.py). A 2xx means committed. Images are decoded and embedded with the same decoder,
+limits and error codes as queries, before anything is written: one bad image refuses the whole request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.catalogue.follow import CatalogueFollower
+from app.catalogue.store import NewImage, ProductState, sha256_of
+from app.engine.imaging import sniff_format
+from app.engine.search import SearchEngine
+from app.errors import CatalogueUnavailable
+from app.service.http.admin import require_admin
+from app.service.http.routes import get_state
+from app.service.http.schemas import ErrorResponse
+from app.service.http.upload import read_images
+from app.service.state import AppState
+
+catalogue = APIRouter(prefix="/v1/products", tags=["catalogue"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+}
+# SKUs travel in URL paths and in image URLs: a conservative alphabet, no slashes, no whitespace.
+SKU = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:~-]{0,199}$", description="Product SKU")]
+IMAGE_ID = Annotated[str, Path(pattern=r"^[0-9a-f]{24}$", description="Image id (from the write that added it)")]
+AttributeValue = str | int | float | bool
+AttributeKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
+
+
+class ProductIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    title: str = Field("", max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")
+    attributes: dict[AttributeKey, AttributeValue] = Field(default_factory=dict, max_length=64)
+
+
+class ImageOut(BaseModel):
+    image_id: str
+    sha256: str
+    url: str
+
+
+class ProductOut(BaseModel):
+    sku: str
+    category: str
+    title: str
+    attributes: dict[str, Any]
+    images: list[ImageOut]
+    seq: int = Field(description="Sequence number of the product's last change")
+
+
+class WriteOut(BaseModel):
+    sku: str
+    seq: int = Field(description="Sequence number of this change; later changes have larger ones")
+    image_ids: list[str] = Field(default_factory=list)
+
+
+def get_follower(request: Request) -> CatalogueFollower:
+    state: AppState = request.app.state.vps
+    if state.catalogue is None:
+        raise CatalogueUnavailable()
+    return state.catalogue
+
+
+Follower = Annotated[CatalogueFollower, Depends(get_follower)]
+State = Annotated[AppState, Depends(get_state)]
+ADMIN = [Depends(require_admin)]
+
+
+@catalogue.put("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+async def put_product(sku: SKU, body: ProductIn, state: State, follower: Follower) -> WriteOut:
+    """Create or replace a product's metadata (its images stay)."""
+    seq = await anyio.to_thread.run_sync(follower.store.put_product, sku, body.category, body.title, body.attributes)
+    await _applied(state, follower, "put_product")
+    return WriteOut(sku=sku, seq=seq)
+
+
+@catalogue.post("/{sku}/images", response_model=WriteOut, status_code=201, responses=_ERRORS, dependencies=ADMIN)
+async def add_images(sku: SKU, request: Request, state: State, follower: Follower) -> WriteOut:
+    """Add one or more images (multipart parts named `image`); answers their ids in order."""
+    settings = state.settings
+    engine = state.require_engine()
+    state.runner.refuse_if_full(settings.max_queued)
+    datas = await read_images(request, settings.max_upload_bytes, settings.max_images_per_write)
+    async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
+        new = await state.runner.run(ticket, settings.request_timeout_s * len(datas), _embed_all, engine, datas)
+    model = engine.embedder.card.sha256
+    seq, ids = await anyio.to_thread.run_sync(follower.store.add_images, sku, new, model)
+    await _applied(state, follower, "add_images")
+    return WriteOut(sku=sku, seq=seq, image_ids=ids)
+
+
+@catalogue.delete("/{sku}/images/{image_id}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+async def delete_image(sku: SKU, image_id: IMAGE_ID, state: State, follower: Follower) -> WriteOut:
+    seq = await anyio.to_thread.run_sync(follower.store.delete_image, sku, image_id)
+    await _applied(state, follower, "delete_image")
+    return WriteOut(sku=sku, seq=seq)
+
+
+@catalogue.delete("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+async def delete_product(sku: SKU, state: State, follower: Follower) -> WriteOut:
+    seq = await anyio.to_thread.run_sync(follower.store.delete_product, sku)
+    await _applied(state, follower, "delete_product")
+    return WriteOut(sku=sku, seq=seq)
+
+
+@catalogue.get("/{sku}", response_model=ProductOut, responses=_ERRORS, dependencies=ADMIN)
+async def get_product(sku: SKU, follower: Follower) -> ProductOut:
+    p: ProductState = await anyio.to_thread.run_sync(follower.store.get_product, sku)
+    url = f"/v1/products/{sku}/images/"
+    images = [ImageOut(image_id=i.image_id, sha256=i.sha256, url=url + i.image_id) for i in p.images]
+    return ProductOut(sku=p.sku, category=p.category, title=p.title, attributes=p.attributes, images=images, seq=p.seq)
+
+
+@catalogue.get("/{sku}/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS})
+async def image(sku: SKU, image_id: IMAGE_ID, follower: Follower) -> Response:
+    """The image's bytes, as added (public, as the search results that link to it)."""
+    data = await anyio.to_thread.run_sync(follower.store.image_bytes, sku, image_id)
+    fmt = sniff_format(data)
+    return Response(
+        data,
+        media_type=f"image/{fmt.lower()}" if fmt else "application/octet-stream",
+        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def _embed_all(engine: SearchEngine, datas: list[bytes]) -> list[NewImage]:
+    """Decode and embed every image first: any error refuses the request before the database is touched."""
+    return [NewImage(sha256_of(d), d, engine.embed_image(d)[0]) for d in datas]
+
+
+async def _applied(state: AppState, follower: CatalogueFollower, op: str) -> None:
+    """The change is committed; apply it to this process's engine before answering (read-your-writes here).
+    A failure to read it back is not the write's failure: the follower thread retries."""
+    state.metrics.catalogue_changes.labels(op=op).inc()
+    engine = state.engine
+    if engine is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        await anyio.to_thread.run_sync(follower.sync, engine)
+    except CatalogueUnavailable:
+        return
+    state.metrics.delta_items.set(engine.delta.n_items)
+    state.metrics.observe_stage("catalogue_apply", time.perf_counter() - t0)
