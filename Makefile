@@ -28,6 +28,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 $(INDEX_DIR)/CURRENT: $(DEMO)/catalogue.csv $(DEMO)/calibration.csv $(MODEL_DIR)/model.json | $(VENV)/.serve-installed
 	$(BIN)/vps build-index --catalogue $(DEMO)/catalogue.csv --images-root $(DEMO)/images \
 		--calibration-queries $(DEMO)/calibration.csv --out $(INDEX_DIR) --model $(MODEL_DIR)
+	@touch $@  # an unchanged catalogue publishes no new version: CURRENT is up to date all the same
 
 demo: $(VENV)/.serve-installed $(INDEX_DIR)/CURRENT
 	VPS_CATALOGUE_IMAGES_DIR=$(DEMO)/images $(BIN)/vps serve --host $(HOST) --port $(PORT) --index-dir $(INDEX_DIR) --model-dir $(MODEL_DIR)

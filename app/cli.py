@@ -19,12 +19,15 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from app.errors import ArtifactError, BuildRefused, CatalogueError, ModelNotFound
+from app.errors import ArtifactError, BuildRefused, CatalogueError, CatalogueUnavailable, ModelNotFound
 from app.service.config import SHIPPED_MODEL_DIR, Settings
 from app.service.logs import configure_logging
 
 if TYPE_CHECKING:
+    from app.catalogue.store import CatalogueStore
     from app.offline.build.build_index import BuildResult, Limit
+    from app.offline.build.compact import CompactResult
+    from app.offline.datasets.catalogue import RowProblem
 
 # Exit codes; 2 is also click's own for a bad option or usage.
 EXIT_UNEXPECTED = 1  # a bug, or the machine (an unwritable --out, a missing extra)
@@ -32,6 +35,7 @@ EXIT_USAGE = 2  # a bad option or setting
 EXIT_INPUT = 3  # bad input data: a catalogue or query CSV, images that give nothing to index
 EXIT_ARTIFACT = 4  # a model or index artifact missing or failing verification
 EXIT_REFUSED = 5  # the build would lose products: nothing published, CURRENT unchanged
+EXIT_DATABASE = 6  # the catalogue database cannot be reached
 _DEBUG = "vps.debug"
 FIGURES = 3  # decimals of every figure the CLI prints
 
@@ -44,6 +48,8 @@ def describe_error(exc: Exception) -> tuple[int, str]:
         return EXIT_ARTIFACT, _one_line(str(exc))
     if isinstance(exc, BuildRefused):
         return EXIT_REFUSED, _one_line(str(exc))
+    if isinstance(exc, CatalogueUnavailable):
+        return EXIT_DATABASE, "the catalogue database cannot be reached (--catalogue-url / VPS_CATALOGUE_URL)"
     if isinstance(exc, ValidationError):
         return EXIT_USAGE, "invalid settings: " + settings_errors(exc)
     if isinstance(exc, ModuleNotFoundError):
@@ -229,6 +235,15 @@ _CalibrationRoot = Annotated[
 _MaxRoutingLoss = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Recall@1 and @5 the probing policy may lose (0.005: half a point)")
 ]
+_CatalogueUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="Catalogue database (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB); default: VPS_CATALOGUE_URL, "
+        "else catalogue.db in the index directory",
+        show_default=False,
+    ),
+]
+_Full = Annotated[bool, typer.Option(help="A full catalogue: remove from the database the SKUs the CSV does not name")]
 _ExhaustiveBelow = Annotated[
     int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
 ]
@@ -272,12 +287,15 @@ def build_index_cmd(
     max_routing_loss: _MaxRoutingLoss = 0.005,
     exhaustive_below: _ExhaustiveBelow = 1000,
     router: _RouterOpt = RouterName.prototype,
+    catalogue_url: _CatalogueUrl = None,
+    full: _Full = False,
     max_failed_images: _MaxFailedImages = "0.01",
     max_lost_skus: _MaxLostSkus = "0",
 ) -> None:
     """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a
     SKU would lose every image or more images fail than --max-failed-images."""
-    from app.offline.build.build_index import BuildOptions, build_index
+    from app.offline.build.build_index import BuildOptions, embed_calibration
+    from app.offline.build.compact import import_catalogue
 
     failed_limit = _limit(max_failed_images, "--max-failed-images")
     lost_limit = _limit(max_lost_skus, "--max-lost-skus")
@@ -298,16 +316,47 @@ def build_index_cmd(
         max_failed_images=failed_limit,
         max_lost_skus=lost_limit,
     )
-    result = build_index(
-        catalogue,
-        images_root,
-        out,
-        model_dir,
-        options,
-        calibration_queries=calibration_queries,
-        calibration_root=calibration_root,
-    )
-    _print_build(result)
+    embedder = _embedder(model_dir, threads)
+    calibration = None
+    if calibration_queries is not None:
+        calibration = embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
+    store = _store(catalogue_url, out)
+    result = import_catalogue(catalogue, images_root, out, store, embedder, options, full=full, calibration=calibration)
+    _print_compact(result, store)
+
+
+def _embedder(model_dir: Path, threads: int):  # type: ignore[no-untyped-def]
+    from app.engine.embedding import OnnxEmbedder
+
+    return OnnxEmbedder(model_dir, intra_op_threads=threads)
+
+
+def _store(url: str | None, index_dir: Path) -> CatalogueStore:
+    """--catalogue-url, else VPS_CATALOGUE_URL, else the SQLite file the service uses beside the index."""
+    from app.catalogue.store import CatalogueStore
+
+    chosen = url or os.environ.get("VPS_CATALOGUE_URL") or f"sqlite:///{(index_dir / 'catalogue.db').absolute()}"
+    if chosen.startswith("postgresql://"):
+        chosen = "postgresql+psycopg://" + chosen.removeprefix("postgresql://")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    store = CatalogueStore(chosen)
+    store.create_schema()
+    return store
+
+
+def _print_compact(result: CompactResult, store: CatalogueStore) -> None:
+    where = store.url.split("@")[-1]  # never a password
+    if result.imported is not None and result.coverage is not None:
+        i, c = result.imported, result.coverage
+        typer.echo(
+            f"catalogue {where}: {i.changed} SKUs new or changed, {i.unchanged} unchanged, {i.removed} removed; "
+            f"usable {c.summary()}; {len(result.problems)} images skipped, {len(c.lost_skus)} SKUs lost"
+        )
+        _print_losses(list(c.lost_skus), list(result.problems))
+    if result.built is None:
+        typer.echo(f"unchanged: {result.live_version} already holds the catalogue at sequence number {result.seq}")
+        return
+    _print_build(result.built, losses=result.imported is None)
 
 
 def _limit(text: str, option: str) -> Limit:
@@ -319,7 +368,7 @@ def _limit(text: str, option: str) -> Limit:
         raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
-def _print_build(result: BuildResult, shown: int = 20) -> None:
+def _print_build(result: BuildResult, *, losses: bool = True) -> None:
     m_, c = result.manifest, result.coverage
     typer.echo(
         f"built {m_.version}: indexed {c.summary()} in {len(m_.categories)} categories; "
@@ -327,13 +376,62 @@ def _print_build(result: BuildResult, shown: int = 20) -> None:
         f"(see {result.version_dir / 'build_report.json'})"
     )
     typer.echo("router: " + result.router_report.summary())
-    if c.lost_skus:
-        more = f" and {len(c.lost_skus) - shown} more" if len(c.lost_skus) > shown else ""
-        typer.echo(f"  lost SKUs (every image failed): {', '.join(c.lost_skus[:shown])}{more}", err=True)
-    for p in result.problems[:shown]:
+    if losses:
+        _print_losses(list(c.lost_skus), result.problems)
+
+
+def _print_losses(lost: list[str], problems: list[RowProblem], shown: int = 20) -> None:
+    if lost:
+        more = f" and {len(lost) - shown} more" if len(lost) > shown else ""
+        typer.echo(f"  lost SKUs (every image failed): {', '.join(lost[:shown])}{more}", err=True)
+    for p in problems[:shown]:
         typer.echo(f"  skipped line {p.line}: {p.image}: {p.reason}", err=True)
-    if len(result.problems) > shown:
-        typer.echo(f"  and {len(result.problems) - shown} more skipped images in build_report.json", err=True)
+    if len(problems) > shown:
+        typer.echo(f"  and {len(problems) - shown} more skipped images", err=True)
+
+
+@cli.command()
+def compact(
+    out: _IndexOut = Path("index_data"),
+    model: _ModelOpt = None,
+    catalogue_url: _CatalogueUrl = None,
+    images_root: Annotated[
+        Path | None, typer.Option(help="Root of imported images, to embed them again after a model change")
+    ] = None,
+    backend: _BackendOpt = BackendName.faiss,
+    router: _RouterOpt = RouterName.prototype,
+    threads: _Threads = 2,
+    force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
+) -> None:
+    """Fold the catalogue database's changes into a new index version (stored vectors are reused) and point
+    CURRENT at it; services reload it (VPS_INDEX_WATCH_S or POST /admin/reload) and apply later changes on top."""
+    from app.offline.build.build_index import BuildOptions
+    from app.offline.build.compact import compact as run_compact
+
+    configure_logging("INFO")
+    model_dir, source = resolve_model_dir(model)
+    typer.echo(model_line(model_dir, source))
+    options = BuildOptions(
+        backend="faiss" if backend is BackendName.faiss else "hnswlib",
+        threads=threads,
+        router="linear" if router is RouterName.linear else "prototype",
+    )
+    store = _store(catalogue_url, out)
+    _print_compact(
+        run_compact(store, out, _embedder(model_dir, threads), options, images_root=images_root, force=force), store
+    )
+
+
+@cli.command()
+def prune(
+    out: _IndexOut = Path("index_data"),
+    keep: Annotated[int, typer.Option(min=0, help="Earlier versions kept for rollback, newest first")] = 2,
+) -> None:
+    """Remove earlier index versions beyond the --keep newest; the version CURRENT names always stays."""
+    from app.offline.build.compact import prune as run_prune
+
+    removed = run_prune(out, keep)
+    typer.echo(f"removed {len(removed)} versions" + (f": {', '.join(removed)}" if removed else ""))
 
 
 @cli.command("export-model")

@@ -50,6 +50,9 @@ images = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False, index=True),
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("position", sa.Integer, nullable=False),  # within its request: images list in the order added
+    # Imported from a catalogue CSV: the image's path under the build's --images-root (no bytes stored: a
+    # million-image catalogue stays on its file store). Added through the API: NULL, the bytes are in vps_blobs.
+    sa.Column("ref", sa.String(1024), nullable=True),
 )
 blobs = sa.Table(
     "vps_blobs",
@@ -74,7 +77,31 @@ changes = sa.Table(
     sa.Column("at", sa.Float, nullable=False),  # unix seconds at commit: sync lag is measured from it
 )
 SEQ = "seq"
-OPS = ("put_product", "add_images", "delete_image", "delete_product")
+OPS = ("put_product", "add_images", "delete_image", "delete_product", "import")
+
+
+@dataclass(frozen=True)
+class ImportImage:
+    sha256: str
+    ref: str  # path under the build's images root
+    vector: np.ndarray | None  # None: already stored for this model
+
+
+@dataclass(frozen=True)
+class ImportProduct:
+    sku: str
+    category: str
+    title: str
+    attributes: dict[str, Any]
+    images: tuple[ImportImage, ...]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    changed: int  # SKUs created or replaced
+    removed: int  # SKUs deleted because a full import did not name them
+    unchanged: int
+    head: int
 
 
 @dataclass(frozen=True)
@@ -89,6 +116,7 @@ class ImageState:
     image_id: str
     sha256: str
     vector: np.ndarray | None  # None: not embedded for the model asked about
+    ref: str | None = None  # the CSV's image path (imported), None: bytes stored (added through the API)
 
 
 @dataclass(frozen=True)
@@ -207,6 +235,60 @@ class CatalogueStore:
                 {"dim": len(vec), "vector": vec.tobytes()},
             )
 
+    def import_products(self, new: Sequence[ImportProduct], model_sha256: str, *, full: bool = False) -> ImportResult:
+        """Upsert a catalogue import in one transaction: a SKU whose category, title, attributes or images (in
+        order) differ is replaced and logged with its own sequence number; an identical one is left alone (an
+        unchanged catalogue logs nothing). `full`: SKUs the import does not name are deleted."""
+        with self._tx() as conn:
+            self._lock_counter(conn)
+            current = {p.sku: p for p in _product_states(conn, _all_skus(conn), None).values()}
+            changed = [p for p in new if not _same(current.get(p.sku), p)]
+            named = {p.sku for p in new}
+            removed = sorted(set(current) - named) if full else []
+            for p in changed:
+                self._replace(conn, p, model_sha256, exists=p.sku in current)
+            for sku in removed:
+                self._next_seq(conn, "delete_product", sku)
+                conn.execute(images.delete().where(images.c.sku == sku))
+                conn.execute(products.delete().where(products.c.sku == sku))
+            head = int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
+            return ImportResult(len(changed), len(removed), len(new) - len(changed), head)
+
+    def _replace(self, conn: Connection, p: ImportProduct, model_sha256: str, *, exists: bool) -> None:
+        seq = self._next_seq(conn, "import", p.sku)
+        values = {"category": p.category, "title": p.title, "attributes": json.dumps(p.attributes, sort_keys=True)}
+        if exists:
+            conn.execute(products.update().where(products.c.sku == p.sku).values(**values, seq=seq))
+            conn.execute(images.delete().where(images.c.sku == p.sku))
+        else:
+            conn.execute(products.insert().values(sku=p.sku, **values, seq=seq))
+        seen: set[str] = set()
+        for position, img in enumerate(p.images):
+            image_id = image_id_for(img.sha256)
+            if image_id in seen:
+                continue  # the same photo listed twice for one SKU is one image
+            seen.add(image_id)
+            conn.execute(images.insert().values(sku=p.sku, image_id=image_id, sha256=img.sha256, seq=seq,
+                                                position=position, ref=img.ref))  # fmt: skip
+            if img.vector is not None:
+                vec = np.ascontiguousarray(img.vector, dtype="<f4")
+                key = {"sha256": img.sha256, "model_sha256": model_sha256}
+                _insert_missing(conn, embeddings, key, {"dim": len(vec), "vector": vec.tobytes()})
+
+    def stored_vectors(self, sha256s: Sequence[str], model_sha256: str) -> dict[str, np.ndarray]:
+        """The vectors already stored for `model_sha256` among these images (an import embeds only the rest)."""
+        out: dict[str, np.ndarray] = {}
+        with self._read() as conn:
+            for start in range(0, len(sha256s), 500):
+                chunk = list(sha256s[start : start + 500])
+                rows = conn.execute(
+                    sa.select(embeddings.c.sha256, embeddings.c.vector).where(
+                        embeddings.c.model_sha256 == model_sha256, embeddings.c.sha256.in_(chunk)
+                    )
+                )
+                out.update({r[0]: np.frombuffer(r[1], dtype="<f4").astype(np.float32) for r in rows})
+        return out
+
     # Reads.
 
     def head(self) -> int:
@@ -220,16 +302,17 @@ class CatalogueStore:
             raise ProductNotFound()
         return state
 
-    def image_bytes(self, sku: str, image_id: str) -> bytes:
+    def image_bytes(self, sku: str, image_id: str) -> tuple[bytes | None, str | None]:
+        """The image's stored bytes, or (imported images) None and its path under the import's images root."""
         with self._read() as conn:
             row = conn.execute(
-                sa.select(blobs.c.data)
-                .join(images, images.c.sha256 == blobs.c.sha256)
+                sa.select(blobs.c.data, images.c.ref)
+                .select_from(images.outerjoin(blobs, images.c.sha256 == blobs.c.sha256))
                 .where(images.c.sku == sku, images.c.image_id == image_id)
             ).first()
-        if row is None:
+        if row is None or (row[0] is None and row[1] is None):
             raise ImageNotFound()
-        return bytes(row[0])
+        return (None if row[0] is None else bytes(row[0])), row[1]
 
     def blob(self, sha256: str) -> bytes | None:
         with self._read() as conn:
@@ -261,7 +344,7 @@ class CatalogueStore:
         """Every product with its images at one sequence number (what compaction builds from)."""
         with self._read() as conn:
             head = int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
-            skus = [r[0] for r in conn.execute(sa.select(products.c.sku).order_by(products.c.sku))]
+            skus = _all_skus(conn)
             states = _product_states(conn, skus, model_sha256)
         return head, [states[s] for s in skus]
 
@@ -270,6 +353,10 @@ class CatalogueStore:
             conn.execute(sa.select(1))
 
     # Plumbing.
+
+    def _lock_counter(self, conn: Connection) -> None:
+        """Take the counter row's lock now (a no-op update): what follows reads the latest committed state."""
+        conn.execute(counter.update().where(counter.c.name == SEQ).values(value=counter.c.value))
 
     def _next_seq(self, conn: Connection, op: str, sku: str) -> int:
         conn.execute(counter.update().where(counter.c.name == SEQ).values(value=counter.c.value + 1))
@@ -308,6 +395,22 @@ class CatalogueStore:
             raise CatalogueUnavailable() from exc
 
 
+def _all_skus(conn: Connection) -> list[str]:
+    return [r[0] for r in conn.execute(sa.select(products.c.sku).order_by(products.c.sku))]
+
+
+def _same(current: ProductState | None, new: ImportProduct) -> bool:
+    if current is None:
+        return False
+    ids = list(dict.fromkeys(image_id_for(i.sha256) for i in new.images))
+    return (current.category, current.title, current.attributes, [i.image_id for i in current.images]) == (
+        new.category,
+        new.title,
+        json.loads(json.dumps(new.attributes, sort_keys=True)),
+        ids,
+    )
+
+
 def _insert_missing(conn: Connection, table: sa.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
     where = [table.c[k] == v for k, v in key.items()]
     if conn.execute(sa.select(*[table.c[k] for k in key]).where(*where)).first() is None:
@@ -325,13 +428,13 @@ def _product_states(conn: Connection, skus: list[str], model_sha256: str | None)
             sa.and_(embeddings.c.sha256 == images.c.sha256, embeddings.c.model_sha256 == (model_sha256 or "")),
         )
         query = (
-            sa.select(images.c.sku, images.c.image_id, images.c.sha256, embeddings.c.vector)
+            sa.select(images.c.sku, images.c.image_id, images.c.sha256, embeddings.c.vector, images.c.ref)
             .select_from(joined)
             .where(images.c.sku.in_(chunk))
         )
         for row in conn.execute(query.order_by(images.c.sku, images.c.seq, images.c.position)):
             vec = None if row[3] is None else np.frombuffer(row[3], dtype="<f4").astype(np.float32)
-            by_sku[row[0]].append(ImageState(row[1], row[2], vec))
+            by_sku[row[0]].append(ImageState(row[1], row[2], vec, row[4]))
         for p in prods:
             out[p.sku] = ProductState(
                 p.sku, p.category, p.title, json.loads(p.attributes), int(p.seq), tuple(by_sku[p.sku])

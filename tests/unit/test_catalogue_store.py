@@ -43,7 +43,7 @@ def test_a_product_and_its_images_round_trip(store: CatalogueStore) -> None:
     )
     assert [i.image_id for i in state.images] == ids
     assert state.images[0].vector is not None and np.allclose(state.images[0].vector, _image(1).vector)
-    assert store.image_bytes("milk-1l", ids[1]) == b"image-2"
+    assert store.image_bytes("milk-1l", ids[1]) == (b"image-2", None)
     # Another model has no vectors for these images yet.
     assert all(i.vector is None for i in store.get_product("milk-1l", "other").images)
 

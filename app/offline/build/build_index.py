@@ -297,7 +297,7 @@ def build_index(
     check_coverage(coverage, problems, options, out_dir, catalogue, images_root)
     calibration = None
     if calibration_queries is not None:
-        calibration = _embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
+        calibration = embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
 
     result = publish_vectors(
         vectors,
@@ -322,7 +322,7 @@ def build_index(
     return result
 
 
-def _embed_calibration(
+def embed_calibration(
     queries: Path, root: Path, embedder: Embedder, options: BuildOptions
 ) -> tuple[np.ndarray, list[CatalogueRow]]:
     cal_rows, cal_problems = read_catalogue(queries)
@@ -415,9 +415,11 @@ def publish_vectors(
     lost_skus: Sequence[str] = (),
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
+    catalogue_seq: int | None = None,
 ) -> BuildResult:
     """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
-    build_index, and by benchmarks that need a large index of synthetic vectors."""
+    build_index, compaction (`catalogue_seq`: the catalogue database's sequence number the rows hold), and by
+    benchmarks that need a large index of synthetic vectors."""
     problems = problems or []
     coverage = Coverage(
         images_total=total if total is not None else len(rows),
@@ -440,9 +442,16 @@ def publish_vectors(
             calibration=calibration,
             training_digests=training_digests,
         )
+        if catalogue_seq is not None:
+            manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq})
+            write_manifest(staging, manifest)
         final = out_dir / manifest.version
-        make_read_only(staging)
-        staging.rename(final)  # the version appears whole or not at all
+        if final.is_dir():
+            # The same content hash in the same second: that version is this one (a repeated forced build).
+            shutil.rmtree(staging)
+        else:
+            make_read_only(staging)
+            staging.rename(final)  # the version appears whole or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -485,6 +494,7 @@ def _write_version(
     report = _write_router(vdir, grouped, embedder, options, calibration, training_digests)
     item_rows: list[dict[str, Any]] = [
         {"sku": r.sku, "category": r.category, "image": r.image, "title": r.title, "attributes": r.attributes}
+        | ({"image_url": r.image_url} if r.image_url else {})
         for r in grouped.rows
     ]
     ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from app.errors import CatalogueError
 
@@ -20,8 +21,9 @@ class CatalogueRow:
     category: str  # "" when the catalogue has no category column: the build clusters instead
     image: str
     title: str | None = None
-    attributes: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)  # strings from a CSV; numbers too from the API
     sha256: str = ""  # of the image's bytes, once the build has read them
+    image_url: str | None = None  # where the service serves it, when not from the images root (catalogue database)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ from app.catalogue.follow import CatalogueFollower
 from app.catalogue.store import NewImage, ProductState, sha256_of
 from app.engine.imaging import sniff_format
 from app.engine.search import SearchEngine
-from app.errors import CatalogueUnavailable
+from app.errors import CatalogueUnavailable, ImageNotFound
 from app.service.http.admin import require_admin
 from app.service.http.routes import get_state
 from app.service.http.schemas import ErrorResponse
 from app.service.http.upload import read_images
+from app.service.http.web import read_catalogue_file
 from app.service.state import AppState
 
 catalogue = APIRouter(prefix="/v1/products", tags=["catalogue"])
@@ -122,14 +123,19 @@ async def get_product(sku: SKU, follower: Follower) -> ProductOut:
 
 
 @catalogue.get("/{sku}/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **_ERRORS})
-async def image(sku: SKU, image_id: IMAGE_ID, follower: Follower) -> Response:
-    """The image's bytes, as added (public, as the search results that link to it)."""
-    data = await anyio.to_thread.run_sync(follower.store.image_bytes, sku, image_id)
-    fmt = sniff_format(data)
+async def image(sku: SKU, image_id: IMAGE_ID, state: State, follower: Follower) -> Response:
+    """The image's bytes (public, as the search results that link to it): as added through the API, or for an
+    imported image, its file under VPS_CATALOGUE_IMAGES_DIR."""
+    data, ref = await anyio.to_thread.run_sync(follower.store.image_bytes, sku, image_id)
+    if data is not None:
+        fmt = sniff_format(data)
+        media = f"image/{fmt.lower()}" if fmt else "application/octet-stream"
+    elif state.settings.catalogue_images_dir is not None:
+        data, media = await anyio.to_thread.run_sync(read_catalogue_file, state.settings.catalogue_images_dir, ref)
+    else:
+        raise ImageNotFound("the image was imported from files this service is not configured to serve")
     return Response(
-        data,
-        media_type=f"image/{fmt.lower()}" if fmt else "application/octet-stream",
-        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        data, media_type=media, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
     )
 
 

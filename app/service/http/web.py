@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from importlib.resources import files
+from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
@@ -19,7 +20,7 @@ from fastapi.responses import HTMLResponse, Response
 from app.artifacts.manifest import safe_join
 from app.engine.imaging import JPEG, PNG, WEBP, sniff_format
 from app.engine.search import SearchEngine
-from app.errors import ArtifactError, EmptyBody, ServiceError, UnsupportedFormat
+from app.errors import ArtifactError, EmptyBody, ImageNotFound, UnsupportedFormat
 from app.service.http.routes import get_engine, get_state
 from app.service.state import AppState
 
@@ -40,9 +41,7 @@ _ICON = (
 )
 _MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
-
-class ImageNotFound(ServiceError):
-    code, status, message = "image_not_found", 404, "no such catalogue image in the live index"
+_NOT_IN_INDEX = "no such catalogue image in the live index"
 
 
 def _static(name: str, media_type: str, request: Request) -> Response:
@@ -93,21 +92,8 @@ async def catalogue_image(
 ) -> Response:
     root = state.settings.catalogue_images_dir
     if root is None or version != engine.manifest.version or not 0 <= row < len(engine.items):
-        raise ImageNotFound()
-    rel = engine.items.get(row).get("image")
-    if not isinstance(rel, str) or not rel:
-        raise ImageNotFound()
-    try:
-        path = safe_join(root, rel)  # never outside the images root, whatever the item table says
-    except ArtifactError:
-        raise ImageNotFound() from None
-    if not path.is_file() or path.stat().st_size > _MAX_IMAGE_BYTES:
-        raise ImageNotFound()
-    data = await anyio.to_thread.run_sync(path.read_bytes)
-    try:
-        media = _MEDIA[sniff_format(data)]
-    except (UnsupportedFormat, EmptyBody, KeyError):
-        raise ImageNotFound() from None
+        raise ImageNotFound(_NOT_IN_INDEX)
+    data, media = await anyio.to_thread.run_sync(read_catalogue_file, root, engine.items.get(row).get("image"))
     return Response(
         data,
         media_type=media,
@@ -117,3 +103,21 @@ async def catalogue_image(
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+def read_catalogue_file(root: Path, rel: object) -> tuple[bytes, str]:
+    """A catalogue image's bytes and media type from the images root: never outside it, whatever the item table
+    or the catalogue database says, and only a JPEG, PNG or WebP by its bytes."""
+    if not isinstance(rel, str) or not rel:
+        raise ImageNotFound(_NOT_IN_INDEX)
+    try:
+        path = safe_join(root, rel)
+    except ArtifactError:
+        raise ImageNotFound(_NOT_IN_INDEX) from None
+    if not path.is_file() or path.stat().st_size > _MAX_IMAGE_BYTES:
+        raise ImageNotFound(_NOT_IN_INDEX)
+    data = path.read_bytes()
+    try:
+        return data, _MEDIA[sniff_format(data)]
+    except (UnsupportedFormat, EmptyBody, KeyError):
+        raise ImageNotFound(_NOT_IN_INDEX) from None

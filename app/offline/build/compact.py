@@ -1,0 +1,224 @@
+"""Index versions from the catalogue database: importing a catalogue CSV into it, compaction, pruning.
+
+- `import_catalogue`: `vps build-index --catalogue CSV` with a database (the CLI's default: SQLite in the index
+  directory). Each row's bytes are hashed; only images without a stored vector for this model are decoded and
+  embedded; products that differ from the database's are replaced (an unchanged catalogue changes nothing), and
+  with `full` SKUs the CSV does not name are removed. Then it compacts.
+- `compact`: `vps compact`. A new immutable version from the database at one sequence number, every vector read
+  from the database (images whose vector is missing for this model, after a model change, are embedded from the
+  stored bytes or the images root), published as a build publishes. Nothing new when the live version already
+  holds that sequence number with this model.
+- `prune`: `vps prune --keep N`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from app.artifacts.manifest import Manifest, earlier_versions, read_manifest, resolve_current
+from app.catalogue.store import CatalogueStore, ImportImage, ImportProduct, ImportResult, ProductState
+from app.engine.embedding import Embedder, decode_side
+from app.errors import ArtifactError, CatalogueError, ServiceError
+from app.offline.build.build_index import (
+    REFUSED_REPORT,
+    BuildOptions,
+    BuildResult,
+    Coverage,
+    check_coverage,
+    coverage_of,
+    embed_catalogue,
+    publish_vectors,
+)
+from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
+from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    """`built` is None when nothing changed: the live version already holds sequence number `seq`."""
+
+    seq: int
+    built: BuildResult | None
+    live_version: str | None
+    imported: ImportResult | None = None
+    coverage: Coverage | None = None  # of the imported CSV
+    problems: tuple[RowProblem, ...] = ()
+
+
+def import_catalogue(
+    catalogue: Path,
+    images_root: Path,
+    out_dir: Path,
+    store: CatalogueStore,
+    embedder: Embedder,
+    options: BuildOptions,
+    *,
+    full: bool = False,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+) -> CompactResult:
+    """CSV -> (embed what is new) -> database -> compact. Refuses (BuildRefused) before the database is touched
+    when products would be lost, as a build does."""
+    rows, problems = read_catalogue(catalogue)
+    n_unreadable = len(problems)
+    model = embedder.card.sha256
+    hashed, hash_problems = _hash_rows(rows, images_root, options.threads)
+    stored = store.stored_vectors(sorted({r.sha256 for r in hashed}), model)
+    fresh = [r for r in hashed if r.sha256 not in stored]
+    vectors, embedded, embed_problems = embed_catalogue(fresh, images_root, embedder, options)
+    new_vectors = dict(zip((r.sha256 for r in embedded), vectors, strict=True))
+    problems = problems + hash_problems + embed_problems
+    usable = [r for r in hashed if r.sha256 in stored or r.sha256 in new_vectors]
+    coverage = coverage_of(rows, usable, problems, total=len(rows) + n_unreadable)
+    check_coverage(coverage, problems, options, out_dir, catalogue, images_root)
+    log.info("catalogue embedded", extra={"reused": len(hashed) - len(fresh), "embedded": len(embedded)})
+    imported = store.import_products(_products(usable, new_vectors), model, full=full)
+    (out_dir / REFUSED_REPORT).unlink(missing_ok=True)  # an earlier refusal no longer describes the catalogue
+    result = compact(store, out_dir, embedder, options, images_root=images_root, calibration=calibration)
+    return replace(result, imported=imported, coverage=coverage, problems=tuple(problems))
+
+
+def compact(
+    store: CatalogueStore,
+    out_dir: Path,
+    embedder: Embedder,
+    options: BuildOptions,
+    *,
+    images_root: Path | None = None,
+    calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    force: bool = False,
+) -> CompactResult:
+    model = embedder.card.sha256
+    seq, products = store.snapshot(model)
+    live = _live_manifest(out_dir)
+    if live is not None and not force and _holds(live, seq, model, options, calibration is not None):
+        return CompactResult(seq, None, live.version)
+    rows, vectors = _rows_and_vectors(products, store, embedder, images_root)
+    if not rows:
+        raise CatalogueError(f"{store.url.split('@')[-1]}: the catalogue database holds no product with an image")
+    built = publish_vectors(
+        np.vstack(vectors), rows, out_dir, embedder, options, calibration=calibration, catalogue_seq=seq
+    )
+    return CompactResult(seq, built, built.manifest.version)
+
+
+def _holds(live: Manifest, seq: int, model: str, options: BuildOptions, calibrated: bool) -> bool:
+    """The live version is what this compaction would build: same catalogue, model and build choices."""
+    b = live.build
+    return (
+        live.catalogue_seq == seq
+        and live.model.sha256 == model
+        and (live.backend, b.M, b.ef_construction, b.ef_search)
+        == (options.backend, options.M, options.ef_construction, options.ef_search)
+        and live.router_report.get("kind") == options.router
+        and live.router_report.get("calibration_source", "").startswith("calibration") == calibrated
+    )
+
+
+def prune(out_dir: Path, keep: int) -> list[str]:
+    """Remove earlier index versions beyond the `keep` newest (rollback targets); CURRENT's always stays.
+    Returns the removed names. A process still serving a removed version keeps its open files (Linux unlinks)
+    until it reloads."""
+    removable = earlier_versions(out_dir)[keep:]  # newest first
+    for v in removable:
+        shutil.rmtree(v)  # read-only files in a writable directory: removable
+    return [v.name for v in removable]
+
+
+def _hash_rows(
+    rows: Sequence[CatalogueRow], images_root: Path, threads: int
+) -> tuple[list[CatalogueRow], list[RowProblem]]:
+    """Each row with the sha256 of its image's bytes (what stored vectors are keyed by), or its problem."""
+    root = images_root.resolve()
+
+    def digest(row: CatalogueRow) -> CatalogueRow | RowProblem:
+        try:
+            return replace(row, sha256=hashlib.sha256(read_photo(root, row.image)).hexdigest())
+        except PhotoProblem as exc:
+            return RowProblem(row.line, row.image, exc.reason, row.sku)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(digest, rows))
+    return [r for r in results if isinstance(r, CatalogueRow)], [r for r in results if isinstance(r, RowProblem)]
+
+
+def _products(rows: Sequence[CatalogueRow], new_vectors: dict[str, np.ndarray]) -> list[ImportProduct]:
+    """Rows grouped by SKU in catalogue order; a SKU's metadata from its first row."""
+    grouped: dict[str, list[CatalogueRow]] = {}
+    for r in rows:
+        grouped.setdefault(r.sku, []).append(r)
+    out = []
+    for sku, rs in grouped.items():
+        first = rs[0]
+        images = tuple(ImportImage(r.sha256, r.image, new_vectors.get(r.sha256)) for r in rs)
+        out.append(ImportProduct(sku, first.category, first.title or sku, dict(first.attributes), images))
+    return out
+
+
+def _rows_and_vectors(
+    products: list[ProductState], store: CatalogueStore, embedder: Embedder, images_root: Path | None
+) -> tuple[list[CatalogueRow], list[np.ndarray]]:
+    rows: list[CatalogueRow] = []
+    vectors: list[np.ndarray] = []
+    for p in products:
+        for img in p.images:
+            vector = (
+                img.vector
+                if img.vector is not None
+                else _embed_missing(img.sha256, img.ref, store, embedder, images_root)
+            )
+            if vector is None:
+                log.warning(
+                    "catalogue image left out: no vector and no bytes", extra={"sku": p.sku, "image_id": img.image_id}
+                )
+                continue
+            api = img.ref is None
+            rows.append(
+                CatalogueRow(
+                    line=0,
+                    sku=p.sku,
+                    category=p.category,
+                    image=img.ref or f"catalogue:{p.sku}/{img.image_id}",
+                    title=p.title,
+                    attributes=p.attributes,
+                    sha256=img.sha256,
+                    image_url=f"/v1/products/{p.sku}/images/{img.image_id}" if api else None,
+                )
+            )
+            vectors.append(vector[None])
+    return rows, vectors
+
+
+def _embed_missing(
+    sha256: str, ref: str | None, store: CatalogueStore, embedder: Embedder, images_root: Path | None
+) -> np.ndarray | None:
+    """A vector this model has not stored (a model change): from the stored bytes, else the images root."""
+    data = store.blob(sha256)
+    try:
+        if data is None and ref is not None and images_root is not None:
+            data = read_photo(images_root.resolve(), ref)
+        if data is None:
+            return None
+        vector: np.ndarray = embedder.embed(
+            embedder.preprocess(decode_photo(data, decode_side(embedder.card.input)))[None]
+        )[0]
+    except (PhotoProblem, ServiceError):
+        return None
+    store.put_embedding(sha256, embedder.card.sha256, vector)
+    return vector
+
+
+def _live_manifest(out_dir: Path) -> Manifest | None:
+    try:
+        return read_manifest(resolve_current(out_dir))
+    except (ArtifactError, FileNotFoundError, OSError):
+        return None

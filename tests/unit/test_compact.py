@@ -1,0 +1,149 @@
+"""Index versions from the catalogue database: a CSV import embeds only new images and publishes only when
+something changed; compaction folds API changes into a version at a sequence number; prune keeps rollbacks."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.artifacts.items import ItemTable
+from app.artifacts.manifest import earlier_versions, read_manifest, resolve_current
+from app.catalogue.store import CatalogueStore, NewImage, sha256_of
+from app.engine.embedding import Embedder, ModelCard, OnnxEmbedder
+from app.engine.search import resolve_params
+from app.offline.build.build_index import BuildOptions
+from app.offline.build.compact import compact, import_catalogue, prune
+from app.service.config import Settings
+from app.service.engines import load_engine
+from tests.helpers import encode
+
+OPTIONS = BuildOptions(M=8, ef_construction=40, progress=False)
+
+
+class CountingEmbedder:
+    """The real tiny model, counting the images it embeds (the port the build takes)."""
+
+    def __init__(self, real: Embedder) -> None:
+        self._real, self.images = real, 0
+
+    @property
+    def card(self) -> ModelCard:
+        return self._real.card
+
+    @property
+    def dim(self) -> int:
+        return self._real.dim
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self._real.preprocess(image)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.images += len(batch)
+        return self._real.embed(batch)
+
+
+@pytest.fixture
+def store(catalogue_url: str) -> CatalogueStore:
+    s = CatalogueStore(catalogue_url)
+    s.create_schema()
+    return s
+
+
+@pytest.fixture
+def embedder(tiny_model: Path) -> CountingEmbedder:
+    return CountingEmbedder(OnnxEmbedder(tiny_model))
+
+
+def _magenta(n: int) -> bytes:
+    arr = np.clip(
+        np.full((80, 96, 3), (230, 20, 230), np.float32) + np.random.default_rng(n).normal(0, 6, (80, 96, 3)), 0, 255
+    )
+    return encode(Image.fromarray(arr.astype(np.uint8), "RGB"))
+
+
+def test_an_unchanged_catalogue_embeds_nothing_and_builds_no_version(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS)
+    assert first.built is not None and first.imported is not None and first.imported.changed == 6
+    assert embedder.images == 18 and first.built.manifest.catalogue_seq == first.seq == store.head()
+    again = import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS)
+    assert again.built is None and again.live_version == first.built.manifest.version
+    assert embedder.images == 18  # every vector read back from the database
+    assert again.imported is not None and (again.imported.changed, again.imported.unchanged) == (0, 6)
+    assert [d.name for d in out.iterdir() if d.is_dir()] == [first.built.manifest.version]
+
+
+def test_a_changed_row_replaces_its_sku_and_a_full_import_removes_the_missing(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS)
+    with catalogue.open() as fh:
+        rows = list(csv.DictReader(fh))
+    kept = [r for r in rows if r["sku"] != "white-milk"]
+    for r in kept:
+        if r["sku"] == "red-apple":
+            r["title"] = "Red apple, new label"
+    smaller = tmp_path / "smaller.csv"
+    with smaller.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    partial = import_catalogue(smaller, catalogue.parent, out, store, embedder, OPTIONS)
+    assert partial.imported is not None and (partial.imported.changed, partial.imported.removed) == (1, 0)
+    assert store.get_product("white-milk").sku == "white-milk"  # not a full import: kept
+    full = import_catalogue(smaller, catalogue.parent, out, store, embedder, OPTIONS, full=True)
+    assert full.imported is not None and full.imported.removed == 1 and full.built is not None
+    items = ItemTable.load(resolve_current(out) / "items.jsonl", resolve_current(out) / "items.offsets.npy")
+    skus = {items.get(i)["sku"] for i in range(len(items))}
+    assert "white-milk" not in skus and len(skus) == 5
+    assert {items.get(i)["title"] for i in range(len(items)) if items.get(i)["sku"] == "red-apple"} == {
+        "Red apple, new label"
+    }
+
+
+def test_compaction_folds_api_changes_into_a_version_that_serves_them(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS)
+    store.put_product("magenta-soap", "soap", "Magenta soap", {"price": 2.5})
+    data = _magenta(1)
+    vector = embedder.embed(embedder.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))[None])[0]
+    store.add_images("magenta-soap", [NewImage(sha256_of(data), data, vector)], embedder.card.sha256)
+    result = compact(store, out, embedder, OPTIONS)
+    assert result.built is not None and result.built.manifest.catalogue_seq == store.head()
+    assert "soap" in [c.name for c in result.built.manifest.categories]  # a shard and a router entry now
+    engine = load_engine(Settings(index_dir=out, model_dir=tiny_model, warmup_queries=0))
+    assert engine.delta.base_seq == store.head() and engine.delta.n_items == 0
+    outcome = engine.search_image(_magenta(9), resolve_params(engine.manifest, k=1))
+    hit = outcome.results[0].item
+    assert (hit["sku"], hit["attributes"]) == ("magenta-soap", {"price": 2.5})
+    assert hit["image_url"].startswith("/v1/products/magenta-soap/images/")
+    assert compact(store, out, embedder, OPTIONS).built is None  # nothing new since
+
+
+def test_prune_keeps_current_and_the_newest_rollbacks(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS)
+    for n in range(3):
+        store.put_product(f"soap-{n}", "soap", "Soap", {})
+        data = _magenta(n)
+        vector = embedder.embed(embedder.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))[None])[0]
+        store.add_images(f"soap-{n}", [NewImage(sha256_of(data), data, vector)], embedder.card.sha256)
+        assert compact(store, out, embedder, OPTIONS).built is not None
+    current = resolve_current(out).name
+    newest_earlier = earlier_versions(out)[0].name
+    removed = prune(out, keep=1)
+    assert len(removed) == 2 and current not in removed
+    assert {d.name for d in out.iterdir() if d.is_dir()} == {current, newest_earlier}
+    assert read_manifest(resolve_current(out)).version == current
