@@ -577,3 +577,7 @@ def grocery_catalogue_cmd(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":  # `python -m app.cli`: how the service runs `vps compact` (app/service/compactor.py)
+    main()

@@ -91,6 +91,7 @@ class Manifest(BaseModel):
     def summary(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "catalogue_seq": self.catalogue_seq,
             "created": self.created,
             "backend": self.backend,
             "metric": self.metric,

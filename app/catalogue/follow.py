@@ -39,9 +39,14 @@ class SyncStatus:
 
 
 class CatalogueFollower:
-    def __init__(self, store: CatalogueStore, sync_s: float, observe: Observer | None = None) -> None:
+    def __init__(
+        self, store: CatalogueStore, sync_s: float, observe: Observer | None = None, *, max_delta_skus: int = 100_000
+    ) -> None:
         self.store = store
         self.sync_s = sync_s
+        # Changed SKUs a delta holds at most: beyond, this process waits for a compacted version instead of
+        # holding a whole re-imported catalogue in memory and scanning it exactly on every query.
+        self.max_delta_skus = max_delta_skus
         self.status = SyncStatus()
         self._observe = observe or (lambda _engine, _status: None)
         self._lock = threading.Lock()  # one delta update at a time: the thread, writes and reloads all apply
@@ -54,9 +59,14 @@ class CatalogueFollower:
         with self._lock:
             delta = engine.delta
             model = engine.embedder.card.sha256
-            batch = self.store.changes_since(delta.seq, model)
+            room = self.max_delta_skus - len(delta.products)
+            batch = self.store.changes_since(delta.seq, model, max_skus=max(room, 1))
             if batch.head <= delta.seq:
                 self._ok(0.0)
+                return 0
+            if len(batch.products.keys() - delta.products.keys()) > room:
+                self._failed(f"more changed products than VPS_MAX_DELTA_SKUS ({self.max_delta_skus}): waiting for "
+                             "a compacted index version")  # fmt: skip
                 return 0
             updates = {sku: self._product(state, engine) for sku, state in batch.products.items()}
             engine.delta = delta.applied(updates, batch.head, batch.head_at)

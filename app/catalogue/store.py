@@ -77,6 +77,7 @@ changes = sa.Table(
     sa.Column("at", sa.Float, nullable=False),  # unix seconds at commit: sync lag is measured from it
 )
 SEQ = "seq"
+LEASES = ("compaction",)
 OPS = ("put_product", "add_images", "delete_image", "delete_product", "import")
 
 
@@ -163,8 +164,9 @@ class CatalogueStore:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7353570)")  # an arbitrary, fixed key
             meta.create_all(conn)
-            if conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).first() is None:
-                conn.execute(counter.insert().values(name=SEQ, value=0))
+            for name in (SEQ, *(f"lease:{lease}" for lease in LEASES)):  # rows exist before anyone races for them
+                if conn.execute(sa.select(counter.c.value).where(counter.c.name == name)).first() is None:
+                    conn.execute(counter.insert().values(name=name, value=0))
 
     # Writes: one transaction each, one sequence number each.
 
@@ -288,6 +290,22 @@ class CatalogueStore:
                 )
                 out.update({r[0]: np.frombuffer(r[1], dtype="<f4").astype(np.float32) for r in rows})
         return out
+
+    def take_lease(self, name: str, ttl_s: float) -> bool:
+        """A named lease across every process and replica (one compaction at a time): True when taken, until
+        `release_lease` or `ttl_s` seconds pass (a holder that died frees it then)."""
+        if name not in LEASES:
+            raise ValueError(f"unknown lease {name!r}")
+        key, now = f"lease:{name}", int(time.time())
+        with self._tx() as conn:  # one conditional update: atomic on both databases
+            taken = conn.execute(
+                counter.update().where(counter.c.name == key, counter.c.value < now).values(value=now + int(ttl_s))
+            ).rowcount
+            return bool(taken)
+
+    def release_lease(self, name: str) -> None:
+        with self._tx() as conn:
+            conn.execute(counter.update().where(counter.c.name == f"lease:{name}").values(value=0))
 
     # Reads.
 

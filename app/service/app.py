@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -27,6 +27,7 @@ from app.catalogue.store import CatalogueStore
 from app.engine.imaging import limit_malloc_arenas
 from app.engine.search import SearchEngine, resolve_params
 from app.errors import CatalogueUnavailable
+from app.service.compactor import AutoCompactor
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
 from app.service.http.admin import admin
@@ -145,7 +146,9 @@ def warm_up(engine: SearchEngine, queries: int) -> None:
         engine.search_image(buf.getvalue(), resolve_params(engine.manifest, k=5))
 
 
-def open_catalogue(settings: Settings, metrics: Metrics) -> CatalogueFollower | None:
+def open_catalogue(
+    settings: Settings, metrics: Metrics, after_sync: Callable[[SearchEngine], None] | None = None
+) -> CatalogueFollower | None:
     """The catalogue database and its follower; None (writes answer 503, searches serve the index) when it cannot
     be opened: a read-only index volume without VPS_CATALOGUE_URL, or a database that is down at start-up."""
     store = CatalogueStore(settings.catalogue_database_url())
@@ -162,8 +165,29 @@ def open_catalogue(settings: Settings, metrics: Metrics) -> CatalogueFollower | 
             metrics.sync_failures.inc()
         if engine is not None:
             metrics.delta_items.set(engine.delta.n_items)
+            if after_sync is not None:
+                after_sync(engine)
 
-    return CatalogueFollower(store, settings.sync_s, observe)
+    return CatalogueFollower(store, settings.sync_s, observe, max_delta_skus=settings.max_delta_skus)
+
+
+def compactor_for(state: AppState) -> Callable[[SearchEngine], None] | None:
+    """Automatic compaction for this process (VPS_COMPACT_ABOVE), reloading here when it publishes a version."""
+    if state.settings.compact_above <= 0 or state.reloader is None:
+        return None
+    loop, reloader = asyncio.get_running_loop(), state.reloader
+    holder: list[AutoCompactor] = []
+
+    def reload() -> None:
+        asyncio.run_coroutine_threadsafe(reloader.reload(only_if_changed=True), loop).result(timeout=600)
+
+    def after_sync(engine: SearchEngine) -> None:
+        if not holder and state.catalogue is not None:
+            holder.append(AutoCompactor(state.settings, state.catalogue.store, state.metrics, reload))
+        if holder:
+            holder[0].maybe(engine)
+
+    return after_sync
 
 
 def start_threads(state: AppState) -> None:
@@ -199,7 +223,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
-        state.catalogue = await anyio.to_thread.run_sync(open_catalogue, settings, metrics)
+        state.catalogue = await anyio.to_thread.run_sync(open_catalogue, settings, metrics, compactor_for(state))
         # A refused model or index: never ready; one log line names the file and both values. The watch and
         # /admin/reload can still bring a good version in.
         outcome = await reloader.reload()

@@ -57,6 +57,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.compactions = Counter(
+            "vps_catalogue_compactions",
+            "Compactions this process ran (VPS_COMPACT_ABOVE), by result",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failed", "unchanged"):
+            self.compactions.labels(result=result)
         self.sync_failures = Counter(
             "vps_catalogue_sync_failures", "Catalogue change-log polls that failed", registry=r
         )

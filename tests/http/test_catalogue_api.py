@@ -4,6 +4,7 @@ whole request and changes nothing."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,28 @@ def test_an_unreachable_catalogue_refuses_writes_and_keeps_serving(faiss_index: 
         assert search(base, magenta(1))["results"]
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 200 and "catalogue" in ready.json()["detail"]
+
+
+def test_a_large_delta_is_compacted_into_a_version_and_served_from_it(
+    faiss_index: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """VPS_COMPACT_ABOVE: past it the process runs `vps compact` as a child, then reloads the new version."""
+    index = tmp_path / "index"
+    shutil.copytree(faiss_index, index)
+    url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+    with live_server(create_app(_settings(index, tiny_model, url, compact_above=1))) as a:
+        first = httpx.get(f"{a}/v1/info").json()["index"]["version"]
+        put(a, "magenta-soap", "soap", "Magenta soap")
+        assert add(a, "magenta-soap", magenta(1), magenta(2)).status_code == 201  # 2 delta images > 1
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{a}/v1/info").json()["index"]["version"] == first:
+            assert time.monotonic() < deadline, "no compacted version within 120 s"
+            time.sleep(0.5)
+        info = httpx.get(f"{a}/v1/info").json()
+        assert "soap" in info["categories"] and info["index"]["catalogue_seq"] >= 2
+        body = search(a, magenta(99))
+        assert body["results"][0]["sku"] == "magenta-soap" and body["routing"]["live"] == []  # a shard now
+        assert 'vps_catalogue_compactions_total{result="success"} 1.0' in httpx.get(f"{a}/metrics").text
+        while "vps_catalogue_delta_items 0.0" not in httpx.get(f"{a}/metrics").text:  # the follower's next sync
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

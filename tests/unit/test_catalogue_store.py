@@ -155,3 +155,11 @@ def test_the_catalogue_url_is_validated_and_defaults_to_sqlite_in_the_index_dir(
     assert bare.catalogue_database_url() == "postgresql+psycopg://u@h/db"  # psycopg 3, not psycopg2
     with pytest.raises(ValidationError, match="catalogue_url"):
         Settings(catalogue_url="mysql://u@h/db")  # type: ignore[arg-type]
+
+
+def test_a_lease_is_held_by_one_until_released_or_expired(store: CatalogueStore) -> None:
+    assert store.take_lease("compaction", ttl_s=60)
+    assert not store.take_lease("compaction", ttl_s=60)  # another process, another replica: refused
+    store.release_lease("compaction")
+    assert store.take_lease("compaction", ttl_s=-5)  # taken, already expired: a dead holder
+    assert store.take_lease("compaction", ttl_s=60)
