@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -188,3 +189,21 @@ def test_a_large_delta_is_compacted_into_a_version_and_served_from_it(
         while "vps_catalogue_delta_items 0.0" not in httpx.get(f"{a}/metrics").text:  # the follower's next sync
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_two_replicas_writing_one_sku_at_once_leave_one_request_whole(servers: tuple[str, str]) -> None:
+    a, b = servers
+    put(a, "contested", "soap")
+    for round_ in range(10):
+        bodies = {
+            a: {"category": "soap", "title": f"from a {round_}", "attributes": {"writer": "a", "round": round_}},
+            b: {"category": "juice", "title": f"from b {round_}", "attributes": {"writer": "b", "round": round_}},
+        }
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(httpx.put, f"{base}/v1/products/contested", json=body, headers=AUTH)
+                       for base, body in bodies.items()]  # fmt: skip
+            codes = [f.result().status_code for f in futures]
+        assert codes == [200, 200]
+        got = httpx.get(f"{a}/v1/products/contested", headers=AUTH).json()
+        winner = {k: got[k] for k in ("category", "title", "attributes")}
+        assert winner in list(bodies.values())  # one of the two requests, never a mix
