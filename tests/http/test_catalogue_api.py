@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.service.app import create_app
 from app.service.config import Settings
+from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import encode, live_server, product_image
 
 TOKEN = "catalogue-test-token"  # noqa: S105 - test credential
@@ -207,3 +208,46 @@ def test_two_replicas_writing_one_sku_at_once_leave_one_request_whole(servers: t
         got = httpx.get(f"{a}/v1/products/contested", headers=AUTH).json()
         winner = {k: got[k] for k in ("category", "title", "attributes")}
         assert winner in list(bodies.values())  # one of the two requests, never a mix
+
+
+def test_a_database_lost_while_serving_refuses_writes_keeps_searching_and_recovers(
+    faiss_index: Path, tiny_model: Path, postgres_url: str
+) -> None:
+    """PostgreSQL stops taking connections mid-run (new ones refused, open ones terminated), then comes back."""
+    import sqlalchemy as sa
+
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def allow(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(on).lower()}')
+            if not on:
+                conn.execute(
+                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": name},
+                )
+
+    with live_server(create_app(_settings(faiss_index, tiny_model, postgres_url))) as a:
+        put(a, "magenta-soap", "soap")
+        add(a, "magenta-soap", magenta(1))
+        try:
+            allow(False)
+            r = put(a, "magenta-soap", "soap", "while down")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "catalogue_unavailable"
+            assert search(a, magenta(99))["results"][0]["sku"] == "magenta-soap"  # the last state, still served
+            deadline = time.monotonic() + 10
+            while "catalogue" not in httpx.get(f"{a}/readyz").json().get("detail", ""):
+                assert time.monotonic() < deadline, "readiness never said the catalogue is degraded"
+                time.sleep(0.1)
+            assert httpx.get(f"{a}/readyz").status_code == 200
+        finally:
+            allow(True)
+        deadline = time.monotonic() + 10
+        while put(a, "magenta-soap", "soap", "back").status_code != 200:
+            assert time.monotonic() < deadline, "writes did not recover"
+            time.sleep(0.2)
+        while httpx.get(f"{a}/readyz").json().get("detail"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    admin.dispose()
