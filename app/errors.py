@@ -102,6 +102,15 @@ class ImageNotFound(ServiceError):
     code, status, message = "image_not_found", 404, "the product has no image with this id"
 
 
+class IndexNotFromCatalogue(ServiceError):
+    code, status, message = (
+        "index_not_from_catalogue",
+        409,
+        "the live index version was built without the catalogue database, which therefore does not know its "
+        "products: rebuild it with `vps build-index` (it imports the catalogue) before changing products here",
+    )
+
+
 class CatalogueUnavailable(ServiceError):
     code, status, message = (
         "catalogue_unavailable",

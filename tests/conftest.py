@@ -140,6 +140,22 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+def _empty_postgres(url: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+
+
+@pytest.fixture
+def fresh_postgres(postgres_url: str) -> Iterator[str]:
+    """The run's PostgreSQL database, emptied after the test."""
+    yield postgres_url
+    _empty_postgres(postgres_url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty catalogue database of each kind: a new SQLite file, or a new schema-less PostgreSQL database
@@ -147,11 +163,27 @@ def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'catalogue.db'}"
         return
-    import sqlalchemy as sa
-
     url = request.getfixturevalue("postgres_url")
     yield url
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    engine.dispose()
+    _empty_postgres(url)
+
+
+def build_from_catalogue(url: str, catalogue: Path, model: Path, out: Path) -> Path:
+    """An index built as `vps build-index` builds it: the CSV imported into the catalogue database, then compacted
+    (its manifest carries the database's sequence number, which catalogue writes need)."""
+    from app.catalogue.store import CatalogueStore
+    from app.engine.embedding import OnnxEmbedder
+    from app.offline.build.compact import import_catalogue
+
+    store = CatalogueStore(url)
+    store.create_schema()
+    options = BuildOptions(M=8, ef_construction=40, progress=False)
+    import_catalogue(catalogue, catalogue.parent, out, store, OnnxEmbedder(model), options)
+    store.close()
+    return out
+
+
+@pytest.fixture
+def catalogue_index(catalogue_url: str, catalogue: Path, tiny_model: Path, tmp_path: Path) -> Path:
+    """The test catalogue's index, built through `catalogue_url` (a fresh database of each kind)."""
+    return build_from_catalogue(catalogue_url, catalogue, tiny_model, tmp_path / "index")

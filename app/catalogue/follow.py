@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.catalogue.store import CatalogueStore, ProductState
-from app.engine.delta import DeltaImage, DeltaProduct
+from app.catalogue.store import CatalogueRewound, CatalogueStore, ProductState
+from app.engine.delta import Delta, DeltaImage, DeltaProduct
 from app.engine.search import SearchEngine
 from app.errors import CatalogueUnavailable, ServiceError
 
@@ -49,6 +49,7 @@ class CatalogueFollower:
         self.max_delta_skus = max_delta_skus
         self.status = SyncStatus()
         self._observe = observe or (lambda _engine, _status: None)
+        self.schema_ready = False
         self._lock = threading.Lock()  # one delta update at a time: the thread, writes and reloads all apply
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,7 +61,13 @@ class CatalogueFollower:
             delta = engine.delta
             model = engine.embedder.card.sha256
             room = self.max_delta_skus - len(delta.products)
-            batch = self.store.changes_since(delta.seq, model, max_skus=max(room, 1))
+            try:
+                batch = self.store.changes_since(delta.seq, model, max_skus=max(room, 1))
+            except CatalogueRewound as exc:
+                # What was applied past the counter may not exist any more: start again from the version.
+                log.error("catalogue rewound: live changes are re-read from the index version (%s)", exc)
+                engine.delta = delta = Delta.empty(delta.base_seq)
+                batch = self.store.changes_since(delta.seq, model, max_skus=max(self.max_delta_skus, 1))
             if batch.head <= delta.seq:
                 self._ok(0.0)
                 return 0
@@ -69,17 +76,32 @@ class CatalogueFollower:
                              "a compacted index version")  # fmt: skip
                 return 0
             updates = {sku: self._product(state, engine) for sku, state in batch.products.items()}
-            engine.delta = delta.applied(updates, batch.head, batch.head_at)
+            engine.delta = delta.applied(updates, batch.head, batch.head_at, batch.changed_at)
             self._ok(max(0.0, time.time() - batch.head_at))
             return len(updates)
 
-    def catch_up(self, engine: SearchEngine) -> None:
-        """Before a new engine is swapped in: bring it to the catalogue's head (best effort; the thread retries)."""
+    def catch_up(self, engine: SearchEngine, previous: SearchEngine | None = None) -> None:
+        """Before a new engine is swapped in: start from what the previous engine serves when that is at least as
+        new as the version (its products are whole states, newer than the version's rows), then bring it to the
+        catalogue's head. Best effort: never fails a reload; the thread retries."""
+        if previous is not None and engine.delta.seq == engine.delta.base_seq:
+            engine.delta = engine.delta.carried_from(previous.delta)
         try:
             while self.sync(engine):
                 pass
         except CatalogueUnavailable:
-            log.warning("catalogue unreachable: the new index version serves without live changes until it is back")
+            log.warning("catalogue unreachable: the new index version serves the changes it had until it is back")
+        except Exception:  # a reload must not fail on the follower; the thread retries and logs
+            log.exception("catalogue catch-up failed")
+
+    def sync_quietly(self, engine: SearchEngine) -> None:
+        """After a committed write: apply it here, never turning the write's success into an error."""
+        try:
+            self.sync(engine)
+        except CatalogueUnavailable:
+            pass  # the thread retries
+        except Exception:
+            log.exception("catalogue sync after a write failed")
 
     def start(self, engine_of: EngineGetter) -> None:
         self._thread = threading.Thread(target=self._run, args=(engine_of,), name="vps-catalogue-follower", daemon=True)
@@ -90,10 +112,23 @@ class CatalogueFollower:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def open(self) -> bool:
+        """Create the schema if needed (idempotent). False, and the status says why, when the database cannot be
+        reached: the thread keeps trying, so a database that comes back is followed without a restart."""
+        try:
+            self.store.create_schema()
+        except CatalogueUnavailable:
+            self._failed("the catalogue database cannot be reached")
+            return False
+        self.schema_ready = True
+        return True
+
     def _run(self, engine_of: EngineGetter) -> None:
         while not self._stop.wait(self.sync_s):
             engine = engine_of()
-            if engine is None:
+            if engine is None or (not self.schema_ready and not self.open()):
+                if engine is not None:
+                    self._observe(engine, self.status)
                 continue
             try:
                 self.sync(engine)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
@@ -138,6 +140,15 @@ class ChangeBatch:
     head: int  # the last sequence number the snapshot holds
     head_at: float  # commit time of `head` (0 when nothing changed)
     products: dict[str, ProductState | None] = field(default_factory=dict)
+    changed_at: dict[str, int] = field(default_factory=dict)  # each SKU's last change in the snapshot
+
+
+class CatalogueRewound(Exception):
+    """The database's sequence counter is behind what a follower applied: restored from a backup, or a failover
+    to a replica that had not received the latest commits. The follower starts again from its version."""
+
+    def __init__(self, counted: int, applied: int) -> None:
+        super().__init__(f"the catalogue's sequence counter ({counted}) is behind what was applied ({applied})")
 
 
 def image_id_for(sha256: str) -> str:
@@ -204,7 +215,7 @@ class CatalogueStore:
                 _insert_missing(conn, images, {"sku": sku, "image_id": image_id}, row)
                 ids.append(image_id)
             conn.execute(products.update().where(products.c.sku == sku).values(seq=seq))
-            return seq, ids
+            return seq, list(dict.fromkeys(ids))  # the same bytes twice in one request are one image
 
     def delete_image(self, sku: str, image_id: str) -> int:
         with self._tx() as conn:
@@ -341,10 +352,14 @@ class CatalogueStore:
         """Every SKU changed after `after`, as it stands now, read in one snapshot. At most `max_skus` SKUs (the
         earliest changed): `head` is then the last change of those, and the next call continues from there."""
         with self._read() as conn:
+            counted = int(conn.execute(sa.select(counter.c.value).where(counter.c.name == SEQ)).scalar_one())
+            if counted < after:
+                raise CatalogueRewound(counted, after)
             rows = conn.execute(
                 sa.select(changes.c.seq, changes.c.sku, changes.c.at)
                 .where(changes.c.seq > after)
                 .order_by(changes.c.seq)
+                .limit(max(1, max_skus) * 4)  # a SKU changed many times in a row still ends a page
             ).all()
             if not rows:
                 return ChangeBatch(after, after, 0.0)
@@ -356,7 +371,8 @@ class CatalogueStore:
                 skus[sku] = None
                 head, head_at = int(seq), float(at)
             states = _product_states(conn, list(skus), model_sha256)
-        return ChangeBatch(after, head, head_at, {s: states.get(s) for s in skus})
+            last = _last_changes(conn, list(skus))
+        return ChangeBatch(after, head, head_at, {s: states.get(s) for s in skus}, last)
 
     def snapshot(self, model_sha256: str) -> tuple[int, list[ProductState]]:
         """Every product with its images at one sequence number (what compaction builds from)."""
@@ -413,6 +429,17 @@ class CatalogueStore:
             raise CatalogueUnavailable() from exc
 
 
+def _last_changes(conn: Connection, skus: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for start in range(0, len(skus), 500):
+        chunk = skus[start : start + 500]
+        query = (
+            sa.select(changes.c.sku, sa.func.max(changes.c.seq)).where(changes.c.sku.in_(chunk)).group_by(changes.c.sku)
+        )
+        out.update({sku: int(seq) for sku, seq in conn.execute(query)})
+    return out
+
+
 def _all_skus(conn: Connection) -> list[str]:
     return [r[0] for r in conn.execute(sa.select(products.c.sku).order_by(products.c.sku))]
 
@@ -430,9 +457,10 @@ def _same(current: ProductState | None, new: ImportProduct) -> bool:
 
 
 def _insert_missing(conn: Connection, table: sa.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
-    where = [table.c[k] == v for k, v in key.items()]
-    if conn.execute(sa.select(*[table.c[k] for k in key]).where(*where)).first() is None:
-        conn.execute(table.insert().values(**key, **values))
+    """INSERT ... ON CONFLICT DO NOTHING: two processes storing the same blob or vector at once (a model rollout
+    catching up on two replicas) both succeed; a check-then-insert let one fail on the primary key."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(insert(table).values(**key, **values).on_conflict_do_nothing(index_elements=list(key)))
 
 
 def _product_states(conn: Connection, skus: list[str], model_sha256: str | None) -> dict[str, ProductState]:
@@ -478,10 +506,12 @@ def _make_engine(url: str, connect_timeout_s: float) -> Engine:
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event issues BEGIN IMMEDIATE itself
     cur = dbapi_conn.cursor()
+    # The busy timeout first: switching a new file to WAL takes a lock that several workers starting at once
+    # contend for ("database is locked" 2 times in 60 starts of 4 workers when it came second).
+    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk before it returns
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 

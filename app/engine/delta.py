@@ -48,6 +48,7 @@ class Delta:
     synced_at: float = 0.0  # commit time of `seq` (unix seconds; 0: nothing applied)
     products: Mapping[str, DeltaProduct | None] = field(default_factory=dict)  # every changed SKU, None: deleted
     segments: Mapping[str, Segment] = field(default_factory=dict)
+    changed_at: Mapping[str, int] = field(default_factory=dict)  # each held SKU's last change (sequence number)
 
     @classmethod
     def empty(cls, base_seq: int) -> Delta:
@@ -57,11 +58,29 @@ class Delta:
     def n_items(self) -> int:
         return sum(len(s.items) for s in self.segments.values())
 
+    def carried_from(self, previous: Delta) -> Delta:
+        """This (empty) delta of a new version, starting from a previous version's delta when that one has
+        applied at least up to this version's sequence number: its products are whole current states, so laid
+        over the new version they are right (or re-applied identically). Older: nothing to carry."""
+        if previous.seq < self.base_seq or previous.base_seq > self.base_seq:
+            return self  # older than this version, or from a newer one (a rollback): read again from the log
+        # SKUs whose last change the version already holds are served from it: compaction empties the delta.
+        newer = {sku: at for sku, at in previous.changed_at.items() if at > self.base_seq}
+        products = {sku: previous.products[sku] for sku in newer if sku in previous.products}
+        categories = {p.category for p in products.values() if p is not None}
+        return Delta(self.base_seq, previous.seq, previous.synced_at, products, _segments(products, categories), newer)
+
     def masks(self, sku: str) -> bool:
         """Base rows of this SKU are hidden: it changed after the version was built."""
         return sku in self.products
 
-    def applied(self, updates: Mapping[str, DeltaProduct | None], seq: int, synced_at: float) -> Delta:
+    def applied(
+        self,
+        updates: Mapping[str, DeltaProduct | None],
+        seq: int,
+        synced_at: float,
+        changed_at: Mapping[str, int] | None = None,
+    ) -> Delta:
         """The next snapshot: `updates` (the current state of SKUs changed up to `seq`) replace what was held.
         Only the segments of categories a changed SKU left or joined are rebuilt."""
         if seq < self.seq:
@@ -72,7 +91,8 @@ class Delta:
         segments = {c: s for c, s in self.segments.items() if c not in touched}
         if touched:
             segments.update(_segments(products, touched))
-        return Delta(self.base_seq, seq, synced_at, products, segments)
+        at = {**self.changed_at, **(changed_at or dict.fromkeys(updates, seq))}
+        return Delta(self.base_seq, seq, synced_at, products, segments, at)
 
     def search(self, category: str, query: np.ndarray, want: int) -> tuple[list[dict[str, Any]], np.ndarray]:
         """The category segment's best `want` images for one query (items, scores), exact."""

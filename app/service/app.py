@@ -26,7 +26,6 @@ from app.catalogue.follow import CatalogueFollower, SyncStatus
 from app.catalogue.store import CatalogueStore
 from app.engine.imaging import limit_malloc_arenas
 from app.engine.search import SearchEngine, resolve_params
-from app.errors import CatalogueUnavailable
 from app.service.compactor import AutoCompactor
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
@@ -148,16 +147,9 @@ def warm_up(engine: SearchEngine, queries: int) -> None:
 
 def open_catalogue(
     settings: Settings, metrics: Metrics, after_sync: Callable[[SearchEngine], None] | None = None
-) -> CatalogueFollower | None:
-    """The catalogue database and its follower; None (writes answer 503, searches serve the index) when it cannot
-    be opened: a read-only index volume without VPS_CATALOGUE_URL, or a database that is down at start-up."""
-    store = CatalogueStore(settings.catalogue_database_url())
-    try:
-        store.create_schema()
-    except CatalogueUnavailable:
-        log.error("catalogue database unavailable: catalogue writes are refused until a restart finds it")
-        store.close()
-        return None
+) -> CatalogueFollower:
+    """The catalogue database and its follower. A database that cannot be reached at start-up does not stop the
+    service: writes answer 503 and the follower keeps trying (it creates the schema once the database answers)."""
 
     def observe(engine: SearchEngine | None, status: SyncStatus) -> None:
         metrics.sync_lag.set(status.lag_s)
@@ -168,7 +160,11 @@ def open_catalogue(
             if after_sync is not None:
                 after_sync(engine)
 
-    return CatalogueFollower(store, settings.sync_s, observe, max_delta_skus=settings.max_delta_skus)
+    store = CatalogueStore(settings.catalogue_database_url())
+    follower = CatalogueFollower(store, settings.sync_s, observe, max_delta_skus=settings.max_delta_skus)
+    if not follower.open():
+        log.error("catalogue database unavailable at start-up: writes are refused until it answers")
+    return follower
 
 
 def compactor_for(state: AppState) -> Callable[[SearchEngine], None] | None:

@@ -59,7 +59,7 @@ class IndexReloader:
             engine.decode_budget = live.decode_budget  # one decode budget per process, across versions
         self._warm_up(engine, self._state.settings.warmup_queries)
         if self._state.catalogue is not None:
-            self._state.catalogue.catch_up(engine)  # live changes after the version's sequence number
+            self._state.catalogue.catch_up(engine, live)  # live changes after the version's sequence number
         return engine
 
     async def reload(self, *, only_if_changed: bool = False) -> ReloadOutcome:

@@ -40,11 +40,20 @@ class HttpLimits:
     # Bytes of one message after its head: the upload cap, plus room for chunk framing and trailers (a chunked
     # body's trailers are parsed after the head, so without this a 64 MB trailer stalled the loop as a head did).
     max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    # Catalogue image writes (/v1/products/...) carry up to VPS_MAX_IMAGES_PER_WRITE images: their own bound.
+    max_write_body_bytes: int = 16 * 10 * 1024 * 1024 + 64 * 1024
 
     @classmethod
     def from_settings(cls, s: Settings) -> HttpLimits:
         body = s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
-        return cls(s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body)
+        write = s.max_images_per_write * s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
+        return cls(s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body, write)
+
+    def body_cap(self, url: bytes) -> int:
+        return self.max_write_body_bytes if url.startswith(CATALOGUE_WRITE_PREFIX) else self.max_body_bytes
+
+
+CATALOGUE_WRITE_PREFIX = b"/v1/products/"
 
 
 def _app_state(app: Any) -> AppState | None:
@@ -112,8 +121,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 return
         if data:
             self._body_bytes += len(data)
-            if self._body_bytes > self.limits.max_body_bytes:
-                self._refuse(413, "request_too_large", f"the request exceeds {self.limits.max_body_bytes} bytes")
+            cap = self.limits.body_cap(self.url)
+            if self._body_bytes > cap:
+                self._refuse(413, "request_too_large", f"the request exceeds {cap} bytes")
                 return
             self._feed(data)
 

@@ -45,7 +45,7 @@ class AppState:
     load_error: str | None = None
     reloader: Reloader | None = None
     # The catalogue of record and this process's follower of its change log (app/catalogue/follow.py); None
-    # when the database could not be opened at start-up (writes answer 503 catalogue_unavailable).
+    # only before the lifespan opened it.
     catalogue: CatalogueFollower | None = None
 
     def require_engine(self) -> SearchEngine:

@@ -4,7 +4,6 @@ whole request and changes nothing."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from PIL import Image
 
 from app.service.app import create_app
 from app.service.config import Settings
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import POSTGRES_ADMIN_URL, build_from_catalogue
 from tests.helpers import encode, live_server, product_image
 
 TOKEN = "catalogue-test-token"  # noqa: S105 - test credential
@@ -32,11 +31,11 @@ def _settings(index: Path, model: Path, url: str, **extra: object) -> Settings:
 
 
 @pytest.fixture
-def servers(faiss_index: Path, tiny_model: Path, catalogue_url: str) -> Iterator[tuple[str, str]]:
+def servers(catalogue_index: Path, tiny_model: Path, catalogue_url: str) -> Iterator[tuple[str, str]]:
     """Two replicas of the service on one catalogue database (two apps, two engines, one database)."""
     with (
-        live_server(create_app(_settings(faiss_index, tiny_model, catalogue_url))) as a,
-        live_server(create_app(_settings(faiss_index, tiny_model, catalogue_url))) as b,
+        live_server(create_app(_settings(catalogue_index, tiny_model, catalogue_url))) as a,
+        live_server(create_app(_settings(catalogue_index, tiny_model, catalogue_url))) as b,
     ):
         yield a, b
 
@@ -157,8 +156,11 @@ def test_a_replaced_product_hides_its_indexed_images_and_a_deleted_one_vanishes(
         time.sleep(0.05)
 
 
-def test_an_unreachable_catalogue_refuses_writes_and_keeps_serving(faiss_index: Path, tiny_model: Path) -> None:
-    settings = _settings(faiss_index, tiny_model, "postgresql+psycopg://nobody@127.0.0.1:1/none")
+def test_an_unreachable_catalogue_refuses_writes_and_keeps_serving(
+    catalogue: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    index = build_from_catalogue(f"sqlite:///{tmp_path / 'c.db'}", catalogue, tiny_model, tmp_path / "index")
+    settings = _settings(index, tiny_model, "postgresql+psycopg://nobody@127.0.0.1:1/none")
     with live_server(create_app(settings)) as base:
         r = put(base, "x", "soap")
         assert r.status_code == 503 and r.json()["error"]["code"] == "catalogue_unavailable"
@@ -168,12 +170,11 @@ def test_an_unreachable_catalogue_refuses_writes_and_keeps_serving(faiss_index: 
 
 
 def test_a_large_delta_is_compacted_into_a_version_and_served_from_it(
-    faiss_index: Path, tiny_model: Path, tmp_path: Path
+    catalogue: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """VPS_COMPACT_ABOVE: past it the process runs `vps compact` as a child, then reloads the new version."""
-    index = tmp_path / "index"
-    shutil.copytree(faiss_index, index)
     url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+    index = build_from_catalogue(url, catalogue, tiny_model, tmp_path / "index")
     with live_server(create_app(_settings(index, tiny_model, url, compact_above=1))) as a:
         first = httpx.get(f"{a}/v1/info").json()["index"]["version"]
         put(a, "magenta-soap", "soap", "Magenta soap")
@@ -211,11 +212,13 @@ def test_two_replicas_writing_one_sku_at_once_leave_one_request_whole(servers: t
 
 
 def test_a_database_lost_while_serving_refuses_writes_keeps_searching_and_recovers(
-    faiss_index: Path, tiny_model: Path, postgres_url: str
+    catalogue: Path, tiny_model: Path, fresh_postgres: str, tmp_path: Path
 ) -> None:
     """PostgreSQL stops taking connections mid-run (new ones refused, open ones terminated), then comes back."""
     import sqlalchemy as sa
 
+    postgres_url = fresh_postgres
+    index = build_from_catalogue(postgres_url, catalogue, tiny_model, tmp_path / "index")
     name = postgres_url.rsplit("/", 1)[1]
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
 
@@ -228,7 +231,7 @@ def test_a_database_lost_while_serving_refuses_writes_keeps_searching_and_recove
                     {"name": name},
                 )
 
-    with live_server(create_app(_settings(faiss_index, tiny_model, postgres_url))) as a:
+    with live_server(create_app(_settings(index, tiny_model, postgres_url))) as a:
         put(a, "magenta-soap", "soap")
         add(a, "magenta-soap", magenta(1))
         try:
@@ -251,3 +254,42 @@ def test_a_database_lost_while_serving_refuses_writes_keeps_searching_and_recove
             assert time.monotonic() < deadline
             time.sleep(0.1)
     admin.dispose()
+
+
+def test_a_database_down_at_start_up_is_followed_once_it_answers(
+    catalogue: Path, tiny_model: Path, fresh_postgres: str, tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    postgres_url = fresh_postgres
+    index = build_from_catalogue(postgres_url, catalogue, tiny_model, tmp_path / "index")
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    try:
+        with live_server(create_app(_settings(index, tiny_model, postgres_url))) as a:
+            assert put(a, "magenta-soap", "soap").status_code == 503
+            assert "catalogue" in httpx.get(f"{a}/readyz").json()["detail"]
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            deadline = time.monotonic() + 10
+            while put(a, "magenta-soap", "soap").status_code != 200:
+                assert time.monotonic() < deadline, "writes did not start once the database answered"
+                time.sleep(0.2)
+            assert add(a, "magenta-soap", magenta(1)).status_code == 201
+            assert search(a, magenta(99))["results"][0]["sku"] == "magenta-soap"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        admin.dispose()
+
+
+def test_an_index_built_without_the_database_refuses_writes(
+    faiss_index: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Its products are unknown to the database: a write would hide them (masking), so it is refused, saying why."""
+    with live_server(create_app(_settings(faiss_index, tiny_model, f"sqlite:///{tmp_path / 'c.db'}"))) as a:
+        r = put(a, "red-apple", "apple", "new title")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "index_not_from_catalogue"
+        assert search(a, encode(product_image("red-apple", 99)))["results"][0]["sku"] == "red-apple"

@@ -103,11 +103,11 @@ def _check(base: str, acked: Acked) -> None:
                 assert len(r.json()["images"]) in (0, 2), f"{sku}: a two-image request half applied"
 
 
-def test_acknowledged_writes_survive_kill_9(faiss_index: Path, tiny_model: Path, catalogue_url: str) -> None:
+def test_acknowledged_writes_survive_kill_9(catalogue_index: Path, tiny_model: Path, catalogue_url: str) -> None:
     rng = random.Random(14)  # noqa: S311 - kill times, not secrets
     acked = Acked()
     for round_ in range(KILLS):
-        proc, base = _serve(faiss_index, tiny_model, catalogue_url)
+        proc, base = _serve(catalogue_index, tiny_model, catalogue_url)
         try:
             _check(base, acked)  # everything acknowledged before the last kill
             stop = threading.Event()
@@ -121,7 +121,7 @@ def test_acknowledged_writes_survive_kill_9(faiss_index: Path, tiny_model: Path,
         finally:
             if proc.poll() is None:
                 proc.kill()
-    proc, base = _serve(faiss_index, tiny_model, catalogue_url)
+    proc, base = _serve(catalogue_index, tiny_model, catalogue_url)
     try:
         _check(base, acked)
         assert httpx.get(f"{base}/readyz").status_code == 200  # the index loads and verifies after all that

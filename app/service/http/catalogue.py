@@ -18,7 +18,7 @@ from app.catalogue.follow import CatalogueFollower
 from app.catalogue.store import NewImage, ProductState, sha256_of
 from app.engine.imaging import sniff_format
 from app.engine.search import SearchEngine
-from app.errors import CatalogueUnavailable, ImageNotFound
+from app.errors import CatalogueUnavailable, ImageNotFound, IndexNotFromCatalogue
 from app.service.http.admin import require_admin
 from app.service.http.routes import get_state
 from app.service.http.schemas import ErrorResponse
@@ -28,7 +28,7 @@ from app.service.state import AppState
 
 catalogue = APIRouter(prefix="/v1/products", tags=["catalogue"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)
 }
 # SKUs travel in URL paths and in image URLs: a conservative alphabet, no slashes, no whitespace.
 SKU = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:~-]{0,199}$", description="Product SKU")]
@@ -72,12 +72,20 @@ def get_follower(request: Request) -> CatalogueFollower:
     return state.catalogue
 
 
+async def require_catalogue_index(state: Annotated[AppState, Depends(get_state)]) -> None:
+    """Writes need a live version built from the database: masking a changed SKU's indexed rows is right only
+    when the database holds every product of the version (one built from a CSV alone would lose them)."""
+    if state.require_engine().manifest.catalogue_seq is None:
+        raise IndexNotFromCatalogue()
+
+
 Follower = Annotated[CatalogueFollower, Depends(get_follower)]
 State = Annotated[AppState, Depends(get_state)]
 ADMIN = [Depends(require_admin)]
+WRITE = [Depends(require_admin), Depends(require_catalogue_index)]
 
 
-@catalogue.put("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+@catalogue.put("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=WRITE)
 async def put_product(sku: SKU, body: ProductIn, state: State, follower: Follower) -> WriteOut:
     """Create or replace a product's metadata (its images stay)."""
     seq = await anyio.to_thread.run_sync(follower.store.put_product, sku, body.category, body.title, body.attributes)
@@ -85,7 +93,7 @@ async def put_product(sku: SKU, body: ProductIn, state: State, follower: Followe
     return WriteOut(sku=sku, seq=seq)
 
 
-@catalogue.post("/{sku}/images", response_model=WriteOut, status_code=201, responses=_ERRORS, dependencies=ADMIN)
+@catalogue.post("/{sku}/images", response_model=WriteOut, status_code=201, responses=_ERRORS, dependencies=WRITE)
 async def add_images(sku: SKU, request: Request, state: State, follower: Follower) -> WriteOut:
     """Add one or more images (multipart parts named `image`); answers their ids in order."""
     settings = state.settings
@@ -100,14 +108,14 @@ async def add_images(sku: SKU, request: Request, state: State, follower: Followe
     return WriteOut(sku=sku, seq=seq, image_ids=ids)
 
 
-@catalogue.delete("/{sku}/images/{image_id}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+@catalogue.delete("/{sku}/images/{image_id}", response_model=WriteOut, responses=_ERRORS, dependencies=WRITE)
 async def delete_image(sku: SKU, image_id: IMAGE_ID, state: State, follower: Follower) -> WriteOut:
     seq = await anyio.to_thread.run_sync(follower.store.delete_image, sku, image_id)
     await _applied(state, follower, "delete_image")
     return WriteOut(sku=sku, seq=seq)
 
 
-@catalogue.delete("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=ADMIN)
+@catalogue.delete("/{sku}", response_model=WriteOut, responses=_ERRORS, dependencies=WRITE)
 async def delete_product(sku: SKU, state: State, follower: Follower) -> WriteOut:
     seq = await anyio.to_thread.run_sync(follower.store.delete_product, sku)
     await _applied(state, follower, "delete_product")
@@ -152,9 +160,6 @@ async def _applied(state: AppState, follower: CatalogueFollower, op: str) -> Non
     if engine is None:
         return
     t0 = time.perf_counter()
-    try:
-        await anyio.to_thread.run_sync(follower.sync, engine)
-    except CatalogueUnavailable:
-        return
+    await anyio.to_thread.run_sync(follower.sync_quietly, engine)
     state.metrics.delta_items.set(engine.delta.n_items)
     state.metrics.observe_stage("catalogue_apply", time.perf_counter() - t0)
