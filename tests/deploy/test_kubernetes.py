@@ -1,6 +1,8 @@
 """deploy/kubernetes: every kustomization renders (`kubectl kustomize`), every object validates strictly against
 the Kubernetes 1.34 schemas (`kubernetes-validate`; the ServiceMonitor CRD against the fields we use), and the
-objects agree with each other and with the app (probe paths, settings, labels, drain timing)."""
+objects agree with each other and with the app (probe paths, settings, labels, drain timing); the catalogue
+database comes from one Secret that is never committed, serving pods never write the index, and the compaction
+CronJob writes it with the build Job's security context and arguments `vps` accepts."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import typer.main
 import yaml
 from kubernetes_validate.utils import validate
 
+from app.cli import cli
 from app.service.app import create_app
 from app.service.config import Settings
 from tests.helpers import live_server
@@ -23,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.34.0"
 KUSTOMIZATIONS = ["base", "overlays/example"]
+IMAGE_INDEX_DIR = "/srv/index_data"  # the Dockerfile's VPS_INDEX_DIR: the index baked into the image
+CATALOGUE_SECRET = {"name": "vps-catalogue-db", "key": "url"}
 
 # The part of the prometheus-operator ServiceMonitor CRD (monitoring.coreos.com/v1) these manifests use.
 SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
@@ -74,12 +80,45 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every workload's pod spec, by `Kind/name`."""
+    specs = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            specs[f"{d['kind']}/{d['metadata']['name']}"] = d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            specs[f"CronJob/{d['metadata']['name']}"] = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return specs
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def vps_argv(container: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The `vps` subcommand a container runs and its options as the CLI parses them (an unknown option, a bad
+    value or a missing required one fails here, not in the cluster)."""
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert argv[0] == "vps", argv
+    command = typer.main.get_command(cli).commands[argv[1]]  # type: ignore[attr-defined]
+    return argv[1], command.make_context(argv[1], argv[2:]).params
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_manifests_render_and_validate(kustomization: str) -> None:
     docs = render(kustomization)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"} <= kinds
     assert "ServiceMonitor" in kinds
+    if kustomization == "overlays/example":
+        assert {"Job", "CronJob", "PersistentVolumeClaim"} <= kinds
+    # No Secret is rendered: the catalogue database URL (with its password) and the admin token are created in the
+    # cluster by hand (docs/deploy.md), never committed; kustomize generators would render them here.
+    assert "Secret" not in kinds
     for doc in docs:
         if doc["kind"] == "ServiceMonitor":
             jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
@@ -157,3 +196,115 @@ def test_manifests_agree_with_each_other_and_the_app(kustomization: str, faiss_i
         pod_claim = {v["name"]: v for v in pod["spec"]["volumes"]}[mounts[index_dir]["name"]]
         assert claim["persistentVolumeClaim"]["claimName"] == pod_claim["persistentVolumeClaim"]["claimName"]
         assert all(d["metadata"].get("namespace") == "shop-search" for d in docs if d["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_workload_reads_the_catalogue_database_from_one_secret(kustomization: str) -> None:
+    """The pods, the build Job (it imports into the database) and the compaction all use the same database: a
+    workload without it would fall back to a SQLite file of its own. Never a literal value."""
+    docs = render(kustomization)
+    required = kustomization != "base"  # base: the index is in the image, live writes are optional
+    workloads = pod_specs(docs)
+    for name, pod in workloads.items():
+        for container in containers(pod):
+            argv = [*container.get("command", []), *container.get("args", [])]
+            reads_database = container["name"] == "vps" or argv[:2] in (["vps", "build-index"], ["vps", "compact"])
+            env = env_of(container)
+            if not reads_database:
+                assert "VPS_CATALOGUE_URL" not in env, f"{name}/{container['name']}"
+                continue
+            url = env["VPS_CATALOGUE_URL"]
+            assert "value" not in url, f"{name}/{container['name']}: a literal database URL"
+            ref = url["valueFrom"]["secretKeyRef"]
+            assert {"name": ref["name"], "key": ref["key"]} == CATALOGUE_SECRET, f"{name}/{container['name']}"
+            assert ref["optional"] is (not required), f"{name}/{container['name']}: optional={ref['optional']}"
+    assert len(workloads) == (1 if kustomization == "base" else 3), sorted(workloads)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_serving_pods_never_write_the_index(kustomization: str) -> None:
+    """The index directory is read-only for every serving pod (in the image under a read-only root, or a volume
+    mounted and claimed read-only); so the pods never compact (VPS_COMPACT_ABOVE=0) and the only writable path
+    is /tmp."""
+    docs = render(kustomization)
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    config = one(docs, "ConfigMap")["data"]
+    assert int(config["VPS_COMPACT_ABOVE"]) == 0
+    assert 0 < float(config["VPS_SYNC_S"]) <= 2
+    index_dir = config.get("VPS_INDEX_DIR", IMAGE_INDEX_DIR)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in containers(pod):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        for mount in container.get("volumeMounts", []):
+            if mount["mountPath"] == "/tmp":  # noqa: S108 - the metrics files, an emptyDir
+                assert "emptyDir" in volumes[mount["name"]]
+                continue
+            assert mount.get("readOnly") is True, f"{container['name']} mounts {mount['mountPath']} writable"
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            if claim is not None:
+                assert claim.get("readOnly") is True, f"{mount['name']}: the claim is not read-only"
+        writable = [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+        assert not any(index_dir == w or index_dir.startswith(w.rstrip("/") + "/") for w in writable), writable
+    if kustomization == "base":
+        assert not any(m["mountPath"] == index_dir for c in containers(pod) for m in c.get("volumeMounts", []))
+
+
+def test_the_compaction_cronjob_writes_the_index_volume_like_the_build_job() -> None:
+    docs = render("overlays/example")
+    config = one(docs, "ConfigMap")["data"]
+    index_dir = config["VPS_INDEX_DIR"]
+    serving = one(docs, "Deployment")["spec"]["template"]["spec"]
+    serving_claim = next(
+        v["persistentVolumeClaim"]["claimName"]
+        for v in serving["volumes"]
+        for m in serving["containers"][0]["volumeMounts"]
+        if m["name"] == v["name"] and m["mountPath"] == index_dir
+    )
+    build = one(docs, "Job")
+    assert build["metadata"]["name"] == "vps-index-build"
+    build_pod = build["spec"]["template"]["spec"]
+    cron = one(docs, "CronJob")
+    assert cron["metadata"]["name"] == "vps-compact"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # one compaction at a time
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and job["backoffLimit"] <= 1 and job["activeDeadlineSeconds"] > 0
+
+    # Compact first, prune only after it succeeded: compaction is the init container, pruning the main one.
+    [compact] = pod["initContainers"]
+    [prune] = pod["containers"]
+    name, params = vps_argv(compact)
+    assert name == "compact" and str(params["out"]) == index_dir
+    build_args = dict(a.removeprefix("--").split("=", 1) for a in build_pod["containers"][0]["args"])
+    assert build_args["out"] == index_dir
+    assert str(params["model"]) == build_args["model"]  # the model the build Job indexes with
+    name, params = vps_argv(prune)
+    assert name == "prune" and str(params["out"]) == index_dir and params["keep"] >= 1
+
+    # The same security as the build Job, the same image as the pods; the index volume writable, the same claim.
+    image = serving["containers"][0]["image"]
+    assert pod["securityContext"] == build_pod["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    for container in (compact, prune):
+        assert container["securityContext"] == build_pod["containers"][0]["securityContext"], container["name"]
+        assert container["image"] == image == build_pod["containers"][0]["image"]
+        assert set(container["resources"]) == {"requests", "limits"}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert not mounts[index_dir].get("readOnly", False), container["name"]
+        claim = {v["name"]: v for v in pod["volumes"]}[mounts[index_dir]["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] == serving_claim and not claim.get("readOnly", False)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_pod_passes_the_restricted_pod_security_standard(kustomization: str) -> None:
+    """The overlay's namespace enforces `restricted`: a Job or an init container that misses one field would not
+    be admitted there."""
+    for name, pod in pod_specs(render(kustomization)).items():
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in containers(pod):
+            csc = container["securityContext"]
+            where = f"{name}/{container['name']}"
+            assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"], where
+            assert csc["readOnlyRootFilesystem"] is True and not csc.get("privileged", False), where

@@ -36,7 +36,7 @@ def queries() -> list[str]:
 def test_compose_wires_the_service_prometheus_and_grafana() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"vps", "prometheus", "grafana"}
+    assert set(services) == {"vps", "index", "postgres", "prometheus", "grafana"}
     vps = services["vps"]
     assert vps["read_only"] is True and vps["tmpfs"] == ["/tmp"] and vps["cap_drop"] == ["ALL"]  # noqa: S108
     for name in ("prometheus", "grafana"):
