@@ -83,6 +83,7 @@ class Manifest(BaseModel):
     # The catalogue database's sequence number the version holds (compaction); None: built from a CSV alone.
     # Changes after it are applied live (app/engine/delta.py).
     catalogue_seq: int | None = None
+    catalogue_id: str | None = None  # which catalogue database (app/catalogue/store.py)
 
     def threshold(self, category: str) -> float:
         """The open-set score threshold for a top hit of `category` (the global one where none was fitted)."""

@@ -47,7 +47,7 @@ class CatalogueFollower:
         # Changed SKUs a delta holds at most: beyond, this process waits for a compacted version instead of
         # holding a whole re-imported catalogue in memory and scanning it exactly on every query.
         self.max_delta_skus = max_delta_skus
-        self.status = SyncStatus()
+        self.status = SyncStatus(last_ok_at=time.time())  # lag counts from start-up until a first good sync
         self._observe = observe or (lambda _engine, _status: None)
         self.schema_ready = False
         self._lock = threading.Lock()  # one delta update at a time: the thread, writes and reloads all apply
@@ -60,6 +60,9 @@ class CatalogueFollower:
         with self._lock:
             delta = engine.delta
             model = engine.embedder.card.sha256
+            if engine.manifest.catalogue_id not in (None, self.store.catalogue_id()):
+                self._failed("the index version was built from another catalogue database")
+                return 0
             room = self.max_delta_skus - len(delta.products)
             try:
                 batch = self.store.changes_since(delta.seq, model, max_skus=max(room, 1))
@@ -67,7 +70,11 @@ class CatalogueFollower:
                 # What was applied past the counter may not exist any more: start again from the version.
                 log.error("catalogue rewound: live changes are re-read from the index version (%s)", exc)
                 engine.delta = delta = Delta.empty(delta.base_seq)
-                batch = self.store.changes_since(delta.seq, model, max_skus=max(self.max_delta_skus, 1))
+                try:
+                    batch = self.store.changes_since(delta.seq, model, max_skus=max(self.max_delta_skus, 1))
+                except CatalogueRewound:
+                    self._failed("the catalogue database is behind the index version (restored from an older backup?)")
+                    return 0
             if batch.head <= delta.seq:
                 self._ok(0.0)
                 return 0

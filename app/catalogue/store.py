@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ embeddings = sa.Table(
     sa.Column("model_sha256", sa.String(64), primary_key=True),
     sa.Column("dim", sa.Integer, nullable=False),
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32, little-endian
+)
+meta_table = sa.Table(
+    "vps_meta",
+    meta,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
 )
 changes = sa.Table(
     "vps_changes",
@@ -164,6 +171,7 @@ class CatalogueStore:
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url
         self.engine = _make_engine(url, connect_timeout_s)
+        self._id: str | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -178,6 +186,9 @@ class CatalogueStore:
             for name in (SEQ, *(f"lease:{lease}" for lease in LEASES)):  # rows exist before anyone races for them
                 if conn.execute(sa.select(counter.c.value).where(counter.c.name == name)).first() is None:
                     conn.execute(counter.insert().values(name=name, value=0))
+            # This database's identity, recorded in every version compacted from it: a version from another
+            # database (or a fresh one) is refused for writes instead of silently ignoring them.
+            _insert_missing(conn, meta_table, {"key": "catalogue_id"}, {"value": uuid.uuid4().hex})
 
     # Writes: one transaction each, one sequence number each.
 
@@ -319,6 +330,14 @@ class CatalogueStore:
             conn.execute(counter.update().where(counter.c.name == f"lease:{name}").values(value=0))
 
     # Reads.
+
+    def catalogue_id(self) -> str:
+        if self._id is None:
+            with self._read() as conn:
+                self._id = str(
+                    conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "catalogue_id")).scalar_one()
+                )
+        return self._id
 
     def head(self) -> int:
         with self._read() as conn:

@@ -278,11 +278,26 @@ class SearchEngine:
         want = self.fetch_size(params)
         for probe in probes:
             shard = self.shards[probe.category]
-            d, i = shard.index.search(query, min(want, shard.index.ntotal))
-            valid = i[0] >= 0
-            into.rows.append(i[0][valid] + shard.offset)
-            into.scores.append(d[0][valid])
+            rows, scores = self.search_shard(shard, query, want, into.delta)
+            into.rows.append(rows)
+            into.scores.append(scores)
             into.add_live(*into.delta.search(shard.name, query, want))
+
+    def search_shard(self, shard: Shard, query: np.ndarray, want: int, delta: Delta) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's best `want` rows as global item rows. Rows of SKUs changed since the version (masked) do
+        not count: while they fill the answer, ask for more (doubling, at most the shard), so a SKU moved away
+        with many photos cannot leave a forced category empty."""
+        n = min(want, shard.index.ntotal)
+        while True:
+            d, i = shard.index.search(query, n)
+            valid = i[0] >= 0
+            rows, scores = i[0][valid] + shard.offset, d[0][valid]
+            if not delta.products or n >= shard.index.ntotal:
+                return rows, scores
+            masked = sum(delta.masks(str(self.items.get(int(r))["sku"])) for r in rows)
+            if len(rows) - masked >= want or not masked:
+                return rows, scores
+            n = min(shard.index.ntotal, 2 * n + masked)
 
     def search_live(self, query: np.ndarray, categories: list[str], params: SearchParams, into: Candidates) -> None:
         want = self.fetch_size(params)

@@ -129,6 +129,8 @@ def test_unknown_skus_and_images_are_404(servers: tuple[str, str]) -> None:
         ("/v1/products/ok", {"category": "c", "colour": "red"}),
         ("/v1/products/ok", {"category": "c", "attributes": {"price": [1, 2]}}),
         ("/v1/products/ok", {"category": "c\n"}),
+        ("/v1/products/ok", {"category": "c", "attributes": {"k": "x" * 1001}}),
+        ("/v1/products/ok", {"category": "c", "attributes": {f"k{i}": "x" * 900 for i in range(30)}}),  # > 16 KiB
     ],
 )
 def test_bad_products_are_422(servers: tuple[str, str], path: str, body: dict) -> None:  # type: ignore[type-arg]
@@ -293,3 +295,24 @@ def test_an_index_built_without_the_database_refuses_writes(
         r = put(a, "red-apple", "apple", "new title")
         assert r.status_code == 409 and r.json()["error"]["code"] == "index_not_from_catalogue"
         assert search(a, encode(product_image("red-apple", 99)))["results"][0]["sku"] == "red-apple"
+
+
+def test_an_index_from_another_catalogue_database_refuses_writes(
+    catalogue: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A version compacted from database A served against a fresh database B: writes would never show."""
+    index = build_from_catalogue(f"sqlite:///{tmp_path / 'a.db'}", catalogue, tiny_model, tmp_path / "index")
+    with live_server(create_app(_settings(index, tiny_model, f"sqlite:///{tmp_path / 'b.db'}"))) as base:
+        r = put(base, "red-apple", "apple", "new title")
+        assert r.status_code == 409 and "another catalogue database" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 5
+        while "another catalogue database" not in httpx.get(f"{base}/readyz").json().get("detail", ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_attributes_that_could_not_be_written_out_are_422(servers: tuple[str, str]) -> None:
+    a, _ = servers
+    for raw in ('{"category": "c", "attributes": {"k": "\\ud800"}}', '{"category": "c", "attributes": {"k": NaN}}'):
+        r = httpx.put(f"{a}/v1/products/ok", content=raw, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", (raw, r.text)

@@ -416,6 +416,7 @@ def publish_vectors(
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
     catalogue_seq: int | None = None,
+    catalogue_id: str | None = None,
 ) -> BuildResult:
     """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
     build_index, compaction (`catalogue_seq`: the catalogue database's sequence number the rows hold), and by
@@ -443,7 +444,7 @@ def publish_vectors(
             training_digests=training_digests,
         )
         if catalogue_seq is not None:
-            manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq})
+            manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq, "catalogue_id": catalogue_id})
             write_manifest(staging, manifest)
         final = out_dir / manifest.version
         if final.is_dir():

@@ -98,29 +98,33 @@ def compact(
     force: bool = False,
 ) -> CompactResult:
     model = embedder.card.sha256
-    seq, products = store.snapshot(model)
     live = _live_manifest(out_dir)
-    if live is not None and not force and _holds(live, seq, model, options, calibration is not None):
-        return CompactResult(seq, None, live.version)
+    head = store.head()
+    if live is not None and not force and _holds(live, store.catalogue_id(), head, model, options):
+        return CompactResult(head, None, live.version)  # decided before reading the catalogue
+    seq, products = store.snapshot(model)
     rows, vectors = _rows_and_vectors(products, store, embedder, images_root)
     if not rows:
         raise CatalogueError(f"{store.url.split('@')[-1]}: the catalogue database holds no product with an image")
     built = publish_vectors(
-        np.vstack(vectors), rows, out_dir, embedder, options, calibration=calibration, catalogue_seq=seq
-    )
+        np.vstack(vectors), rows, out_dir, embedder, options, calibration=calibration, catalogue_seq=seq,
+        catalogue_id=store.catalogue_id(),
+    )  # fmt: skip
     return CompactResult(seq, built, built.manifest.version)
 
 
-def _holds(live: Manifest, seq: int, model: str, options: BuildOptions, calibrated: bool) -> bool:
-    """The live version is what this compaction would build: same catalogue, model and build choices."""
+def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: BuildOptions) -> bool:
+    """The live version is what this compaction would build: same database at the same sequence number, same
+    model and build choices. Calibration photos are not compared: a scheduled `vps compact` must not rebuild
+    (and lose a build's calibration) when nothing changed; `--force` rebuilds anyway."""
     b = live.build
     return (
-        live.catalogue_seq == seq
+        live.catalogue_id == catalogue_id
+        and live.catalogue_seq == seq
         and live.model.sha256 == model
         and (live.backend, b.M, b.ef_construction, b.ef_search)
         == (options.backend, options.M, options.ef_construction, options.ef_search)
         and live.router_report.get("kind") == options.router
-        and live.router_report.get("calibration_source", "").startswith("calibration") == calibrated
     )
 
 

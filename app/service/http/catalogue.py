@@ -6,13 +6,14 @@ limits and error codes as queries, before anything is written: one bad image ref
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.catalogue.follow import CatalogueFollower
 from app.catalogue.store import NewImage, ProductState, sha256_of
@@ -33,7 +34,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # SKUs travel in URL paths and in image URLs: a conservative alphabet, no slashes, no whitespace.
 SKU = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:~-]{0,199}$", description="Product SKU")]
 IMAGE_ID = Annotated[str, Path(pattern=r"^[0-9a-f]{24}$", description="Image id (from the write that added it)")]
-AttributeValue = str | int | float | bool
+
+
+def _encodable(text: str) -> str:
+    text.encode("utf-8")  # a lone surrogate raises: it could never be written out in a search answer
+    return text
+
+
+MAX_ATTRIBUTES_BYTES = 16 * 1024  # of a product's attributes as JSON: every search answer showing it carries them
+AttributeText = Annotated[str, Field(max_length=1000), AfterValidator(_encodable)]
+AttributeNumber = Annotated[float, Field(allow_inf_nan=False)]
+AttributeInt = Annotated[int, Field(ge=-(2**53), le=2**53)]  # exact in every JSON reader
+AttributeValue = bool | AttributeInt | AttributeNumber | AttributeText
 AttributeKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
 
 
@@ -42,6 +54,12 @@ class ProductIn(BaseModel):
     category: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     title: str = Field("", max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")
     attributes: dict[AttributeKey, AttributeValue] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _attributes_fit(self) -> ProductIn:
+        if len(json.dumps(self.attributes)) > MAX_ATTRIBUTES_BYTES:
+            raise ValueError(f"attributes take more than {MAX_ATTRIBUTES_BYTES} bytes as JSON")
+        return self
 
 
 class ImageOut(BaseModel):
@@ -73,10 +91,20 @@ def get_follower(request: Request) -> CatalogueFollower:
 
 
 async def require_catalogue_index(state: Annotated[AppState, Depends(get_state)]) -> None:
-    """Writes need a live version built from the database: masking a changed SKU's indexed rows is right only
-    when the database holds every product of the version (one built from a CSV alone would lose them)."""
-    if state.require_engine().manifest.catalogue_seq is None:
+    """Writes need a live version built from this database: masking a changed SKU's indexed rows is right only
+    when the database holds every product of the version (one built from a CSV alone, or from another database,
+    would lose them, or never show the writes)."""
+    manifest = state.require_engine().manifest
+    if manifest.catalogue_seq is None:
         raise IndexNotFromCatalogue()
+    follower = state.catalogue
+    if follower is not None:
+        ours = await anyio.to_thread.run_sync(follower.store.catalogue_id)
+        if manifest.catalogue_id != ours:
+            raise IndexNotFromCatalogue(
+                "the live index version was built from another catalogue database than VPS_CATALOGUE_URL: "
+                "rebuild it from this one (`vps build-index` or `vps compact`) before changing products here"
+            )
 
 
 Follower = Annotated[CatalogueFollower, Depends(get_follower)]
