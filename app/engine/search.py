@@ -24,6 +24,7 @@ OVERFETCH = 4  # images fetched per wanted SKU before grouping (the service's de
 # Shards added beyond the router's choice when it yields fewer than k SKUs (grocery: 81 SKUs in 43 categories,
 # so a k above that searches all 43); an explicit min_score can make every shard come up short, hence a bound.
 FILL_MAX_PROBES = 64
+MAX_MASKED_FETCH = 4096  # rows a shard is asked for at most when masked rows crowd its answer
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Candidates:
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     live: list[dict[str, Any]] = field(default_factory=list)
+    masked: int = 0  # base hits the last grouping skipped: their SKU changed since the version
 
     def add_live(self, items: list[dict[str, Any]], scores: np.ndarray) -> None:
         if items:
@@ -210,6 +212,16 @@ class SearchEngine:
         clock.lap("search")
         results, image_hits = self.group(candidates, params)
         clock.lap("group")
+        want = self.fetch_size(params)
+        while candidates.masked and len(results) < params.k and want < MAX_MASKED_FETCH:
+            # Rows of SKUs changed since the version filled the fetch (a SKU moved away with many photos): the
+            # same shards again, asking for more. Only then: checking masks per row up front cost every query.
+            want *= 4
+            candidates = Candidates(candidates.delta)
+            self.search(query, probes, params, candidates, want)
+            self.search_live(query, live, params, candidates, want)
+            results, image_hits = self.group(candidates, params)
+            clock.lap("search")
         added: list[Probe] = []
         while probs is not None and len(results) < params.k:
             more = self.fill_probes(probs, probes, added, len(results), params)
@@ -269,38 +281,27 @@ class SearchEngine:
                 missing -= max(1, self.shards[int(idx)].n_skus)
         return more
 
-    def search(self, query: np.ndarray, probes: list[Probe], params: SearchParams, into: Candidates) -> None:
+    def search(
+        self, query: np.ndarray, probes: list[Probe], params: SearchParams, into: Candidates, want: int = 0
+    ) -> None:
         """Search each probed shard, adding its hits (as global item rows) to `into`.
 
         Over-fetch images so that grouping by SKU still leaves k distinct SKUs. A floor too: SKUs with many
         near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
         images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway."""
-        want = self.fetch_size(params)
+        want = want or self.fetch_size(params)
         for probe in probes:
             shard = self.shards[probe.category]
-            rows, scores = self.search_shard(shard, query, want, into.delta)
-            into.rows.append(rows)
-            into.scores.append(scores)
+            d, i = shard.index.search(query, min(want, shard.index.ntotal))
+            valid = i[0] >= 0
+            into.rows.append(i[0][valid] + shard.offset)
+            into.scores.append(d[0][valid])
             into.add_live(*into.delta.search(shard.name, query, want))
 
-    def search_shard(self, shard: Shard, query: np.ndarray, want: int, delta: Delta) -> tuple[np.ndarray, np.ndarray]:
-        """The shard's best `want` rows as global item rows. Rows of SKUs changed since the version (masked) do
-        not count: while they fill the answer, ask for more (doubling, at most the shard), so a SKU moved away
-        with many photos cannot leave a forced category empty."""
-        n = min(want, shard.index.ntotal)
-        while True:
-            d, i = shard.index.search(query, n)
-            valid = i[0] >= 0
-            rows, scores = i[0][valid] + shard.offset, d[0][valid]
-            if not delta.products or n >= shard.index.ntotal:
-                return rows, scores
-            masked = sum(delta.masks(str(self.items.get(int(r))["sku"])) for r in rows)
-            if len(rows) - masked >= want or not masked:
-                return rows, scores
-            n = min(shard.index.ntotal, 2 * n + masked)
-
-    def search_live(self, query: np.ndarray, categories: list[str], params: SearchParams, into: Candidates) -> None:
-        want = self.fetch_size(params)
+    def search_live(
+        self, query: np.ndarray, categories: list[str], params: SearchParams, into: Candidates, want: int = 0
+    ) -> None:
+        want = want or self.fetch_size(params)
         for name in categories:
             into.add_live(*into.delta.search(name, query, want))
 
@@ -315,6 +316,7 @@ class SearchEngine:
         results: list[Hit] = []
         image_hits: list[Hit] = []
         seen: set[str] = set()
+        candidates.masked = 0
         for j in np.argsort(-scores, kind="stable"):
             score = float(scores[j])
             if not np.isfinite(score):
@@ -325,6 +327,7 @@ class SearchEngine:
             if row >= 0:
                 hit = Hit(row, score, self.items.get(row))
                 if candidates.delta.masks(str(hit.item["sku"])):
+                    candidates.masked += 1
                     continue  # changed since the version was built: its live rows speak for it
             else:
                 hit = Hit(row, score, candidates.live[-1 - row])
