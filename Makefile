@@ -53,7 +53,7 @@ pytest: $(VENV)/.dev-installed system-deps
 # Every tier: unit, http, process, browser, deploy, data (tests/<tier>/, a marker each).
 test: lint typecheck pytest
 
-# The unit tier only: in-process tests, no servers, browser or dataset (about 20 s here).
+# The unit tier only: in-process tests, no servers, browser or dataset; the catalogue store on SQLite and PostgreSQL (about 80 s here).
 test-quick: $(VENV)/.dev-installed
 	$(BIN)/pytest -q -m unit tests/unit
 

@@ -20,11 +20,12 @@ from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from app.errors import ArtifactError, BuildRefused, CatalogueError, CatalogueUnavailable, ModelNotFound
-from app.service.config import SHIPPED_MODEL_DIR, Settings
+from app.service.config import SHIPPED_MODEL_DIR, Settings, catalogue_database_url
 from app.service.logs import configure_logging
 
 if TYPE_CHECKING:
     from app.catalogue.store import CatalogueStore
+    from app.engine.embedding import OnnxEmbedder
     from app.offline.build.build_index import BuildResult, Limit
     from app.offline.build.compact import CompactResult
     from app.offline.datasets.catalogue import RowProblem
@@ -325,7 +326,7 @@ def build_index_cmd(
     _print_compact(result, store)
 
 
-def _embedder(model_dir: Path, threads: int):  # type: ignore[no-untyped-def]
+def _embedder(model_dir: Path, threads: int) -> OnnxEmbedder:
     from app.engine.embedding import OnnxEmbedder
 
     return OnnxEmbedder(model_dir, intra_op_threads=threads)
@@ -335,11 +336,8 @@ def _store(url: str | None, index_dir: Path) -> CatalogueStore:
     """--catalogue-url, else VPS_CATALOGUE_URL, else the SQLite file the service uses beside the index."""
     from app.catalogue.store import CatalogueStore
 
-    chosen = url or os.environ.get("VPS_CATALOGUE_URL") or f"sqlite:///{(index_dir / 'catalogue.db').absolute()}"
-    if chosen.startswith("postgresql://"):
-        chosen = "postgresql+psycopg://" + chosen.removeprefix("postgresql://")
     index_dir.mkdir(parents=True, exist_ok=True)
-    store = CatalogueStore(chosen)
+    store = CatalogueStore(catalogue_database_url(url or os.environ.get("VPS_CATALOGUE_URL"), index_dir))
     store.create_schema()
     return store
 

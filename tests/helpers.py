@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from app.artifacts.hashing import sha256_file
-from app.engine.embedding import Embedder
+from app.engine.embedding import Embedder, ModelCard
 from app.engine.imaging import Collected
 from app.engine.search import SearchEngine, SearchOutcome, SearchParams
 from app.offline.datasets.catalogue import write_catalogue
@@ -186,3 +187,34 @@ def gated_loader(gate: threading.Event) -> EngineLoader:
         )
 
     return load
+
+
+class DelegatingEmbedder:
+    """A real embedder behind the Embedder port: tests subclass it and change `embed` (count, fail, slow down)."""
+
+    def __init__(self, real: Embedder) -> None:
+        self._real = real
+
+    @property
+    def card(self) -> ModelCard:
+        return self._real.card
+
+    @property
+    def dim(self) -> int:
+        return self._real.dim
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self._real.preprocess(image)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self._real.embed(batch)
+
+
+def catalogue_with_lost_sku(catalogue: Path, tmp_path: Path) -> Path:
+    """The test catalogue plus a SKU whose only photo is corrupt: 19 rows, 7 SKUs, 1 of them lost."""
+    root = tmp_path / "cat"
+    shutil.copytree(catalogue.parent, root)
+    (root / "img" / "jam.jpg").write_bytes(encode(product_image("red-apple", 9))[:200])  # truncated JPEG
+    csv_path = root / "catalogue.csv"
+    csv_path.write_text(csv_path.read_text() + "plum-jam,jam,img/jam.jpg,Plum jam\n")
+    return csv_path

@@ -18,6 +18,16 @@ from typing import Any
 import numpy as np
 
 
+def catalogue_image_url(sku: str, image_id: str) -> str:
+    """Where the service serves an image added through the catalogue API (app/service/http/catalogue.py)."""
+    return f"/v1/products/{sku}/images/{image_id}"
+
+
+def catalogue_image_ref(sku: str, image_id: str) -> str:
+    """The item table's `image` of such an image: it has no path under an images root."""
+    return f"catalogue:{sku}/{image_id}"
+
+
 @dataclass(frozen=True)
 class DeltaImage:
     image_id: str
@@ -115,8 +125,8 @@ def _segments(products: Mapping[str, DeltaProduct | None], categories: set[str])
                 "category": p.category,
                 "title": p.title,
                 "attributes": p.attributes,
-                "image": f"catalogue:{p.sku}/{img.image_id}",
-                "image_url": f"/v1/products/{p.sku}/images/{img.image_id}",
+                "image": catalogue_image_ref(p.sku, img.image_id),
+                "image_url": catalogue_image_url(p.sku, img.image_id),
                 "image_id": img.image_id,
             }
             rows[p.category].append((img.vector, item))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -83,34 +83,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_temperature(temperature: float) -> float:
-    if temperature <= 0 or not np.isfinite(temperature):
-        raise ValueError("temperature must be a positive number")
-    return float(temperature)
+class _SoftmaxRouter:
+    """What both routers share: categories, a temperature over their logits, and the npz they are saved as."""
 
+    kind = ""
+    format = ""
 
-class LinearRouter:
-    kind = "linear"
-
-    def __init__(self, categories: list[str], weights: np.ndarray, bias: np.ndarray, temperature: float) -> None:
-        if weights.shape[0] != len(categories) or bias.shape != (len(categories),):
-            raise ValueError("weights, bias and categories disagree")
+    def __init__(self, categories: list[str], temperature: float) -> None:
+        if temperature <= 0 or not np.isfinite(temperature):
+            raise ValueError("temperature must be a positive number")
         self._categories = list(categories)
-        self._w = np.ascontiguousarray(weights, dtype=np.float32)
-        self._b = bias.astype(np.float32)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = float(temperature)
 
     @property
     def categories(self) -> list[str]:
         return self._categories
 
-    @property
-    def dim(self) -> int:
-        return int(self._w.shape[1])
-
     def logits(self, queries: np.ndarray) -> np.ndarray:
-        out: np.ndarray = np.atleast_2d(queries).astype(np.float32) @ self._w.T + self._b
-        return out
+        raise NotImplementedError
 
     def probabilities(self, query: np.ndarray) -> np.ndarray:
         out: np.ndarray = softmax(self.logits(query)[0] / self.temperature)
@@ -120,23 +110,47 @@ class LinearRouter:
         out: np.ndarray = softmax(self.logits(queries) / self.temperature)
         return out
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
     def save(self, path: Path) -> None:
+        arrays: dict[str, Any] = {  # Any: numpy's stubs type **kwds against savez's allow_pickle keyword
+            "format": np.asarray(self.format),
+            "categories": np.asarray(self._categories, dtype=str),
+            "temperature": np.asarray(self.temperature, dtype=np.float64),
+            **self._arrays(),
+        }
         with path.open("wb") as fh:
-            np.savez(
-                fh,
-                format=np.asarray(LINEAR_FORMAT),
-                categories=np.asarray(self._categories, dtype=str),
-                weights=self._w,
-                bias=self._b,
-                temperature=np.asarray(self.temperature, dtype=np.float64),
-            )
+            np.savez(fh, **arrays)
 
 
-class PrototypeRouter:
+class LinearRouter(_SoftmaxRouter):
+    kind, format = "linear", LINEAR_FORMAT
+
+    def __init__(self, categories: list[str], weights: np.ndarray, bias: np.ndarray, temperature: float) -> None:
+        if weights.shape[0] != len(categories) or bias.shape != (len(categories),):
+            raise ValueError("weights, bias and categories disagree")
+        super().__init__(categories, temperature)
+        self._w = np.ascontiguousarray(weights, dtype=np.float32)
+        self._b = bias.astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self._w.shape[1])
+
+    def logits(self, queries: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.atleast_2d(queries).astype(np.float32) @ self._w.T + self._b
+        return out
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"weights": self._w, "bias": self._b}
+
+
+class PrototypeRouter(_SoftmaxRouter):
     """Nearest-prototype router: `prototypes` (unit rows) grouped by category, category c owning rows
     `offsets[c]:offsets[c + 1]` (every category at least one)."""
 
-    kind = "prototype"
+    kind, format = "prototype", PROTOTYPE_FORMAT
 
     def __init__(self, categories: list[str], prototypes: np.ndarray, offsets: np.ndarray, temperature: float) -> None:
         offsets = np.asarray(offsets, dtype=np.int64)
@@ -144,14 +158,9 @@ class PrototypeRouter:
             raise ValueError("prototype offsets and categories disagree")
         if (np.diff(offsets) < 1).any():
             raise ValueError("every category needs at least one prototype")
-        self._categories = list(categories)
+        super().__init__(categories, temperature)
         self._p = np.ascontiguousarray(prototypes, dtype=np.float32)
         self._offsets = offsets
-        self.temperature = _check_temperature(temperature)
-
-    @property
-    def categories(self) -> list[str]:
-        return self._categories
 
     @property
     def dim(self) -> int:
@@ -167,24 +176,8 @@ class PrototypeRouter:
         out: np.ndarray = np.maximum.reduceat(sims, self._offsets[:-1], axis=1)
         return out
 
-    def probabilities(self, query: np.ndarray) -> np.ndarray:
-        out: np.ndarray = softmax(self.logits(query)[0] / self.temperature)
-        return out
-
-    def predict_proba(self, queries: np.ndarray) -> np.ndarray:
-        out: np.ndarray = softmax(self.logits(queries) / self.temperature)
-        return out
-
-    def save(self, path: Path) -> None:
-        with path.open("wb") as fh:
-            np.savez(
-                fh,
-                format=np.asarray(PROTOTYPE_FORMAT),
-                categories=np.asarray(self._categories, dtype=str),
-                prototypes=self._p,
-                offsets=self._offsets,
-                temperature=np.asarray(self.temperature, dtype=np.float64),
-            )
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"prototypes": self._p, "offsets": self._offsets}
 
 
 def load_router(path: Path) -> LinearRouter | PrototypeRouter:

@@ -130,7 +130,8 @@ class Candidates:
 
 
 class SearchEngine:
-    """Everything one index version needs to answer queries. Immutable once built; safe across threads."""
+    """Everything one index version needs to answer queries. Immutable once built but for `delta`, a reference to an
+    immutable snapshot that the catalogue follower replaces whole (a request reads it once); safe across threads."""
 
     def __init__(
         self,

@@ -145,11 +145,14 @@ def warm_up(engine: SearchEngine, queries: int) -> None:
         engine.search_image(buf.getvalue(), resolve_params(engine.manifest, k=5))
 
 
-def open_catalogue(
-    settings: Settings, metrics: Metrics, after_sync: Callable[[SearchEngine], None] | None = None
-) -> CatalogueFollower:
-    """The catalogue database and its follower. A database that cannot be reached at start-up does not stop the
-    service: writes answer 503 and the follower keeps trying (it creates the schema once the database answers)."""
+def open_catalogue(settings: Settings, metrics: Metrics, reload: Callable[[], None] | None) -> CatalogueFollower:
+    """The catalogue database and its follower (with automatic compaction past VPS_COMPACT_ABOVE, reloading here
+    through `reload`). A database that cannot be reached at start-up does not stop the service: writes answer 503
+    and the follower keeps trying (it creates the schema once the database answers)."""
+    store = CatalogueStore(settings.catalogue_database_url())
+    compactor = None
+    if settings.compact_above > 0 and reload is not None:
+        compactor = AutoCompactor(settings, store, metrics, reload)
 
     def observe(engine: SearchEngine | None, status: SyncStatus) -> None:
         metrics.sync_lag.set(status.lag_s)
@@ -157,33 +160,23 @@ def open_catalogue(
             metrics.sync_failures.inc()
         if engine is not None:
             metrics.delta_items.set(engine.delta.n_items)
-            if after_sync is not None:
-                after_sync(engine)
+            if compactor is not None:
+                compactor.maybe(engine)
 
-    store = CatalogueStore(settings.catalogue_database_url())
     follower = CatalogueFollower(store, settings.sync_s, observe, max_delta_skus=settings.max_delta_skus)
     if not follower.open():
         log.error("catalogue database unavailable at start-up: writes are refused until it answers")
     return follower
 
 
-def compactor_for(state: AppState) -> Callable[[SearchEngine], None] | None:
-    """Automatic compaction for this process (VPS_COMPACT_ABOVE), reloading here when it publishes a version."""
-    if state.settings.compact_above <= 0 or state.reloader is None:
-        return None
-    loop, reloader = asyncio.get_running_loop(), state.reloader
-    holder: list[AutoCompactor] = []
+def reload_from_thread(reloader: IndexReloader) -> Callable[[], None]:
+    """A reload of CURRENT's version that a background thread can call (it waits for the event loop's reload)."""
+    loop = asyncio.get_running_loop()
 
     def reload() -> None:
         asyncio.run_coroutine_threadsafe(reloader.reload(only_if_changed=True), loop).result(timeout=600)
 
-    def after_sync(engine: SearchEngine) -> None:
-        if not holder and state.catalogue is not None:
-            holder.append(AutoCompactor(state.settings, state.catalogue.store, state.metrics, reload))
-        if holder:
-            holder[0].maybe(engine)
-
-    return after_sync
+    return reload
 
 
 def start_threads(state: AppState) -> None:
@@ -219,7 +212,8 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
-        state.catalogue = await anyio.to_thread.run_sync(open_catalogue, settings, metrics, compactor_for(state))
+        reload = reload_from_thread(reloader)
+        state.catalogue = await anyio.to_thread.run_sync(open_catalogue, settings, metrics, reload)
         # A refused model or index: never ready; one log line names the file and both values. The watch and
         # /admin/reload can still bring a good version in.
         outcome = await reloader.reload()

@@ -16,6 +16,14 @@ from app.engine.search import FILL_MAX_PROBES, OVERFETCH
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "grocery-lite0-ms512"
 
 
+def catalogue_database_url(url: str | None, index_dir: Path) -> str:
+    """The catalogue database the service and the CLI use: `url`, else the SQLite file beside the index."""
+    if url is None:
+        return f"sqlite:///{(index_dir / 'catalogue.db').absolute()}"
+    # A bare postgresql:// would pick psycopg2, which is not installed: psycopg 3 is.
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPS_", extra="forbid", frozen=True)
 
@@ -121,11 +129,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
     def catalogue_database_url(self) -> str:
-        if self.catalogue_url is None:
-            return f"sqlite:///{(self.index_dir / 'catalogue.db').absolute()}"
-        url = self.catalogue_url.get_secret_value()
-        # A bare postgresql:// would pick psycopg2, which is not installed: psycopg 3 is.
-        return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+        return catalogue_database_url(
+            self.catalogue_url.get_secret_value() if self.catalogue_url is not None else None, self.index_dir
+        )
 
     @model_validator(mode="after")
     def _catalogue_url_is_supported(self) -> Settings:

@@ -16,35 +16,24 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from app.engine.embedding import Embedder, ModelCard, OnnxEmbedder
+from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.search import SearchEngine
 from app.service.app import create_app
 from app.service.config import Settings
 from app.service.engines import load_engine
 from app.service.lifecycle import EngineLoader
 from app.service.state import AppState
-from tests.helpers import encode, live_server, make_tiny_model, product_image
+from tests.helpers import DelegatingEmbedder, encode, live_server, make_tiny_model, product_image
 
 
-class FaultyEmbedder:
+class FaultyEmbedder(DelegatingEmbedder):
     """The real tiny model, with one fault switched on: raise, return NaN, or take `delay_s` per call."""
 
     def __init__(self, real: Embedder, fault: str, delay_s: float = 0.0) -> None:
-        self._real, self.fault, self.delay_s = real, fault, delay_s
+        super().__init__(real)
+        self.fault, self.delay_s = fault, delay_s
         self.calls_finished = 0
-
-    @property
-    def card(self) -> ModelCard:
-        return self._real.card
-
-    @property
-    def dim(self) -> int:
-        return self._real.dim
-
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return self._real.preprocess(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         try:

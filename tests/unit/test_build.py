@@ -13,7 +13,7 @@ from app.artifacts.manifest import read_manifest, resolve_current
 from app.errors import BuildRefused, CatalogueError
 from app.offline.build.build_index import REFUSED_REPORT, BuildOptions, Limit, build_index
 from app.offline.datasets.catalogue import read_catalogue
-from tests.helpers import encode, product_image
+from tests.helpers import catalogue_with_lost_sku
 
 
 def test_bad_rows_are_reported_and_counted(catalogue: Path, tiny_model: Path, tmp_path: Path) -> None:
@@ -99,21 +99,11 @@ def test_published_files_are_read_only(faiss_index: Path) -> None:
     assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)
 
 
-def _with_lost_sku(catalogue: Path, tmp_path: Path) -> Path:
-    """The test catalogue plus a SKU whose only photo is corrupt: 19 rows, 7 SKUs, 1 of them lost."""
-    root = tmp_path / "cat"
-    shutil.copytree(catalogue.parent, root)
-    (root / "img" / "jam.jpg").write_bytes(encode(product_image("red-apple", 9))[:200])  # truncated JPEG
-    csv_path = root / "catalogue.csv"
-    csv_path.write_text(csv_path.read_text() + "plum-jam,jam,img/jam.jpg,Plum jam\n")
-    return csv_path
-
-
 def test_a_build_that_would_lose_a_sku_publishes_nothing(catalogue: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     first = build_index(catalogue, catalogue.parent, out, tiny_model, BuildOptions(progress=False))
     before = sorted(p.name for p in out.iterdir())
-    csv_path = _with_lost_sku(catalogue, tmp_path)
+    csv_path = catalogue_with_lost_sku(catalogue, tmp_path)
     # One failed image is within the image limit given here: the lost SKU alone refuses the build.
     options = BuildOptions(progress=False, max_failed_images=Limit(count=2))
     with pytest.raises(BuildRefused, match=r"1 of 7 SKUs would lose every image \(--max-lost-skus 0\): plum-jam") as e:
@@ -128,7 +118,7 @@ def test_a_build_that_would_lose_a_sku_publishes_nothing(catalogue: Path, tiny_m
 
 def test_allowed_losses_are_published_and_reported(catalogue: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
-    csv_path = _with_lost_sku(catalogue, tmp_path)
+    csv_path = catalogue_with_lost_sku(catalogue, tmp_path)
     options = BuildOptions(progress=False, max_lost_skus=Limit(count=1), max_failed_images=Limit(fraction=0.1))
     result = build_index(csv_path, csv_path.parent, out, tiny_model, options)
     assert resolve_current(out) == result.version_dir

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 from app.cli import EXIT_ARTIFACT, EXIT_INPUT, EXIT_REFUSED, EXIT_USAGE, cli, fmt
 from app.service.config import SHIPPED_MODEL_DIR
-from tests.helpers import encode, product_image
+from tests.helpers import catalogue_with_lost_sku
 
 VPS = str(Path(sys.executable).with_name("vps"))
 
@@ -110,16 +109,6 @@ def test_no_default_model_says_where_it_looked(
     assert f"the shipped model is not at {tmp_path / 'nowhere'}" in line and "VPS_MODEL_DIR" in line
 
 
-def _catalogue_with_lost_sku(catalogue: Path, tmp_path: Path) -> Path:
-    """The test catalogue plus a SKU whose only photo is corrupt."""
-    root = tmp_path / "cat"
-    shutil.copytree(catalogue.parent, root)
-    (root / "img" / "jam.jpg").write_bytes(encode(product_image("red-apple", 9))[:200])  # truncated JPEG
-    csv_path = root / "catalogue.csv"
-    csv_path.write_text(csv_path.read_text() + "plum-jam,jam,img/jam.jpg,Plum jam\n")
-    return csv_path
-
-
 def test_a_lost_sku_refuses_the_build_and_keeps_current(catalogue: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     good = vps("build-index", "--catalogue", catalogue, "--images-root", catalogue.parent, "--model", tiny_model,
@@ -127,7 +116,7 @@ def test_a_lost_sku_refuses_the_build_and_keeps_current(catalogue: Path, tiny_mo
     assert good.exit_code == 0, good.output
     assert "indexed 18 of 18 images and 6 of 6 SKUs in 3 categories; 0 images skipped, 0 SKUs lost" in good.stdout
     current = (out / "CURRENT").read_text()
-    csv_path = _catalogue_with_lost_sku(catalogue, tmp_path)
+    csv_path = catalogue_with_lost_sku(catalogue, tmp_path)
     args: list[str | Path] = ["build-index", "--catalogue", csv_path, "--images-root", csv_path.parent,
                               "--model", tiny_model, "--out", out]  # fmt: skip
 

@@ -14,37 +14,27 @@ from PIL import Image
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import earlier_versions, read_manifest, resolve_current
 from app.catalogue.store import CatalogueStore, NewImage, sha256_of
-from app.engine.embedding import Embedder, ModelCard, OnnxEmbedder
+from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.search import resolve_params
 from app.offline.build.build_index import BuildOptions
 from app.offline.build.compact import compact, import_catalogue, prune
 from app.service.config import Settings
 from app.service.engines import load_engine
-from tests.helpers import encode
+from tests.helpers import DelegatingEmbedder, encode
 
 OPTIONS = BuildOptions(M=8, ef_construction=40, progress=False)
 
 
-class CountingEmbedder:
+class CountingEmbedder(DelegatingEmbedder):
     """The real tiny model, counting the images it embeds (the port the build takes)."""
 
     def __init__(self, real: Embedder) -> None:
-        self._real, self.images = real, 0
-
-    @property
-    def card(self) -> ModelCard:
-        return self._real.card
-
-    @property
-    def dim(self) -> int:
-        return self._real.dim
-
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return self._real.preprocess(image)
+        super().__init__(real)
+        self.images = 0
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         self.images += len(batch)
-        return self._real.embed(batch)
+        return super().embed(batch)
 
 
 @pytest.fixture

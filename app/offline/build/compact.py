@@ -25,6 +25,7 @@ import numpy as np
 
 from app.artifacts.manifest import Manifest, earlier_versions, read_manifest, resolve_current
 from app.catalogue.store import CatalogueStore, ImportImage, ImportProduct, ImportResult, ProductState
+from app.engine.delta import catalogue_image_ref, catalogue_image_url
 from app.engine.embedding import Embedder, decode_side
 from app.errors import ArtifactError, CatalogueError, ServiceError
 from app.offline.build.build_index import (
@@ -191,11 +192,11 @@ def _rows_and_vectors(
                     line=0,
                     sku=p.sku,
                     category=p.category,
-                    image=img.ref or f"catalogue:{p.sku}/{img.image_id}",
+                    image=img.ref or catalogue_image_ref(p.sku, img.image_id),
                     title=p.title,
                     attributes=p.attributes,
                     sha256=img.sha256,
-                    image_url=f"/v1/products/{p.sku}/images/{img.image_id}" if api else None,
+                    image_url=catalogue_image_url(p.sku, img.image_id) if api else None,
                 )
             )
             vectors.append(vector[None])

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from app.catalogue.follow import CatalogueFollower
 from app.catalogue.store import NewImage, ProductState, sha256_of
+from app.engine.delta import catalogue_image_url
 from app.engine.imaging import sniff_format
 from app.engine.search import SearchEngine
 from app.errors import CatalogueUnavailable, ImageNotFound, IndexNotFromCatalogue
@@ -153,8 +154,9 @@ async def delete_product(sku: SKU, state: State, follower: Follower) -> WriteOut
 @catalogue.get("/{sku}", response_model=ProductOut, responses=_ERRORS, dependencies=ADMIN)
 async def get_product(sku: SKU, follower: Follower) -> ProductOut:
     p: ProductState = await anyio.to_thread.run_sync(follower.store.get_product, sku)
-    url = f"/v1/products/{sku}/images/"
-    images = [ImageOut(image_id=i.image_id, sha256=i.sha256, url=url + i.image_id) for i in p.images]
+    images = [
+        ImageOut(image_id=i.image_id, sha256=i.sha256, url=catalogue_image_url(sku, i.image_id)) for i in p.images
+    ]
     return ProductOut(sku=p.sku, category=p.category, title=p.title, attributes=p.attributes, images=images, seq=p.seq)
 
 
