@@ -60,6 +60,27 @@ class UnknownCategory(ServiceError):
     code, status, message = "unknown_category", 422, "unknown category"
 
 
+class InvalidRegion(ServiceError):
+    code, status, message = (
+        "invalid_bbox",
+        422,
+        "bbox must be x1,y1,x2,y2 with x1 < x2 and y1 < y2 inside the photo (pixels, or fractions 0..1 with "
+        "bbox_units=fraction)",
+    )
+
+
+class InvalidFilter(ServiceError):
+    code, status, message = "invalid_filter", 422, "the filter expression cannot be parsed"
+
+
+class UnknownFilterKey(ServiceError):
+    code, status, message = "unknown_filter_key", 422, "the filter names a key the index does not hold"
+
+
+class TooManyImages(ServiceError):
+    code, status, message = "too_many_images", 422, "a batch holds at most 16 images"
+
+
 class Unauthorized(ServiceError):
     code, status, message = "unauthorized", 401, "a bearer token is required"
 
