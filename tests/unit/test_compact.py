@@ -16,7 +16,7 @@ from app.artifacts.manifest import earlier_versions, read_manifest, resolve_curr
 from app.catalogue.store import CatalogueStore, NewImage, sha256_of
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.search import resolve_params
-from app.offline.build.build_index import BuildOptions
+from app.offline.build.build_index import BuildOptions, embed_calibration, read_calibration
 from app.offline.build.compact import compact, import_catalogue, prune
 from app.service.config import Settings
 from app.service.engines import load_engine
@@ -137,3 +137,25 @@ def test_prune_keeps_current_and_the_newest_rollbacks(
     assert len(removed) == 2 and current not in removed
     assert {d.name for d in out.iterdir() if d.is_dir()} == {current, newest_earlier}
     assert read_manifest(resolve_current(out)).version == current
+
+
+def test_compaction_calibrates_on_the_builds_query_photos_again(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    """A compaction has no query photos: the ones the import was calibrated on travel in the version."""
+    out = tmp_path / "index"
+    calibration = embed_calibration(catalogue, catalogue.parent, embedder, OPTIONS)
+    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, OPTIONS, calibration=calibration)
+    assert first.built is not None
+    assert first.built.manifest.router_report["calibration_source"] == "calibration query photos"
+    store.put_product("magenta-soap", "soap", "Magenta soap", {})
+    data = _magenta(1)
+    vector = embedder.embed(embedder.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))[None])[0]
+    store.add_images("magenta-soap", [NewImage(sha256_of(data), data, vector)], embedder.card.sha256)
+    result = compact(store, out, embedder, OPTIONS)
+    assert result.built is not None
+    assert result.built.manifest.router_report["calibration_source"] == "calibration query photos"
+    assert "calibration.npz" in result.built.manifest.files  # verified on load like every other file
+    again = read_calibration(resolve_current(out), embedder.card.sha256)
+    assert again is not None and again[0].shape == calibration[0].shape
+    assert read_calibration(resolve_current(out), "another-model") is None

@@ -493,6 +493,8 @@ def _write_version(
     grouped = _group_by_category(vectors, rows)
     entries = _write_shards(vdir, grouped, options)
     report = _write_router(vdir, grouped, embedder, options, calibration, training_digests)
+    if calibration is not None:
+        write_calibration(vdir / CALIBRATION_FILE, calibration, embedder.card.sha256)
     item_rows: list[dict[str, Any]] = [
         {"sku": r.sku, "category": r.category, "image": r.image, "title": r.title, "attributes": r.attributes}
         | ({"image_url": r.image_url} if r.image_url else {})
@@ -504,6 +506,41 @@ def _write_version(
     manifest = _manifest(vdir, grouped, entries, report, embedder, options, total=total, failed=len(problems))
     write_manifest(vdir, manifest)
     return manifest
+
+
+CALIBRATION_FILE = "calibration.npz"
+
+
+def write_calibration(path: Path, calibration: tuple[np.ndarray, list[CatalogueRow]], model: str) -> None:
+    """The calibration queries' vectors and rows, kept in the version so that a compaction (`vps compact`, which
+    has no query photos) calibrates the router on them again instead of falling back to held-out catalogue
+    photos."""
+    vectors, rows = calibration
+    np.savez(
+        path,
+        vectors=np.asarray(vectors, dtype=np.float32),
+        skus=np.asarray([r.sku for r in rows], dtype=str),
+        images=np.asarray([r.image for r in rows], dtype=str),
+        sha256=np.asarray([r.sha256 for r in rows], dtype=str),
+        model=np.asarray(model),
+    )
+
+
+def read_calibration(version_dir: Path, model: str) -> tuple[np.ndarray, list[CatalogueRow]] | None:
+    """A version's calibration queries, when it has them and they were embedded by `model` (None otherwise: a
+    compaction with another model has no vectors for them and says so)."""
+    path = version_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["model"]) != model:
+            log.warning("calibration queries of the live version not used: embedded by another model")
+            return None
+        rows = [
+            CatalogueRow(line=i + 2, sku=str(sku), category="", image=str(image), sha256=str(digest))
+            for i, (sku, image, digest) in enumerate(zip(z["skus"], z["images"], z["sha256"], strict=True))
+        ]
+        return np.asarray(z["vectors"], dtype=np.float32), rows
 
 
 def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Grouped:

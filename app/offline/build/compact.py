@@ -37,6 +37,7 @@ from app.offline.build.build_index import (
     coverage_of,
     embed_catalogue,
     publish_vectors,
+    read_calibration,
 )
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
@@ -103,6 +104,9 @@ def compact(
     head = store.head()
     if live is not None and not force and _holds(live, store.catalogue_id(), head, model, options):
         return CompactResult(head, None, live.version)  # decided before reading the catalogue
+    if calibration is None and live is not None:
+        # A scheduled or automatic compaction has no query photos: the build's, kept in the live version.
+        calibration = read_calibration(resolve_current(out_dir), model)
     seq, products = store.snapshot(model)
     rows, vectors = _rows_and_vectors(products, store, embedder, images_root)
     if not rows:
