@@ -784,6 +784,7 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 str(v.delta_items): delta_scans(v, data.queries[:300], prm) for v in variants if v.name != "compacted"
             },
         }
+        results[name]["requests"] = measure_requests(variants, data.queries, prm, args.requests)
         if args.profile:
             results[name]["profile"] = profile_search(variants, data.queries, prm, 10_000)
     base.delta = Delta.empty(base.delta.base_seq)
@@ -852,6 +853,43 @@ def measure(variants: list[Variant], queries: np.ndarray, params: SearchParams, 
                     if p == 0:
                         v.top.append([str(h.item["sku"]) for h in outcome.results])
                 v.block_p50.append(float(np.median(v.lat[start:])))
+
+
+def measure_requests(variants: list[Variant], queries: np.ndarray, params: SearchParams, n: int) -> dict[str, Any]:
+    """What a search request costs in process: decode and embed a demo photo (the shipped model), then search.
+    The search is of the synthetic query in place of the photo's embedding, which the synthetic router knows
+    nothing of: the same shards and delta rows as the stage measured above. Per delta size, base + delta and
+    compacted take turns query by query (the order alternating); ratios of medians and the median of the
+    per-query ratios."""
+    photos = demo_photos()
+    out: dict[str, Any] = {}
+    by_size: dict[int, dict[str, Variant]] = {}
+    for v in variants:
+        if v.delta_items:
+            by_size.setdefault(v.delta_items, {})[v.name] = v
+    for d, pair in sorted(by_size.items()):
+        if len(pair) < 2:
+            continue
+        lat: dict[str, list[float]] = {"base + delta": [], "compacted": []}
+        for i in range(n):
+            order = ["base + delta", "compacted"] if i % 2 == 0 else ["compacted", "base + delta"]
+            for name in order:
+                v = pair[name]
+                v.engine.delta = v.delta
+                t0 = time.perf_counter()
+                v.engine.embed_image(photos[i % len(photos)])
+                v.engine.search_vector(queries[i % len(queries)], params)
+                lat[name].append(time.perf_counter() - t0)
+        ratios = np.asarray(lat["base + delta"]) / np.asarray(lat["compacted"])
+        out[str(d)] = {
+            "requests": n,
+            "compacted": summary(lat["compacted"]),
+            "base_plus_delta": summary(lat["base + delta"]),
+            "p50_ratio": round(pct(lat["base + delta"], 50) / pct(lat["compacted"], 50), 3),
+            "paired_ratio_median": round(float(np.median(ratios)), 3),
+        }
+        print(json.dumps({"requests": d, **out[str(d)]}), flush=True)
+    return out
 
 
 def variant_rows(variants: list[Variant], n_base: int) -> list[dict[str, Any]]:
@@ -969,6 +1007,22 @@ def search_markdown(s: dict[str, Any]) -> list[str]:
                 f"{row['top1_same_as_compacted']} | "
                 f"{row['top10_overlap_with_compacted']} |"
             )
+        if r.get("requests"):
+            lines += [
+                "",
+                "Search requests in process (decode + embed a demo photo with the shipped model, then the search "
+                "above), base + delta and compacted taking turns request by request:",
+                "",
+                "| delta items | requests | compacted p50 / p99 ms | base + delta p50 / p99 ms | p50 ratio | "
+                "median of per-request ratios |",
+                "|---|---|---|---|---|---|",
+            ]
+            for d, q in r["requests"].items():
+                c, b = q["compacted"], q["base_plus_delta"]
+                lines.append(
+                    f"| {int(d):,} | {q['requests']} | {c['p50_ms']} / {c['p99_ms']} | {b['p50_ms']} / {b['p99_ms']} "
+                    f"| {q['p50_ratio']} | {q['paired_ratio_median']} |"
+                )
         if r.get("profile"):
             lines += ["", "cProfile of the 10k-delta searches (own time):", "", "```", r["profile"].strip(), "```"]
     lines.append("")
@@ -991,6 +1045,14 @@ def search_markdown(s: dict[str, Any]) -> list[str]:
             f"timed alone; the other {extra - scan['ms']:+.3f} ms are spent around them (the base shards' search "
             "with a non-empty delta, the live candidates)."
         )
+        req = r.get("requests", {}).get("10000")
+        if req:
+            worst_req = max(req["p50_ratio"], req["paired_ratio_median"])
+            lines.append(
+                f"  A whole search request (decode + embed + search), {name} routing: x{req['p50_ratio']} at p50, "
+                f"x{req['paired_ratio_median']} request by request: "
+                + ("within 10 %." if worst_req <= 1.10 else "**more than 10 %**.")
+            )
     lines += [
         "",
         "What the follower pays per sync to fold one changed SKU into the delta (`Delta.applied`, one new image in a "
@@ -1082,6 +1144,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=50, help="queries per interleaved block")
     ap.add_argument("--warmup", type=int, default=50, help="queries per variant before measuring")
     ap.add_argument("--fold-reps", type=int, default=30)
+    ap.add_argument("--requests", type=int, default=300, help="search requests (decode+embed+search) per variant")
     ap.add_argument("--M", type=int, default=BuildOptions.M)
     ap.add_argument("--ef-construction", type=int, default=BuildOptions.ef_construction)
     ap.add_argument("--profile", action="store_true", help="cProfile the 10k-delta searches into the report")
