@@ -71,6 +71,7 @@ class Manifest(BaseModel):
     router: str = "router.npz"
     items: str = "items.jsonl"
     item_offsets: str = "items.offsets.npy"
+    attributes: str | None = None  # the attribute columns (app/artifacts/attributes.py); None: built before them
     category_source: Literal["catalogue", "kmeans"] = "catalogue"
     probe_mass: float = Field(gt=0.0, le=1.0)
     max_probes: int = Field(ge=1)
@@ -129,6 +130,7 @@ def verify_files(version_dir: Path, manifest: Manifest, remembered: VerifiedFile
     With `remembered`, a file whose identity is the one recorded when it last hashed to the manifest's sha256
     is not read again (app/artifacts/verified.py); the record is updated after a pass."""
     referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
+    referenced |= {manifest.attributes} if manifest.attributes else set()
     missing = referenced - manifest.files.keys()
     if missing:
         raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")

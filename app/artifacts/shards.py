@@ -31,10 +31,22 @@ class ShardIndex(Protocol):
         """All stored vectors in id order (for evaluation against exact search)."""
         ...
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of local ids `ids` (a filter's exact scan over its few matching rows)."""
+        ...
+
+    def search_subset(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search` returning only local ids where `allowed` (bool, one per id) is true; the graph walk is as
+        wide as `ef_search`."""
+        ...
+
 
 class FaissHnswShard:
     def __init__(self, index: faiss.Index) -> None:
         self._index = index
+        self._view: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswShard:
@@ -78,6 +90,32 @@ class FaissHnswShard:
     def vectors(self) -> np.ndarray:
         out: np.ndarray = self._index.reconstruct_n(0, self.ntotal)
         return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._stored()[ids]
+        return out
+
+    def _stored(self) -> np.ndarray:
+        """The flat storage's vectors as a read-only view of the (memory-mapped) index: no copy. The view lives
+        no longer than this object, which owns the index."""
+        view = self._view
+        if view is None:
+            storage = faiss.downcast_index(self._index.storage)  # type: ignore[attr-defined]
+            n, d = self.ntotal, self.dim
+            view = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
+            view.setflags(write=False)
+            self._view = view
+        return view
+
+    def search_subset(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search, k))  # type: ignore[attr-defined]
+        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        del bits
+        return scores, ids
 
 
 class HnswlibShard:
@@ -128,6 +166,27 @@ class HnswlibShard:
 
     def vectors(self) -> np.ndarray:
         return np.asarray(self._index.get_items(list(range(self.ntotal))), dtype=np.float32)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self._index.get_items([int(i) for i in ids]), dtype=np.float32)
+
+    def search_subset(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        kk = min(k, int(np.count_nonzero(allowed)))
+        if kk == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        # hnswlib calls a Python predicate per visited node: slow, but the faiss backend is the default. Its ef
+        # is one setting of the whole index, shared by concurrent searches: the load's stays (ef_search unused).
+        labels, distances = self._index.knn_query(
+            np.ascontiguousarray(queries, dtype=np.float32), k=kk, filter=lambda i: bool(allowed[i])
+        )
+        scores = (1.0 - distances).astype(np.float32)
+        ids = labels.astype(np.int64)
+        if kk < k:
+            scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        return scores, ids
 
 
 def build_shard(backend: Backend, vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.artifacts.attributes import AttributeIndex
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import read_manifest, resolve_current, safe_join, verify_files
 from app.artifacts.shards import load_shard
@@ -93,6 +94,8 @@ def load_version(version_dir: Path, embedder: Embedder, options: EngineOptions =
     if len(items) != manifest.n_items:
         raise ArtifactError(f"item table: rows expected {manifest.n_items} (manifest), got {len(items)}")
 
+    attributes = AttributeIndex.load(version_dir, manifest.attributes, manifest.n_items, manifest.files.keys())
+
     shards: list[Shard] = []
     for entry in manifest.categories:
         path = safe_join(version_dir, entry.shard)
@@ -110,9 +113,11 @@ def load_version(version_dir: Path, embedder: Embedder, options: EngineOptions =
         router=router,
         shards=shards,
         items=items,
+        attributes=attributes,
         manifest=manifest,
         max_image_pixels=options.max_image_pixels,
         overfetch=options.overfetch,
         max_decode_bytes=options.max_decode_bytes,
         decode_budget=options.decode_budget,
+        ef_search=options.ef_search or manifest.build.ef_search,
     )

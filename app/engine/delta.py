@@ -11,7 +11,7 @@ version before it grows large.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,14 +104,22 @@ class Delta:
         at = {**self.changed_at, **(changed_at or dict.fromkeys(updates, seq))}
         return Delta(self.base_seq, seq, synced_at, products, segments, at)
 
-    def search(self, category: str, query: np.ndarray, want: int) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """The category segment's best `want` images for one query (items, scores), exact."""
+    def search(
+        self, category: str, query: np.ndarray, want: int, keep: Callable[[dict[str, Any]], bool] | None = None
+    ) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """The category segment's best `want` images for one query (items, scores), exact; with `keep` (a
+        filter), only the items it keeps."""
         seg = self.segments.get(category)
         if seg is None:
             return [], np.empty(0, dtype=np.float32)
-        scores = seg.vectors @ query.reshape(-1)
+        if keep is None:
+            vectors, items = seg.vectors, seg.items
+        else:
+            kept = [i for i, item in enumerate(seg.items) if keep(item)]
+            vectors, items = seg.vectors[kept], tuple(seg.items[i] for i in kept)
+        scores = vectors @ query.reshape(-1)
         top = np.argpartition(-scores, want - 1)[:want] if len(scores) > want else np.arange(len(scores))
-        return [seg.items[i] for i in top], scores[top].astype(np.float32)
+        return [items[i] for i in top], scores[top].astype(np.float32)
 
 
 def _segments(products: Mapping[str, DeltaProduct | None], categories: set[str]) -> dict[str, Segment]:

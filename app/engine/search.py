@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from app.artifacts.attributes import AttributeIndex
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import Manifest
 from app.artifacts.shards import ShardIndex
 from app.engine.delta import Delta
 from app.engine.embedding import Embedder, decode_side
+from app.engine.filters import CompiledFilter, compile_filter, parse_filter
 from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, collect_warnings, decode_image
 from app.engine.routing import Probe, Router, select_probes
 from app.errors import InternalError, UnknownCategory
@@ -25,6 +29,15 @@ OVERFETCH = 4  # images fetched per wanted SKU before grouping (the service's de
 # so a k above that searches all 43); an explicit min_score can make every shard come up short, hence a bound.
 FILL_MAX_PROBES = 64
 MAX_MASKED_FETCH = 4096  # rows a shard is asked for at most when masked rows crowd its answer
+MAX_OFFSET = 499  # paging: results offset..offset+k of one ranking (Alibaba's Start is 0..499)
+# Filtered search, by selectivity (docs/bench/bench_filters.md): a shard whose matching rows are few, or a small
+# share of it, is scanned exactly (the rows' vectors read from the memory-mapped index); otherwise its graph is
+# walked with the filter, as wide as ef_search / share (at most MAX_FILTER_EF), since a narrow walk over a graph
+# whose nodes mostly fail the filter returns too few of the right ones.
+EXACT_FILTER_ROWS = 4096
+EXACT_FILTER_SHARE = 0.02
+MAX_FILTER_EF = 2048
+FILTER_CACHE = 32  # compiled filters kept per engine (a shop sends the same few again and again)
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,13 @@ class SearchParams:
     explain: bool = False
     open_set: bool = False  # apply the manifest's per-category thresholds (an explicit min_score overrides)
     fill_max_probes: int = FILL_MAX_PROBES  # shards added to fill k, at most (0: never fill)
+    filter: str | None = None  # app/engine/filters.py
+    offset: int = 0  # paging: results offset .. offset + k of the same ranking
+
+    @property
+    def depth(self) -> int:
+        """How many SKUs the ranking needs: the page's and those before it."""
+        return self.offset + self.k
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,8 @@ def resolve_params(
     probe_mass: float | None = None,
     max_probes: int | None = None,
     explain: bool = False,
+    filter: str | None = None,
+    offset: int = 0,
 ) -> SearchParams:
     """The one rule for which value wins: the request's, else the deployment's default, else the build's."""
     return SearchParams(
@@ -72,6 +94,8 @@ def resolve_params(
         explain=explain,
         open_set=defaults.open_set,
         fill_max_probes=defaults.fill_max_probes,
+        filter=filter or None,
+        offset=offset,
     )
 
 
@@ -116,6 +140,7 @@ class Candidates:
     (< 0: row -1 - i is `live[i]`), with their scores; `delta` is the one snapshot the whole request reads."""
 
     delta: Delta
+    filter: CompiledFilter | None = None
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     live: list[dict[str, Any]] = field(default_factory=list)
@@ -145,6 +170,8 @@ class SearchEngine:
         overfetch: int,
         max_decode_bytes: int = MAX_DECODE_BYTES,
         decode_budget: DecodeBudget | None = None,
+        attributes: AttributeIndex | None = None,
+        ef_search: int | None = None,
     ) -> None:
         self.embedder = embedder
         self.router = router
@@ -160,12 +187,33 @@ class SearchEngine:
         # Live catalogue changes after the version's sequence number: replaced whole by the follower
         # (app/catalogue/follow.py); a request reads the reference once.
         self.delta = Delta.empty(manifest.catalogue_seq or 0)
+        self.attributes = attributes or AttributeIndex.empty(len(items))
+        self.ef_search = ef_search or 64  # the shards' efSearch (assemble passes it; 64 is faiss's default)
+        self.exact_filter_rows = EXACT_FILTER_ROWS  # a shard with at most this many matching rows is scanned
+        self._filters: OrderedDict[str, CompiledFilter] = OrderedDict()
+        self._filters_lock = threading.Lock()
 
     def category_id(self, name: str) -> int:
         try:
             return self._category_index[name]
         except KeyError:
             raise UnknownCategory("unknown category; GET /v1/info lists the categories of the live index") from None
+
+    def compile_filter(self, text: str) -> CompiledFilter:
+        """The filter as a mask over this version's rows (parse and key errors: 422), cached by its text."""
+        with self._filters_lock:
+            hit = self._filters.get(text)
+            if hit is not None:
+                self._filters.move_to_end(text)
+                return hit
+        compiled = compile_filter(
+            parse_filter(text), self.attributes, self.categories, [(s.offset, s.index.ntotal) for s in self.shards]
+        )
+        with self._filters_lock:
+            self._filters[text] = compiled
+            while len(self._filters) > FILTER_CACHE:
+                self._filters.popitem(last=False)
+        return compiled
 
     def check_category(self, name: str, delta: Delta) -> None:
         if name not in self._category_index and name not in delta.segments:
@@ -193,6 +241,8 @@ class SearchEngine:
     def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
         if params.category is not None:
             self.check_category(params.category, self.delta)  # reject an unknown category before inference
+        if params.filter is not None:
+            self.compile_filter(params.filter)  # and a bad filter (compiled once: the search finds it cached)
         vector, timings = self.embed_image(data, warnings)
         outcome = self.search_vector(vector, params)
         outcome.timings_s = {**timings, **outcome.timings_s}
@@ -205,7 +255,8 @@ class SearchEngine:
         open-set threshold."""
         query = np.ascontiguousarray(vector[None], dtype=np.float32)
         clock = _Clock()
-        candidates = Candidates(self.delta)
+        flt = self.compile_filter(params.filter) if params.filter is not None else None
+        candidates = Candidates(self.delta, flt)
         probs, probes, live = self.route(vector, params, candidates.delta)
         clock.lap("route")
         self.search(query, probes, params, candidates)
@@ -214,18 +265,18 @@ class SearchEngine:
         results, image_hits = self.group(candidates, params)
         clock.lap("group")
         want = self.fetch_size(params)
-        while candidates.masked and len(results) < params.k and want < MAX_MASKED_FETCH:
+        while candidates.masked and len(results) < params.depth and want < MAX_MASKED_FETCH:
             # Rows of SKUs changed since the version filled the fetch (a SKU moved away with many photos): the
             # same shards again, asking for more. Only then: checking masks per row up front cost every query.
             want *= 4
-            candidates = Candidates(candidates.delta)
+            candidates = Candidates(candidates.delta, flt)
             self.search(query, probes, params, candidates, want)
             self.search_live(query, live, params, candidates, want)
             results, image_hits = self.group(candidates, params)
             clock.lap("search")
         added: list[Probe] = []
-        while probs is not None and len(results) < params.k:
-            more = self.fill_probes(probs, probes, added, len(results), params)
+        while probs is not None and len(results) < params.depth:
+            more = self.fill_probes(probs, probes, added, len(results), params, flt)
             if not more:
                 break
             self.search(query, more, params, candidates)
@@ -234,16 +285,16 @@ class SearchEngine:
             added += more
             clock.lap("group")
         top_score = results[0].score if results else None
-        results = self.open_set(results, params)
+        ranking = self.open_set(results, params)
         clock.lap("group")
         return SearchOutcome(
-            results=results,
+            results=ranking[params.offset : params.depth],
             probes=probes,
             forced_category=probs is None,
             timings_s=clock.totals,
             image_hits=image_hits,
             top_probability=probes[0].probability if probes else 1.0,
-            match=bool(results),
+            match=bool(ranking),
             added=added,
             top_score=top_score,
             live=live,
@@ -266,20 +317,35 @@ class SearchEngine:
         return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes), live
 
     def fill_probes(
-        self, probs: np.ndarray, chosen: list[Probe], added: list[Probe], found: int, params: SearchParams
+        self,
+        probs: np.ndarray,
+        chosen: list[Probe],
+        added: list[Probe],
+        found: int,
+        params: SearchParams,
+        flt: CompiledFilter | None = None,
     ) -> list[Probe]:
         """The next shards in probability order whose SKU counts cover the SKUs still missing, within the fill
-        bound. Empty when the bound is reached or every shard has been searched."""
+        bound; with a filter, only shards holding matching rows (their SKUs counted in proportion). Empty when
+        the bound is reached or every shard has been searched."""
         searched = {p.category for p in chosen} | {p.category for p in added}
         budget = params.fill_max_probes - len(added)
-        missing = params.k - found
+        missing = params.depth - found
         more: list[Probe] = []
         for idx in np.argsort(-probs, kind="stable"):
             if missing <= 0 or len(more) >= budget:
                 break
-            if int(idx) not in searched:
-                more.append(Probe(int(idx), float(probs[idx])))
-                missing -= max(1, self.shards[int(idx)].n_skus)
+            i = int(idx)
+            if i in searched:
+                continue
+            shard = self.shards[i]
+            skus = shard.n_skus
+            if flt is not None:
+                if flt.per_shard[i] == 0 and shard.name not in self.delta.segments:
+                    continue  # nothing here can match (its live rows, if any, are checked when searched)
+                skus = round(skus * flt.per_shard[i] / max(1, shard.index.ntotal))
+            more.append(Probe(i, float(probs[idx])))
+            missing -= max(1, skus)
         return more
 
     def search(
@@ -291,23 +357,51 @@ class SearchEngine:
         near-identical photos can fill k * overfetch slots (grocery val over HTTP, k=5: recall@5 0.966 with 20
         images a shard, 0.976 with 64), and HNSW visits efSearch (default 64) candidates anyway."""
         want = want or self.fetch_size(params)
+        keep = into.filter.matches if into.filter is not None else None
         for probe in probes:
             shard = self.shards[probe.category]
-            d, i = shard.index.search(query, min(want, shard.index.ntotal))
-            valid = i[0] >= 0
-            into.rows.append(i[0][valid] + shard.offset)
-            into.scores.append(d[0][valid])
-            into.add_live(*into.delta.search(shard.name, query, want))
+            d, i = self.search_shard(probe.category, query, want, into.filter)
+            valid = i >= 0
+            into.rows.append(i[valid] + shard.offset)
+            into.scores.append(d[valid])
+            into.add_live(*into.delta.search(shard.name, query, want, keep))
+
+    def search_shard(
+        self, category: int, query: np.ndarray, want: int, flt: CompiledFilter | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's best `want` images (scores, local ids), only rows the filter keeps: exact over few
+        matching rows, else the graph walked with the filter."""
+        shard = self.shards[category]
+        n = shard.index.ntotal
+        if flt is None:
+            d, i = shard.index.search(query, min(want, n))
+            return d[0], i[0]
+        matching = flt.per_shard[category]
+        if matching == 0:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        allowed = flt.mask[shard.offset : shard.offset + n]
+        share = matching / n
+        if matching <= self.exact_filter_rows or share < EXACT_FILTER_SHARE:
+            ids = np.flatnonzero(allowed)
+            scores = shard.index.rows(ids) @ query[0]
+            if len(ids) > want:
+                top = np.argpartition(-scores, want - 1)[:want]
+                ids, scores = ids[top], scores[top]
+            return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+        ef = min(MAX_FILTER_EF, max(self.ef_search, int(np.ceil(self.ef_search / share))))
+        d, i = shard.index.search_subset(query, min(want, matching), allowed, ef)
+        return d[0], i[0]
 
     def search_live(
         self, query: np.ndarray, categories: list[str], params: SearchParams, into: Candidates, want: int = 0
     ) -> None:
         want = want or self.fetch_size(params)
+        keep = into.filter.matches if into.filter is not None else None
         for name in categories:
-            into.add_live(*into.delta.search(name, query, want))
+            into.add_live(*into.delta.search(name, query, want, keep))
 
     def fetch_size(self, params: SearchParams) -> int:
-        return max(params.k * self.overfetch, MIN_FETCH)
+        return max(params.depth * self.overfetch, MIN_FETCH)
 
     def group(self, candidates: Candidates, params: SearchParams) -> tuple[list[Hit], list[Hit]]:
         """One result per SKU (its best image), best first, at most k, none below min_score; with `explain`,
@@ -339,9 +433,9 @@ class SearchEngine:
                 continue
             seen.add(sku)
             results.append(hit)
-            if len(results) >= params.k and not params.explain:
+            if len(results) >= params.depth and not params.explain:
                 break
-        return results[: params.k], image_hits
+        return results[: params.depth], image_hits
 
     def open_set(self, results: list[Hit], params: SearchParams) -> list[Hit]:
         """No results when the best hit scores below its category's threshold (an unknown product)."""

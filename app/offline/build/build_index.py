@@ -23,6 +23,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from app.artifacts.attributes import AttributeIndex
 from app.artifacts.hashing import sha256_file
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import (
@@ -501,9 +502,12 @@ def _write_version(
         for r in grouped.rows
     ]
     ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")
+    attributes = AttributeIndex.write([r.attributes for r in grouped.rows], vdir)
     (vdir / "build_report.json").write_text(json.dumps(coverage.report(problems), indent=2) + "\n")
     total = coverage.images_total
-    manifest = _manifest(vdir, grouped, entries, report, embedder, options, total=total, failed=len(problems))
+    manifest = _manifest(
+        vdir, grouped, entries, report, embedder, options, total=total, failed=len(problems), attributes=attributes
+    )
     write_manifest(vdir, manifest)
     return manifest
 
@@ -629,6 +633,7 @@ def _manifest(
     *,
     total: int,
     failed: int,
+    attributes: str,
 ) -> Manifest:
     """Every file's size and sha256, and a version name from the time and the content hash."""
     files = {
@@ -647,6 +652,7 @@ def _manifest(
         backend=options.backend,
         dim=embedder.dim,
         n_items=len(g.rows),
+        attributes=attributes,
         categories=entries,
         category_source=g.category_source,
         probe_mass=report.probe_mass,

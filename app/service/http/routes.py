@@ -109,6 +109,8 @@ async def search(request: Request) -> Response:
         probe_mass=query.probe_mass,
         max_probes=query.max_probes,
         explain=query.explain,
+        filter=query.filter,
+        offset=query.offset,
     )
     warnings = Collected()  # what the decode's libraries warn about: counted and logged once, never printed
     try:
@@ -238,6 +240,7 @@ async def info(
             "default_k": s.default_k,
             "formats": ["jpeg", "png", "webp"],
         },
+        filter_keys={"category": "string", **{k: c.kind for k, c in sorted(engine.attributes.columns.items())}},
     )
 
 

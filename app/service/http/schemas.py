@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +29,27 @@ class SearchQuery(BaseModel):
     probe_mass: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Router mass to probe")
     max_probes: int | None = Field(None, ge=1, le=1000, description="Most shards searched")
     explain: bool = Field(False, description="Also return the image-level hits before grouping")
+    filter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="Attribute filter, applied before grouping by SKU and before filling to k: `key=value`, "
+        "`key<number` (also <=, >, >= on number columns), OR within one key in parentheses, AND across keys; "
+        'values with spaces in "double quotes". Keys: `category` and the attribute columns of the index '
+        "(GET /v1/info). Example: `brand=Arla AND (pack=1l OR pack=1.5l) AND price<20`. Errors: 422 "
+        "`invalid_filter` or `unknown_filter_key`, naming the character position",
+    )
+    offset: int = Field(
+        0, ge=0, le=499, description="Paging: results offset .. offset+k-1 of the same ranking (0-based)"
+    )
+    bbox: str | None = Field(
+        None,
+        max_length=200,
+        description="Region of the photo to search, `x1,y1,x2,y2` (x2, y2 exclusive), in the photo's pixels as "
+        "sent after its EXIF orientation (what a viewer shows), or fractions 0..1 with bbox_units=fraction. "
+        "Error: 422 `invalid_bbox`",
+    )
+    bbox_units: Literal["px", "fraction"] = Field("px", description="Units of bbox")
 
 
 class ResultItem(BaseModel):
@@ -106,6 +127,9 @@ class Info(BaseModel):
     index: dict[str, Any]
     categories: list[str]
     limits: dict[str, Any]
+    filter_keys: dict[str, Literal["string", "number"]] = Field(
+        default_factory=dict, description="What `filter` can name: category and the index's attribute columns"
+    )
 
 
 class ReloadResponse(BaseModel):
