@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from app.artifacts.attributes import AttributeIndex
 from app.artifacts.items import ItemTable
@@ -19,7 +21,7 @@ from app.engine.embedding import Embedder, decode_side
 from app.engine.filters import CompiledFilter, compile_filter, parse_filter
 from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, collect_warnings, decode_image
 from app.engine.routing import Probe, Router, select_probes
-from app.errors import InternalError, UnknownCategory
+from app.errors import InternalError, Overloaded, ServiceError, UnknownCategory
 
 STAGES = ("decode", "embed", "route", "search", "group")
 
@@ -222,21 +224,26 @@ class SearchEngine:
     def embed_image(self, data: bytes, warnings: Collected | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """Decode and embed; library warnings the decode raises go to `warnings` (counted, never printed)."""
         t0 = time.perf_counter()
+        batch = self.embedder.preprocess(self.decode(data, warnings))[None]
+        t1 = time.perf_counter()
+        vector = self.checked(self.embedder.embed(batch), 1)[0]
+        t2 = time.perf_counter()
+        return vector, {"decode": t1 - t0, "embed": t2 - t1}
+
+    def decode(self, data: bytes, warnings: Collected | None = None) -> Image.Image:
         with collect_warnings(warnings):
-            image = decode_image(
+            return decode_image(
                 data,
                 max_pixels=self.max_image_pixels,
                 min_side=decode_side(self.embedder.card.input),
                 max_decode_bytes=self.max_decode_bytes,
                 budget=self.decode_budget,
             )
-        batch = self.embedder.preprocess(image)[None]
-        t1 = time.perf_counter()
-        vector = self.embedder.embed(batch)[0]
-        if vector.shape != (self.embedder.dim,) or not np.isfinite(vector).all():
+
+    def checked(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        if vectors.shape != (n, self.embedder.dim) or not np.isfinite(vectors).all():
             raise InternalError("the embedder returned a malformed or non-finite vector")  # NaN never reaches JSON
-        t2 = time.perf_counter()
-        return vector, {"decode": t1 - t0, "embed": t2 - t1}
+        return vectors
 
     def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
         if params.category is not None:
@@ -248,6 +255,43 @@ class SearchEngine:
         outcome.timings_s = {**timings, **outcome.timings_s}
         outcome.vector = vector
         return outcome
+
+    def search_images(
+        self, images: Sequence[bytes], params: SearchParams, warnings: Collected | None = None
+    ) -> list[SearchOutcome | ServiceError]:
+        """A batch: each image decoded on its own (a bad one becomes its error, the others go on), the good ones
+        embedded in one inference call, then searched one by one. Outcomes in the order of `images`; decode and
+        embed times are the batch's, shared equally."""
+        if params.category is not None:
+            self.check_category(params.category, self.delta)
+        if params.filter is not None:
+            self.compile_filter(params.filter)
+        t0 = time.perf_counter()
+        decoded: list[np.ndarray | ServiceError] = []
+        for data in images:
+            try:
+                decoded.append(self.embedder.preprocess(self.decode(data, warnings)))
+            except Overloaded:
+                raise  # the process is out of decode memory: the whole batch is refused (503, retry)
+            except ServiceError as exc:
+                decoded.append(exc)
+        t1 = time.perf_counter()
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        vectors: list[np.ndarray] = list(self.checked(self.embedder.embed(np.stack(good)), len(good))) if good else []
+        t2 = time.perf_counter()
+        shared = {"decode": (t1 - t0) / max(1, len(images)), "embed": (t2 - t1) / max(1, len(good))}
+        found = iter(vectors)
+        out: list[SearchOutcome | ServiceError] = []
+        for d in decoded:
+            if isinstance(d, ServiceError):
+                out.append(d)
+                continue
+            vector = next(found)
+            outcome = self.search_vector(vector, params)
+            outcome.timings_s = {**shared, **outcome.timings_s}
+            outcome.vector = vector
+            out.append(outcome)
+        return out
 
     def search_vector(self, vector: np.ndarray, params: SearchParams) -> SearchOutcome:
         """route -> search the chosen shards (and their live delta) -> group by SKU; while fewer than k SKUs,

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     # applies it before answering).
     sync_s: float = Field(1.0, gt=0.0, le=2.0, description="Seconds between catalogue change-log polls")
     max_images_per_write: int = Field(16, ge=1, le=64, description="Images one POST /v1/products/{sku}/images takes")
+    max_batch_images: int = Field(16, ge=1, le=64, description="Images one POST /v1/search/batch takes")
     # Past this many live delta images a process compacts the catalogue into a new version (one replica at a
     # time; app/service/compactor.py); 0: never (a `vps compact` job does it, as in Kubernetes).
     compact_above: int = Field(10_000, ge=0, description="Delta images that trigger a compaction (0: off)")

@@ -132,6 +132,13 @@ class Metrics:
             "Searches answered match=false (no result passed the open-set threshold or min_score)",
             registry=r,
         )
+        self.batch_images = Counter("vps_batch_images", "Images received by POST /v1/search/batch", registry=r)
+        self.batch_image_errors = Counter(
+            "vps_batch_image_errors",
+            "Images of a batch answered with their own error entry (the batch answered 200), by error code",
+            ["code"],
+            registry=r,
+        )
 
     def _index(self, r: CollectorRegistry) -> None:
         self.index_items = Gauge(

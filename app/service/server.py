@@ -42,18 +42,28 @@ class HttpLimits:
     max_body_bytes: int = 10 * 1024 * 1024 + 64 * 1024
     # Catalogue image writes (/v1/products/...) carry up to VPS_MAX_IMAGES_PER_WRITE images: their own bound.
     max_write_body_bytes: int = 16 * 10 * 1024 * 1024 + 64 * 1024
+    # Batch searches (/v1/search/batch) carry up to VPS_MAX_BATCH_IMAGES images.
+    max_batch_body_bytes: int = 16 * 10 * 1024 * 1024 + 64 * 1024
 
     @classmethod
     def from_settings(cls, s: Settings) -> HttpLimits:
         body = s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
         write = s.max_images_per_write * s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
-        return cls(s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body, write)
+        batch = s.max_batch_images * s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
+        return cls(
+            s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body, write, batch
+        )
 
     def body_cap(self, url: bytes) -> int:
-        return self.max_write_body_bytes if url.startswith(CATALOGUE_WRITE_PREFIX) else self.max_body_bytes
+        if url.startswith(CATALOGUE_WRITE_PREFIX):
+            return self.max_write_body_bytes
+        if url.startswith(BATCH_SEARCH_PATH):
+            return self.max_batch_body_bytes
+        return self.max_body_bytes
 
 
 CATALOGUE_WRITE_PREFIX = b"/v1/products/"
+BATCH_SEARCH_PATH = b"/v1/search/batch"
 
 
 def _app_state(app: Any) -> AppState | None:

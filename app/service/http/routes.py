@@ -14,16 +14,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from app.engine.imaging import Collected
-from app.engine.search import STAGES, Hit, SearchEngine, SearchOutcome, resolve_params
-from app.errors import NotReady
+from app.engine.search import STAGES, Hit, SearchEngine, SearchOutcome, SearchParams, resolve_params
+from app.errors import EmptyBody, ImageTooLarge, NotReady, ServiceError
 from app.service.http.schemas import (
+    BatchResponse,
     ErrorResponse,
     Health,
     Info,
     SearchQuery,
     SearchResponse,
 )
-from app.service.http.upload import read_image
+from app.service.http.upload import read_image, read_image_parts
 from app.service.state import AppState
 
 router = APIRouter()
@@ -57,6 +58,10 @@ _SEARCH_OPENAPI: dict[str, Any] = {
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "image/heic": {"schema": {"type": "string", "format": "binary"}},
+            "image/heif": {"schema": {"type": "string", "format": "binary"}},
+            "image/avif": {"schema": {"type": "string", "format": "binary"}},
+            "image/gif": {"schema": {"type": "string", "format": "binary"}},
         },
     },
 }
@@ -100,18 +105,7 @@ async def search(request: Request) -> Response:
     # cap), never one of the few compute slots; admission (a short bounded wait) follows once the body is in.
     state.runner.refuse_if_full(settings.max_queued)
     data = await read_image(request, settings.max_upload_bytes)
-    params = resolve_params(
-        engine.manifest,
-        state.search_defaults,
-        k=query.k,
-        category=query.category,
-        min_score=query.min_score,
-        probe_mass=query.probe_mass,
-        max_probes=query.max_probes,
-        explain=query.explain,
-        filter=query.filter,
-        offset=query.offset,
-    )
+    params = _params(state, engine, query)
     warnings = Collected()  # what the decode's libraries warn about: counted and logged once, never printed
     try:
         async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
@@ -128,6 +122,94 @@ async def search(request: Request) -> Response:
     # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
     # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+_BATCH_OPENAPI: dict[str, Any] = {
+    "parameters": _SEARCH_OPENAPI["parameters"],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "maxItems": 16,
+                            "description": "1 to VPS_MAX_BATCH_IMAGES (16) parts named `image`, searched in order",
+                        }
+                    },
+                }
+            }
+        },
+    },
+}
+
+
+@router.post("/v1/search/batch", response_model=BatchResponse, responses=_ERRORS, openapi_extra=_BATCH_OPENAPI)
+async def search_batch(request: Request) -> Response:
+    """Up to 16 images with POST /search's parameters: one entry per image, in order; an image that cannot be
+    searched gets its own error entry and the others are answered. Inference runs once for the whole batch."""
+    t0 = time.perf_counter()
+    state: AppState = request.app.state.vps
+    engine = state.require_engine()
+    query = search_query(request)
+    settings = state.settings
+    state.runner.refuse_if_full(settings.max_queued)
+    parts = await read_image_parts(request, settings.max_upload_bytes, settings.max_batch_images)
+    params = _params(state, engine, query)
+    state.metrics.batch_images.inc(len(parts))
+    refused: dict[int, ServiceError] = {
+        i: ImageTooLarge() if len(p) > settings.max_upload_bytes else EmptyBody()
+        for i, p in enumerate(parts)
+        if not p or len(p) > settings.max_upload_bytes
+    }
+    images = [p for i, p in enumerate(parts) if i not in refused]
+    warnings = Collected()
+    try:
+        async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
+            outcomes = await state.runner.run(
+                ticket, settings.request_timeout_s, engine.search_images, images, params, warnings
+            )
+    finally:
+        _report_warnings(state, request, warnings)
+    searched = iter(outcomes)
+    rid = getattr(request.state, "request_id", None)
+    entries: list[dict[str, Any]] = []
+    for i in range(len(parts)):
+        outcome = refused.get(i) or next(searched)
+        if isinstance(outcome, ServiceError):
+            state.metrics.batch_image_errors.labels(code=outcome.code).inc()
+            entries.append({"index": i, "error": {"code": outcome.code, "message": outcome.message, "request_id": rid}})
+            continue
+        _observe(state, outcome)
+        item = _response(engine, outcome, time.perf_counter() - t0, images=settings.catalogue_images_dir is not None)
+        entries.append({"index": i, "response": item})
+    body = BatchResponse.model_validate(
+        {
+            "results": entries,
+            "index_version": engine.manifest.version,
+            "timings_ms": {"total": round((time.perf_counter() - t0) * 1000, 3)},
+        }
+    )
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+def _params(state: AppState, engine: SearchEngine, query: SearchQuery) -> SearchParams:
+    return resolve_params(
+        engine.manifest,
+        state.search_defaults,
+        k=query.k,
+        category=query.category,
+        min_score=query.min_score,
+        probe_mass=query.probe_mass,
+        max_probes=query.max_probes,
+        explain=query.explain,
+        filter=query.filter,
+        offset=query.offset,
+    )
 
 
 def _report_warnings(state: AppState, request: Request, warnings: Collected) -> None:

@@ -117,6 +117,18 @@ class SearchResponse(BaseModel):
     hits: list[ImageHit] | None = Field(None, description="Image-level hits before grouping (explain=true)")
 
 
+class BatchEntry(BaseModel):
+    index: int = Field(description="The image's position among the request's `image` parts (0-based)")
+    response: SearchResponse | None = Field(None, description="The image's search, as POST /search answers it")
+    error: ErrorBody | None = Field(None, description="Why this image was not searched (the others were)")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchEntry] = Field(description="One entry per image, in the order sent")
+    index_version: str
+    timings_ms: dict[str, float] = Field(description="total: the whole batch, from its first byte read")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = Field(None, description="What is degraded while the service still serves searches")

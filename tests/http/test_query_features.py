@@ -1,0 +1,127 @@
+"""Query features over real HTTP: attribute filters, paging, batches (uvicorn on 127.0.0.1, the tiny real model,
+a real faiss index built from a catalogue with attribute columns)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.offline.build.build_index import BuildOptions, build_index
+from app.service.app import create_app
+from app.service.config import Settings
+from tests.helpers import encode, live_server, make_catalogue, product_image
+
+BRAND = {"red-apple": "Orchard", "green-apple": "Orchard", "blue-milk": "Arla", "white-milk": "Valio",
+         "yellow-juice": "Arla", "orange-juice": "Sunny"}  # fmt: skip
+PRICE = {"red-apple": "1.5", "green-apple": "2", "blue-milk": "1.2", "white-milk": "1.1", "yellow-juice": "3.5",
+         "orange-juice": "2.9"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("attrs")
+    catalogue = make_catalogue(root)
+    with catalogue.open() as fh:
+        rows = list(csv.DictReader(fh))
+    with catalogue.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*rows[0].keys(), "brand", "price"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "brand": BRAND[r["sku"]], "price": PRICE[r["sku"]]})
+    out = root / "index"
+    build_index(catalogue, root, out, tiny_model, BuildOptions(M=8, ef_construction=40, progress=False))
+    settings = Settings(index_dir=out, model_dir=tiny_model, warmup_queries=0, open_set=False)
+    with live_server(create_app(settings)) as base:
+        yield base
+
+
+def _photo(sku: str, variant: int = 99) -> bytes:
+    return encode(product_image(sku, variant), "JPEG")
+
+
+def _search(server: str, sku: str, **params: object) -> httpx.Response:
+    return httpx.post(f"{server}/search", files={"image": ("q.jpg", _photo(sku), "image/jpeg")}, params=params)
+
+
+def test_info_lists_the_filter_keys(server: str) -> None:
+    r = httpx.get(f"{server}/v1/info")
+    assert r.json()["filter_keys"] == {"category": "string", "brand": "string", "price": "number"}
+
+
+def test_a_filter_keeps_only_matching_skus_and_still_fills_k(server: str) -> None:
+    r = _search(server, "blue-milk", k=6, filter="brand=Arla")
+    assert r.status_code == 200, r.text
+    skus = [x["sku"] for x in r.json()["results"]]
+    assert skus[0] == "blue-milk" and set(skus) == {"blue-milk", "yellow-juice"}  # both Arla SKUs, 2 categories
+    r = _search(server, "blue-milk", k=6, filter="(brand=Arla OR brand=Valio) AND price<1.2")
+    assert [x["sku"] for x in r.json()["results"]] == ["white-milk"]
+    r = _search(server, "red-apple", k=6, filter="category=juice AND price>=3")
+    assert [x["sku"] for x in r.json()["results"]] == ["yellow-juice"]
+    r = _search(server, "red-apple", k=6, filter="brand=Nobody")
+    assert r.status_code == 200 and r.json()["results"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "needle"),
+    [
+        ("brand=Arla AND (price<2 OR brand=Valio)", "invalid_filter", "at character 28"),
+        ("colour=red", "unknown_filter_key", "unknown key 'colour' at character 1"),
+        ("price<cheap", "invalid_filter", "'cheap' at character 7"),
+        ("brand>A", "invalid_filter", "needs a number column"),
+    ],
+)
+def test_bad_filters_answer_422_naming_the_position(server: str, text: str, code: str, needle: str) -> None:
+    r = _search(server, "blue-milk", filter=text)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == code and needle in err["message"], err
+
+
+def test_pages_are_slices_of_one_ranking(server: str) -> None:
+    whole = [x["sku"] for x in _search(server, "white-milk", k=6).json()["results"]]
+    pages = [[x["sku"] for x in _search(server, "white-milk", k=2, offset=o).json()["results"]] for o in (0, 2, 4)]
+    assert [s for p in pages for s in p] == whole and len(whole) == 6
+    assert _search(server, "white-milk", k=2, offset=6).json()["results"] == []
+    r = _search(server, "white-milk", offset=500)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_a_batch_answers_each_image_in_order_and_isolates_a_bad_one(server: str) -> None:
+    skus = ["orange-juice", "blue-milk", "red-apple"]
+    files = [("image", (f"{s}.jpg", _photo(s), "image/jpeg")) for s in skus]
+    files.insert(1, ("image", ("bad.jpg", b"\xff\xd8\xff\xe0 not a jpeg", "image/jpeg")))
+    files.append(("image", ("empty.jpg", b"", "image/jpeg")))
+    r = httpx.post(f"{server}/v1/search/batch", files=files, params={"k": 2, "filter": "price<3"})
+    assert r.status_code == 200, r.text
+    entries = r.json()["results"]
+    assert [e["index"] for e in entries] == [0, 1, 2, 3, 4]
+    assert entries[1]["error"]["code"] == "corrupt_image" and "response" not in entries[1]
+    assert entries[4]["error"]["code"] == "empty_body"
+    for e, sku in zip([entries[0], entries[2], entries[3]], skus, strict=True):
+        single = _search(server, sku, k=2, filter="price<3").json()
+        assert [x["sku"] for x in e["response"]["results"]] == [x["sku"] for x in single["results"]]
+        assert all(float(PRICE[x["sku"]]) < 3 for x in e["response"]["results"])
+    assert entries[0]["response"]["results"][0]["sku"] == "orange-juice"
+
+
+def test_a_batch_beyond_the_limit_or_with_a_bad_filter_is_refused_whole(server: str) -> None:
+    files = [("image", (f"{i}.jpg", _photo("red-apple", i), "image/jpeg")) for i in range(17)]
+    r = httpx.post(f"{server}/v1/search/batch", files=files)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"
+    r = httpx.post(f"{server}/v1/search/batch", files=files[:2], params={"filter": "colour=red"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_filter_key"
+    r = httpx.post(f"{server}/v1/search/batch", content=_photo("red-apple"), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_image"
+
+
+def test_the_schema_documents_the_new_parameters(server: str) -> None:
+    doc = httpx.get(f"{server}/openapi.json").json()
+    names = {p["name"] for p in doc["paths"]["/search"]["post"]["parameters"]}
+    assert {"filter", "offset", "bbox", "bbox_units"} <= names
+    batch = doc["paths"]["/v1/search/batch"]["post"]
+    assert {p["name"] for p in batch["parameters"]} == names
+    assert "BatchResponse" in str(batch["responses"]["200"])
