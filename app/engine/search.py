@@ -37,6 +37,9 @@ MAX_OFFSET = 499  # paging: results offset..offset+k of one ranking (Alibaba's S
 # walked with the filter, as wide as ef_search / share (at most MAX_FILTER_EF), since a narrow walk over a graph
 # whose nodes mostly fail the filter returns too few of the right ones.
 EXACT_FILTER_ROWS = 4096
+# A filter keeping at most this many rows in all is searched in every shard that holds any, exactly: no routing
+# loss where it would hurt most (a few matching products spread over many categories), at a scan's cost.
+EXACT_FILTER_TOTAL = 8192
 EXACT_FILTER_SHARE = 0.02
 MAX_FILTER_EF = 2048
 FILTER_CACHE = 32  # compiled filters kept per engine (a shop sends the same few again and again)
@@ -302,6 +305,8 @@ class SearchEngine:
         flt = self.compile_filter(params.filter) if params.filter is not None else None
         candidates = Candidates(self.delta, flt)
         probs, probes, live = self.route(vector, params, candidates.delta)
+        if flt is not None and probs is not None and flt.matching <= EXACT_FILTER_TOTAL:
+            probes = [Probe(int(i), float(probs[i])) for i in np.argsort(-probs, kind="stable") if flt.per_shard[i]]
         clock.lap("route")
         self.search(query, probes, params, candidates)
         self.search_live(query, live, params, candidates)
