@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from PIL import Image
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.catalogue.follow import CatalogueFollower, SyncStatus
@@ -33,7 +33,7 @@ from app.service.http.admin import admin
 from app.service.http.catalogue import catalogue
 from app.service.http.errors import PROBE_PATHS, error_response, install_error_handlers
 from app.service.http.routes import router
-from app.service.http.web import web
+from app.service.http.web import DOCS_ASSETS, docs_assets, web
 from app.service.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
 from app.service.logs import configure_logging
 from app.service.metrics import Metrics, mark_this_process_dead
@@ -54,11 +54,15 @@ class ObserveMiddleware:
     last-resort 500: an unexpected exception becomes `internal_error` with the request id, its text only logged.
     Plain ASGI, not BaseHTTPMiddleware: that one costs a task group and a stream per request (profiled here)."""
 
-    def __init__(self, app: ASGIApp, state: AppState, plain_routes: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, app: ASGIApp, state: AppState, plain_routes: frozenset[str] = frozenset(), mounts: tuple[str, ...] = ()
+    ) -> None:
         self.app, self.state, self.metrics = app, state, state.metrics
-        # FastAPI's own pages (/docs, /openapi.json) are plain Starlette routes, which leave no route in the scope:
-        # matched by their fixed path instead, so they are not counted as "unmatched" with the 404s.
+        # FastAPI's own page (/openapi.json) is a plain Starlette route, and a mount (/docs/assets) serves files
+        # under a prefix; FastAPI's router leaves no route in the scope for either: matched by the fixed path or
+        # labelled by the prefix instead, so they are not counted as "unmatched" with the 404s.
         self._plain_routes = plain_routes
+        self._mounts = tuple(m.rstrip("/") + "/" for m in mounts)
         hosts = state.settings.allowed_hosts
         self._allowed_hosts = frozenset(h.lower() for h in hosts) if hosts else None
         # Request ids: a random per-process prefix and a counter, unique across workers and restarts without a
@@ -125,6 +129,10 @@ class ObserveMiddleware:
             return str(getattr(route, "path", UNMATCHED))
         if status != 404 and scope["path"] in self._plain_routes:
             return str(scope["path"])
+        if status != 404:
+            for prefix in self._mounts:
+                if scope["path"].startswith(prefix):
+                    return prefix.rstrip("/")
         return UNMATCHED
 
 
@@ -241,6 +249,9 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
         # Starlette's slash redirect builds an absolute Location from the Host header (`GET /healthz/` with
         # `Host: evil.example` answered 307 to http://evil.example/healthz): no redirects, a JSON 404 instead.
         redirect_slashes=False,
+        # /docs is web.py's: Swagger UI from this app's own files, not a CDN, under a strict CSP. No ReDoc.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.vps = state
     install_error_handlers(app, settings.retry_after_s, metrics)
@@ -248,10 +259,12 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
     app.include_router(admin)
     app.include_router(catalogue)
     app.include_router(web)
+    app.mount(DOCS_ASSETS, docs_assets(), name="docs-assets")
 
-    # Routes without path parameters that FastAPI adds itself (docs, schema): no APIRoute, no route in the scope.
+    # Routes without path parameters that FastAPI adds itself (the schema): no APIRoute, maybe no route in the scope.
     plain = frozenset(r.path for r in app.routes if isinstance(r, Route) and not isinstance(r, APIRoute))
-    app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain)
+    mounts = tuple(r.path for r in app.routes if isinstance(r, Mount))
+    app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain, mounts=mounts)
 
     return app
 

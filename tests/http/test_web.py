@@ -3,6 +3,7 @@ index version (never a client-named path), with caching headers."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,11 +38,24 @@ def test_page_and_script_are_self_contained_with_a_strict_policy(server: str) ->
     assert again.status_code == 304
 
 
+def test_the_region_selector_needs_nothing_the_policy_forbids(server: str) -> None:
+    """The box drawn on the photo: markup in the page, behaviour in /ui/app.js. script-src 'self' refuses inline
+    scripts and on* attributes, so the page must have none; the script sends the box as fractions."""
+    page = httpx.get(f"{server}/").text
+    assert re.findall(r"<script\b[^>]*>", page) == ['<script src="/ui/app.js">']
+    assert not re.search(r"\son[a-z]+\s*=", page)  # an inline handler would be refused by the CSP
+    for marker in ('id="stage" tabindex="0"', 'id="box-status" aria-live="polite"', 'id="clear-box" type="button"'):
+        assert marker in page
+    script = httpx.get(f"{server}/ui/app.js").text
+    assert '"&bbox=" +' in script and '"&bbox_units=fraction"' in script
+    assert all(f'addEventListener("{e}"' in script for e in ("pointerdown", "pointermove", "pointerup", "keydown"))
+
+
 def test_the_page_links_an_icon_that_is_served(server: str) -> None:
     """Without a linked icon every page load asked for /favicon.ico and got a 404."""
     page = httpx.get(f"{server}/").text
     assert '<link rel="icon" href="/ui/icon.svg" type="image/svg+xml">' in page
-    for path in ("/ui/icon.svg", "/favicon.ico"):  # the second for pages that link none (/docs)
+    for path in ("/ui/icon.svg", "/favicon.ico"):  # the second for pages that link none (JSON answers)
         icon = httpx.get(f"{server}{path}")
         assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml", path
         assert icon.content.startswith(b"<svg") and b"<script" not in icon.content

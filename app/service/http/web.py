@@ -1,4 +1,9 @@
-"""The try-it web page (GET /, its script, its icon) and the catalogue images its results show.
+"""The try-it web page (GET /, its script, its icon), the OpenAPI UI (GET /docs) and the catalogue images the
+page's results show.
+
+/docs: Swagger UI from the app itself (the fastapi-swagger package's copy of its files, under /docs/assets/), not
+from a CDN, so that it works on a closed network and the browser loads no third party's code. Its one inline
+script (FastAPI's get_swagger_ui_html) is allowed by its hash, computed from the exact HTML served. No ReDoc.
 
 Catalogue images: GET /v1/catalogue-images/{version}/{row} serves the image of row `row` of the *live* index
 version, read from VPS_CATALOGUE_IMAGES_DIR. The client never names a path: the path comes from the index's own
@@ -8,14 +13,21 @@ version's rows never change, so the answer is cacheable for good (`immutable`); 
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
+import os
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from app.artifacts.manifest import safe_join
 from app.engine.imaging import JPEG, PNG, WEBP, sniff_format
@@ -70,13 +82,96 @@ async def script(request: Request) -> Response:
 
 
 @web.get("/ui/icon.svg", include_in_schema=False)
-@web.get("/favicon.ico", include_in_schema=False)  # browsers ask for it on pages that link no icon (/docs)
+@web.get("/favicon.ico", include_in_schema=False)  # browsers ask for it on pages that link no icon (JSON answers)
 async def icon() -> Response:
     return Response(
         _ICON,
         media_type="image/svg+xml",
         headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
+
+
+DOCS_URL = "/docs"
+DOCS_ASSETS = "/docs/assets"  # mounted by create_app: docs_assets()
+OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"  # FastAPI's default page for Swagger UI's OAuth2 flows, kept
+_SWAGGER_PARAMETERS = {
+    # Swagger UI asks validator.swagger.io about the schema for its badge unless told not to.
+    "validatorUrl": None,
+}
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
+# Swagger UI: its bundle and its CSS from /docs/assets, the inline script that starts it by hash ({scripts});
+# icons as data: URIs in its CSS, blob: images for image answers to "Try it out", requests to this service only.
+# style-src: React sets styles through the DOM (element.style), which CSP does not govern, so none inline.
+_DOCS_CSP = (
+    "default-src 'none'; script-src 'self' {scripts}; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
+_OAUTH2_CSP = "default-src 'none'; script-src {scripts}; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+
+
+def _script_hashes(html: bytes) -> str:
+    """CSP sources for each inline script of `html`, from its exact bytes."""
+    found = _INLINE_SCRIPT.findall(html)
+    if not found:  # a FastAPI that changed its page: fail loudly here, not with a blank page in the browser
+        raise RuntimeError("no inline script found in FastAPI's Swagger UI page")
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in found)
+
+
+def _page_headers(csp: str) -> dict[str, str]:
+    return {
+        "Cache-Control": "no-cache",
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+@functools.lru_cache(maxsize=16)  # one per (title, root path): in practice one, built on the first request
+def _swagger_page(title: str, openapi_url: str, root: str) -> tuple[bytes, str]:
+    html = get_swagger_ui_html(
+        openapi_url=root + openapi_url,
+        title=f"{title} - Swagger UI",
+        swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}/ui/icon.svg",
+        oauth2_redirect_url=root + OAUTH2_REDIRECT_URL,
+        swagger_ui_parameters=_SWAGGER_PARAMETERS,
+    ).body
+    return bytes(html), _DOCS_CSP.format(scripts=_script_hashes(bytes(html)))
+
+
+_OAUTH2_PAGE = bytes(get_swagger_ui_oauth2_redirect_html().body)
+_OAUTH2_HEADERS = _page_headers(_OAUTH2_CSP.format(scripts=_script_hashes(_OAUTH2_PAGE)))
+
+
+@web.get(DOCS_URL, response_class=HTMLResponse, include_in_schema=False)
+async def docs_page(request: Request) -> Response:
+    # As FastAPI's own /docs: every URL under the root path the server was started with (uvicorn --root-path).
+    root = str(request.scope.get("root_path", "")).rstrip("/")
+    body, csp = _swagger_page(request.app.title, request.app.openapi_url, root)
+    return Response(body, media_type="text/html; charset=utf-8", headers=_page_headers(csp))
+
+
+@web.get(OAUTH2_REDIRECT_URL, response_class=HTMLResponse, include_in_schema=False)
+async def docs_oauth2_redirect() -> Response:
+    return Response(_OAUTH2_PAGE, media_type="text/html; charset=utf-8", headers=_OAUTH2_HEADERS)
+
+
+class _DocsAssets(StaticFiles):
+    """Swagger UI's files, revalidated on each load (a 304 from their ETag) so that an upgrade is seen at once."""
+
+    def file_response(
+        self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def docs_assets() -> StaticFiles:
+    """The app for DOCS_ASSETS: the fastapi-swagger package's own directory of Swagger UI files, nothing else."""
+    return _DocsAssets(packages=[("fastapi_swagger", "resources")])
 
 
 @web.get(
