@@ -58,6 +58,10 @@ def describe_error(exc: Exception) -> tuple[int, str]:
             f"module {exc.name} is not installed: this command needs an extra "
             "(pip install -e '.[train]' for train, export-model and quantize-model; '.[eval]' for evaluate)"
         )
+    if isinstance(exc, ConnectionError):
+        return EXIT_UNEXPECTED, _one_line(str(exc))
+    if isinstance(exc, ValueError) and str(exc).startswith(("--url", "invalid search option")):
+        return EXIT_USAGE, _one_line(str(exc))
     if isinstance(exc, OSError) and exc.filename:
         return EXIT_UNEXPECTED, f"{exc.filename}: {exc.strerror or type(exc).__name__}"
     return EXIT_UNEXPECTED, f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)"
@@ -430,6 +434,55 @@ def prune(
 
     removed = run_prune(out, keep)
     typer.echo(f"removed {len(removed)} versions" + (f": {', '.join(removed)}" if removed else ""))
+
+
+class BboxUnits(StrEnum):
+    px = "px"
+    fraction = "fraction"
+
+
+@cli.command()
+def search(
+    photos: Annotated[list[Path], typer.Argument(help="Photos to search, each on its own")],
+    url: Annotated[
+        str | None, typer.Option(help="A running service (http://127.0.0.1:8000): POST /search for each photo")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="Search this index directory in process instead (default: VPS_INDEX_DIR)")
+    ] = None,
+    model: _ModelOpt = None,
+    k: Annotated[int | None, typer.Option(min=1, max=100, help="SKUs per photo (default: VPS_DEFAULT_K)")] = None,
+    category: Annotated[str | None, typer.Option(help="Search this category only")] = None,
+    filter_: Annotated[
+        str | None, typer.Option("--filter", help="Attribute filter, e.g. 'brand=Arla AND price<20' (README)")
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="Region x1,y1,x2,y2 of each photo (after EXIF orientation)")] = None,
+    bbox_units: Annotated[BboxUnits, typer.Option(case_sensitive=False, help="Units of --bbox")] = BboxUnits.px,
+    offset: Annotated[int, typer.Option(min=0, max=499, help="Skip this many results of the ranking")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per photo: the service's answer")] = False,
+) -> None:
+    """Search photos and print a table per photo (or JSON lines). Exit 3 when any photo could not be searched
+    (its error is printed in its place); a service that does not answer: exit 1."""
+    from app.search_client import Query, Unreachable, json_line, search_index, search_url, table
+
+    if url is not None and index is not None:
+        raise typer.BadParameter("give --url or --index, not both", param_hint="--url")
+    query = Query(k, category, filter_, bbox, bbox_units.value, offset)
+    if url is not None:
+        answers = search_url(url, photos, query)
+    else:
+        model_dir, _ = resolve_model_dir(model)
+        answers = search_index(index, model_dir, photos, query)
+    failed = 0
+    try:
+        for answer in answers:
+            failed += answer.error is not None
+            typer.echo(json_line(answer) if json_out else table(answer, offset))
+    except Unreachable as exc:
+        raise ConnectionError(str(exc)) from None
+    if failed:
+        typer.echo(f"error: {failed} of {len(photos)} photos could not be searched", err=True)
+        raise typer.Exit(EXIT_INPUT)
 
 
 @cli.command("export-model")

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from app.engine.imaging import Collected
-from app.engine.search import STAGES, Hit, SearchEngine, SearchOutcome, SearchParams, resolve_params
+from app.engine.search import STAGES, Hit, SearchDefaults, SearchEngine, SearchOutcome, SearchParams, resolve_params
 from app.errors import EmptyBody, ImageTooLarge, NotReady, ServiceError
 from app.service.http.schemas import (
     BatchResponse,
@@ -105,7 +105,7 @@ async def search(request: Request) -> Response:
     # cap), never one of the few compute slots; admission (a short bounded wait) follows once the body is in.
     state.runner.refuse_if_full(settings.max_queued)
     data = await read_image(request, settings.max_upload_bytes)
-    params = _params(state, engine, query)
+    params = build_params(engine, state.search_defaults, query)
     warnings = Collected()  # what the decode's libraries warn about: counted and logged once, never printed
     try:
         async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
@@ -118,7 +118,7 @@ async def search(request: Request) -> Response:
     _observe(state, outcome)
     # A random draw; when sampled, a non-blocking put (app/service/shadow.py).
     state.shadow.offer(engine, params, outcome)
-    body = _response(engine, outcome, total, images=settings.catalogue_images_dir is not None)
+    body = response_of(engine, outcome, total, images=settings.catalogue_images_dir is not None)
     # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
     # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
     return Response(body.model_dump_json(), media_type="application/json")
@@ -159,7 +159,7 @@ async def search_batch(request: Request) -> Response:
     settings = state.settings
     state.runner.refuse_if_full(settings.max_queued)
     parts = await read_image_parts(request, settings.max_upload_bytes, settings.max_batch_images)
-    params = _params(state, engine, query)
+    params = build_params(engine, state.search_defaults, query)
     state.metrics.batch_images.inc(len(parts))
     refused: dict[int, ServiceError] = {
         i: ImageTooLarge() if len(p) > settings.max_upload_bytes else EmptyBody()
@@ -185,7 +185,7 @@ async def search_batch(request: Request) -> Response:
             entries.append({"index": i, "error": {"code": outcome.code, "message": outcome.message, "request_id": rid}})
             continue
         _observe(state, outcome)
-        item = _response(engine, outcome, time.perf_counter() - t0, images=settings.catalogue_images_dir is not None)
+        item = response_of(engine, outcome, time.perf_counter() - t0, images=settings.catalogue_images_dir is not None)
         entries.append({"index": i, "response": item})
     body = BatchResponse.model_validate(
         {
@@ -197,10 +197,11 @@ async def search_batch(request: Request) -> Response:
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-def _params(state: AppState, engine: SearchEngine, query: SearchQuery) -> SearchParams:
+def build_params(engine: SearchEngine, defaults: SearchDefaults, query: SearchQuery) -> SearchParams:
+    """A request's query parameters over the deployment's defaults and the build's (also `vps search --index`)."""
     return resolve_params(
         engine.manifest,
-        state.search_defaults,
+        defaults,
         k=query.k,
         category=query.category,
         min_score=query.min_score,
@@ -240,7 +241,7 @@ def _observe(state: AppState, outcome: SearchOutcome) -> None:
         m.no_match.inc()
 
 
-def _response(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, images: bool) -> SearchResponse:
+def response_of(engine: SearchEngine, outcome: SearchOutcome, total_s: float, *, images: bool) -> SearchResponse:
     card = engine.embedder.card
     names = engine.categories
     version = engine.manifest.version
