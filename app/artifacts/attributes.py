@@ -81,9 +81,12 @@ class AttributeIndex:
         return cls({}, n_rows)
 
     @staticmethod
-    def write(attributes: Sequence[dict[str, Any]], version_dir: Path) -> str:
-        """One column per attribute key (the most common keys first, at most MAX_COLUMNS); returns the columns
-        file's path relative to the version."""
+    def write(attributes: Sequence[dict[str, Any]], version_dir: Path, skus: Sequence[str] | None = None) -> str:
+        """One column per attribute key (the most common keys first, at most MAX_COLUMNS), and with `skus` a
+        `sku` string column (filters name it; the engine finds a changed SKU's rows with it); returns the
+        columns file's path relative to the version."""
+        if skus is not None:
+            attributes = [{**a, "sku": s} for a, s in zip(attributes, skus, strict=True)]
         counts: dict[str, int] = {}
         for attrs in attributes:
             for key, value in attrs.items():

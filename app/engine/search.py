@@ -42,6 +42,7 @@ EXACT_FILTER_ROWS = 4096
 EXACT_FILTER_TOTAL = 8192
 EXACT_FILTER_SHARE = 0.02
 MAX_FILTER_EF = 2048
+SKU_COLUMN = "sku"  # the build's SKU column among the attribute columns (app/artifacts/attributes.py)
 FILTER_CACHE = 32  # compiled filters kept per engine (a shop sends the same few again and again)
 
 
@@ -146,6 +147,7 @@ class Candidates:
 
     delta: Delta
     filter: CompiledFilter | None = None
+    allowed: np.ndarray | None = None  # rows the search may return (the filter's, less changed SKUs'), when set
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     live: list[dict[str, Any]] = field(default_factory=list)
@@ -197,6 +199,7 @@ class SearchEngine:
         self.exact_filter_rows = EXACT_FILTER_ROWS  # a shard with at most this many matching rows is scanned
         self._filters: OrderedDict[str, CompiledFilter] = OrderedDict()
         self._filters_lock = threading.Lock()
+        self._hidden: tuple[Delta, np.ndarray] | None = None  # hidden_rows of the last delta snapshot asked
 
     def category_id(self, name: str) -> int:
         try:
@@ -313,15 +316,10 @@ class SearchEngine:
         clock.lap("search")
         results, image_hits = self.group(candidates, params)
         clock.lap("group")
-        want = self.fetch_size(params)
-        while candidates.masked and len(results) < params.depth and want < MAX_MASKED_FETCH:
+        if candidates.masked and len(results) < params.depth:
             # Rows of SKUs changed since the version filled the fetch (a SKU moved away with many photos): the
-            # same shards again, asking for more. Only then: checking masks per row up front cost every query.
-            want *= 4
-            candidates = Candidates(candidates.delta, flt)
-            self.search(query, probes, params, candidates, want)
-            self.search_live(query, live, params, candidates, want)
-            results, image_hits = self.group(candidates, params)
+            # same shards again without them. Only then: excluding them up front would cost every query.
+            candidates, results, image_hits = self.search_unmasked(query, probes, live, params, candidates)
             clock.lap("search")
         added: list[Probe] = []
         while probs is not None and len(results) < params.depth:
@@ -364,6 +362,45 @@ class SearchEngine:
             raise InternalError("the router produced non-finite probabilities")
         live = [c for c in delta.segments if c not in self._category_index]
         return probs, select_probes(probs, probe_mass=params.probe_mass, max_probes=params.max_probes), live
+
+    def search_unmasked(
+        self, query: np.ndarray, probes: list[Probe], live: list[str], params: SearchParams, before: Candidates
+    ) -> tuple[Candidates, list[Hit], list[Hit]]:
+        """The probed shards searched again with the changed SKUs' rows excluded from the search itself (the
+        version's SKU column; `filter`'s machinery); a version without that column asks for four times as many
+        rows instead, up to MAX_MASKED_FETCH."""
+        hidden = self.hidden_rows(before.delta)
+        if hidden is not None:
+            allowed = ~hidden if before.filter is None else before.filter.mask & ~hidden
+            candidates = Candidates(before.delta, before.filter, allowed=allowed)
+            self.search(query, probes, params, candidates)
+            self.search_live(query, live, params, candidates)
+            results, image_hits = self.group(candidates, params)
+            return candidates, results, image_hits
+        want = self.fetch_size(params)
+        candidates = before
+        results, image_hits = self.group(candidates, params)
+        while candidates.masked and len(results) < params.depth and want < MAX_MASKED_FETCH:
+            want *= 4
+            candidates = Candidates(before.delta, before.filter)
+            self.search(query, probes, params, candidates, want)
+            self.search_live(query, live, params, candidates, want)
+            results, image_hits = self.group(candidates, params)
+        return candidates, results, image_hits
+
+    def hidden_rows(self, delta: Delta) -> np.ndarray | None:
+        """Rows (bool, one per item row) of the SKUs `delta` holds, which changed since the version; None when
+        the version has no SKU column (built before it). Kept for the last snapshot asked about."""
+        cached = self._hidden
+        if cached is not None and cached[0] is delta:
+            return cached[1]
+        column = self.attributes.columns.get(SKU_COLUMN)
+        if column is None or column.kind != "string":
+            return None
+        codes = np.asarray([c for sku in delta.products if (c := column.code(sku)) >= 0], dtype=np.int32)
+        hidden = np.isin(column.data, codes)
+        self._hidden = (delta, hidden)
+        return hidden
 
     def fill_probes(
         self,
@@ -409,26 +446,31 @@ class SearchEngine:
         keep = into.filter.matches if into.filter is not None else None
         for probe in probes:
             shard = self.shards[probe.category]
-            d, i = self.search_shard(probe.category, query, want, into.filter)
+            if into.allowed is not None:
+                rows = into.allowed[shard.offset : shard.offset + shard.index.ntotal]
+                d, i = self.search_shard(probe.category, query, want, rows, int(np.count_nonzero(rows)))
+            elif into.filter is not None:
+                rows = into.filter.mask[shard.offset : shard.offset + shard.index.ntotal]
+                d, i = self.search_shard(probe.category, query, want, rows, into.filter.per_shard[probe.category])
+            else:
+                d, i = self.search_shard(probe.category, query, want)
             valid = i >= 0
             into.rows.append(i[valid] + shard.offset)
             into.scores.append(d[valid])
             into.add_live(*into.delta.search(shard.name, query, want, keep))
 
     def search_shard(
-        self, category: int, query: np.ndarray, want: int, flt: CompiledFilter | None
+        self, category: int, query: np.ndarray, want: int, allowed: np.ndarray | None = None, matching: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One shard's best `want` images (scores, local ids), only rows the filter keeps: exact over few
-        matching rows, else the graph walked with the filter."""
+        """One shard's best `want` images (scores, local ids); with `allowed` (bool per local id, `matching` of
+        them true: a filter's rows), only those: exact over few, else the graph walked with the filter."""
         shard = self.shards[category]
         n = shard.index.ntotal
-        if flt is None:
+        if allowed is None:
             d, i = shard.index.search(query, min(want, n))
             return d[0], i[0]
-        matching = flt.per_shard[category]
         if matching == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        allowed = flt.mask[shard.offset : shard.offset + n]
         share = matching / n
         if matching <= self.exact_filter_rows or share < EXACT_FILTER_SHARE:
             ids = np.flatnonzero(allowed)

@@ -49,7 +49,7 @@ def _search(server: str, sku: str, **params: object) -> httpx.Response:
 
 def test_info_lists_the_filter_keys(server: str) -> None:
     r = httpx.get(f"{server}/v1/info")
-    assert r.json()["filter_keys"] == {"category": "string", "brand": "string", "price": "number"}
+    assert r.json()["filter_keys"] == {"category": "string", "brand": "string", "price": "number", "sku": "string"}
 
 
 def test_a_filter_keeps_only_matching_skus_and_still_fills_k(server: str) -> None:

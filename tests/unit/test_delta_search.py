@@ -45,6 +45,30 @@ def test_a_sku_moved_away_with_many_photos_does_not_empty_its_old_category(tiny_
     assert pear[0].item["sku"] == "crowd" and pear[0].row < 0  # found where it is now, from the delta
 
 
+def test_a_deleted_sku_is_excluded_inside_the_search(tiny_model: Path, tmp_path: Path) -> None:
+    """600 photos of a deleted SKU nearest the query: its rows are excluded from the graph walk itself (the
+    version's SKU column), so the category's other SKU is found without asking for ever more rows. (A build of a
+    two-SKU catalogue with thousands of photos of one takes minutes: its router measurement looks for 5 SKUs.)"""
+    rng = np.random.default_rng(1)
+    dim = OnnxEmbedder(tiny_model).dim
+    centre = _unit(rng.normal(size=dim))
+    crowd = _unit(centre + 0.05 * rng.normal(size=(600, dim)))
+    rest = _unit(centre + 0.6 * rng.normal(size=(5, dim)))
+    rows = [CatalogueRow(i, "crowd", "apple", f"c{i}.jpg") for i in range(600)]
+    rows += [CatalogueRow(600 + i, "rest", "apple", f"r{i}.jpg") for i in range(5)]
+    out = tmp_path / "index"
+    options = BuildOptions(M=8, ef_construction=40, progress=False)
+    publish_vectors(np.vstack([crowd, rest]), rows, out, OnnxEmbedder(tiny_model), options)
+    engine = load_engine(Settings(index_dir=out, model_dir=tiny_model, warmup_queries=0))
+    engine.delta = Delta.empty(0).applied({"crowd": None}, 1, 0.0)  # deleted
+    hidden = engine.hidden_rows(engine.delta)
+    assert hidden is not None and int(hidden.sum()) == 600 and engine.hidden_rows(engine.delta) is hidden
+    params = resolve_params(engine.manifest, k=1, category="apple")
+    assert [h.item["sku"] for h in engine.search_vector(centre, params).results] == ["rest"]
+    filtered = resolve_params(engine.manifest, k=1, category="apple", filter="sku=rest")
+    assert [h.item["sku"] for h in engine.search_vector(centre, filtered).results] == ["rest"]
+
+
 def test_a_new_version_keeps_only_changes_it_does_not_hold() -> None:
     v = _unit(np.ones((1, 4)))[0]
     held = Delta.empty(10).applied(

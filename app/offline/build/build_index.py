@@ -502,7 +502,7 @@ def _write_version(
         for r in grouped.rows
     ]
     ItemTable.write(item_rows, vdir / "items.jsonl", vdir / "items.offsets.npy")
-    attributes = AttributeIndex.write([r.attributes for r in grouped.rows], vdir)
+    attributes = AttributeIndex.write([r.attributes for r in grouped.rows], vdir, skus=[r.sku for r in grouped.rows])
     (vdir / "build_report.json").write_text(json.dumps(coverage.report(problems), indent=2) + "\n")
     total = coverage.images_total
     manifest = _manifest(
