@@ -36,7 +36,11 @@ class ImageTooLarge(ServiceError):
 
 
 class UnsupportedFormat(ServiceError):
-    code, status, message = "unsupported_format", 415, "unsupported image format; send JPEG, PNG or WebP"
+    code, status, message = (
+        "unsupported_format",
+        415,
+        "unsupported image format; send JPEG, PNG, WebP, HEIC/HEIF, AVIF or GIF",
+    )
 
 
 class TooManyPixels(ServiceError):
@@ -78,7 +82,11 @@ class UnknownFilterKey(ServiceError):
 
 
 class TooManyImages(ServiceError):
-    code, status, message = "too_many_images", 422, "a batch holds at most 16 images"
+    code, status, message = (
+        "too_many_images",
+        422,
+        "the batch holds more images than VPS_MAX_BATCH_IMAGES (16 by default)",
+    )
 
 
 class Unauthorized(ServiceError):

@@ -76,3 +76,63 @@ def exif_warning_jpeg(tags: int = 2000) -> bytes:
     data = buf.getvalue()
     app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
     return data[:2] + app1 + data[2:]
+
+
+# --- phone formats and GIF (issue 19) ---------------------------------------------------------------------------
+def gif_screen(w: int, h: int, *, frame: tuple[int, int, int, int] = (0, 0, 1, 1), disposal: int = 0) -> bytes:
+    """A tiny GIF: a logical screen of w x h and one frame at (left, top, width, height) with one byte of pixel
+    data; a frame reaching past the screen grows Pillow's canvas to it."""
+    gce = b"!\xf9\x04" + bytes([disposal << 2]) + b"\x00\x00\x00\x00"
+    descriptor = b"," + struct.pack("<HHHH", *frame) + b"\x00"
+    pixels = b"\x02\x02\x44\x01\x00"  # LZW minimum code size 2, one sub-block, terminator
+    palette = b"\xff\x00\x00\x00\x00\xff"  # two colours
+    return b"GIF89a" + struct.pack("<HH", w, h) + b"\x80\x00\x00" + palette + gce + descriptor + pixels + b";"
+
+
+def gif_extension_flood(blocks: int) -> bytes:
+    """A small GIF with `blocks` one-byte comment sub-blocks before its frame: a Python step each in Pillow."""
+    buf = io.BytesIO()
+    Image.new("P", (8, 8), 1).save(buf, "GIF")
+    data = buf.getvalue()
+    frame = data.index(b",")
+    return data[:frame] + b"!\xfe" + b"\x01x" * blocks + b"\x00" + data[frame:]
+
+
+def many_frame_gif(frames: int, size: tuple[int, int] = (16, 16)) -> bytes:
+    images = [Image.new("RGB", size, (255, 0, 0))] + [Image.new("RGB", size, (0, 0, i % 256)) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], optimize=False)
+    return buf.getvalue()
+
+
+def _restate_ispe(data: bytes, old: tuple[int, int], new: tuple[int, int]) -> bytes:
+    """Every `ispe` property of size `old` rewritten to say `new` (the pixels stay as they are)."""
+    out, start = bytearray(data), 0
+    while (i := data.find(b"ispe", start)) >= 0:
+        if struct.unpack(">II", data[i + 8 : i + 16]) == old:
+            out[i + 8 : i + 16] = struct.pack(">II", *new)
+        start = i + 4
+    return bytes(out)
+
+
+def avif_understated(side: int, claimed: int = 64) -> bytes:
+    """An AVIF whose header (`ispe`) says claimed x claimed around an AV1 frame of side x side: libavif decodes
+    the frame at its own size (1,096 bytes made an 8000x8000 decode, +139 MB)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 30, 200)).save(buf, "AVIF", quality=30, speed=10)
+    return _restate_ispe(buf.getvalue(), (side, side), (claimed, claimed))
+
+
+def heic_grid_understated(side: int = 1024, tile: int = 512, claimed: int = 64) -> bytes:
+    """A HEIC grid whose `ispe` says claimed x claimed while its grid descriptor keeps side x side: libheif
+    decodes the whole grid before comparing (a 4096^2 grid: +28 MB, then refused)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    previous, pillow_heif.options.GRID_TILE_SIZE = pillow_heif.options.GRID_TILE_SIZE, tile
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (120, 30, 200)).save(buf, "HEIF", quality=30)
+    finally:
+        pillow_heif.options.GRID_TILE_SIZE = previous
+    return _restate_ispe(buf.getvalue(), (side, side), (claimed, claimed))

@@ -19,7 +19,7 @@ from app.artifacts.shards import ShardIndex
 from app.engine.delta import Delta
 from app.engine.embedding import Embedder, decode_side
 from app.engine.filters import CompiledFilter, compile_filter, parse_filter
-from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, collect_warnings, decode_image
+from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, Region, collect_warnings, decode_image
 from app.engine.routing import Probe, Router, select_probes
 from app.errors import InternalError, Overloaded, ServiceError, UnknownCategory
 
@@ -58,6 +58,7 @@ class SearchParams:
     fill_max_probes: int = FILL_MAX_PROBES  # shards added to fill k, at most (0: never fill)
     filter: str | None = None  # app/engine/filters.py
     offset: int = 0  # paging: results offset .. offset + k of the same ranking
+    region: Region | None = None  # the part of the photo to search (app/engine/imaging.py)
 
     @property
     def depth(self) -> int:
@@ -89,6 +90,7 @@ def resolve_params(
     explain: bool = False,
     filter: str | None = None,
     offset: int = 0,
+    region: Region | None = None,
 ) -> SearchParams:
     """The one rule for which value wins: the request's, else the deployment's default, else the build's."""
     return SearchParams(
@@ -102,6 +104,7 @@ def resolve_params(
         fill_max_probes=defaults.fill_max_probes,
         filter=filter or None,
         offset=offset,
+        region=region,
     )
 
 
@@ -227,16 +230,18 @@ class SearchEngine:
         if name not in self._category_index and name not in delta.segments:
             self.category_id(name)  # raises
 
-    def embed_image(self, data: bytes, warnings: Collected | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    def embed_image(
+        self, data: bytes, warnings: Collected | None = None, region: Region | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """Decode and embed; library warnings the decode raises go to `warnings` (counted, never printed)."""
         t0 = time.perf_counter()
-        batch = self.embedder.preprocess(self.decode(data, warnings))[None]
+        batch = self.embedder.preprocess(self.decode(data, warnings, region))[None]
         t1 = time.perf_counter()
         vector = self.checked(self.embedder.embed(batch), 1)[0]
         t2 = time.perf_counter()
         return vector, {"decode": t1 - t0, "embed": t2 - t1}
 
-    def decode(self, data: bytes, warnings: Collected | None = None) -> Image.Image:
+    def decode(self, data: bytes, warnings: Collected | None = None, region: Region | None = None) -> Image.Image:
         with collect_warnings(warnings):
             return decode_image(
                 data,
@@ -244,6 +249,7 @@ class SearchEngine:
                 min_side=decode_side(self.embedder.card.input),
                 max_decode_bytes=self.max_decode_bytes,
                 budget=self.decode_budget,
+                region=region,
             )
 
     def checked(self, vectors: np.ndarray, n: int) -> np.ndarray:
@@ -256,7 +262,7 @@ class SearchEngine:
             self.check_category(params.category, self.delta)  # reject an unknown category before inference
         if params.filter is not None:
             self.compile_filter(params.filter)  # and a bad filter (compiled once: the search finds it cached)
-        vector, timings = self.embed_image(data, warnings)
+        vector, timings = self.embed_image(data, warnings, params.region)
         outcome = self.search_vector(vector, params)
         outcome.timings_s = {**timings, **outcome.timings_s}
         outcome.vector = vector
@@ -276,7 +282,7 @@ class SearchEngine:
         decoded: list[np.ndarray | ServiceError] = []
         for data in images:
             try:
-                decoded.append(self.embedder.preprocess(self.decode(data, warnings)))
+                decoded.append(self.embedder.preprocess(self.decode(data, warnings, params.region)))
             except Overloaded:
                 raise  # the process is out of decode memory: the whole batch is refused (503, retry)
             except ServiceError as exc:

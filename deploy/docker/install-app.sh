@@ -8,5 +8,5 @@ src="$2"
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet "$src" "dumb-init==1.2.5.post1"
 # Fail the build now, not at the first request, if the serving install is incomplete.
-"$prefix/bin/python" -c "import app.service.app, faiss, hnswlib, onnxruntime, PIL"
+"$prefix/bin/python" -c "import app.service.app, faiss, hnswlib, onnxruntime, PIL, pillow_heif"
 "$prefix/bin/vps" --help > /dev/null

@@ -1,6 +1,6 @@
 """The bad-input matrix, over real HTTP against a real index: every hostile or odd upload gets a 4xx JSON error
 with a stable code (never a 500), or, where the input is a valid image in disguise, a normal answer with finite
-scores. Formats outside JPEG/PNG/WebP never reach their Pillow plugin."""
+scores. Formats outside JPEG/PNG/WebP/HEIC/AVIF/GIF never reach their Pillow plugin."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pillow_heif
 import psutil
 import pytest
 from PIL import (
@@ -29,6 +30,7 @@ from PIL import (
 from app.service.app import create_app
 from app.service.config import Settings
 from tests.helpers import encode, live_server, product_image
+from tests.hostile import avif_understated, gif_extension_flood, gif_screen, heic_grid_understated
 
 CAP = 256 * 1024
 MAX_PIXELS = 1_000_000
@@ -205,7 +207,6 @@ def test_tiny_and_extreme_shapes_are_answered(server: str, size: tuple[int, int]
 PSD = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 80, 96, 8, 3) + b"\0" * 64
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"><rect width="9" height="9"/></svg>'
 OTHER_FORMATS = {
-    "GIF": (lambda: apple("GIF"), GifImagePlugin.GifImageFile),
     "TIFF": (lambda: apple("TIFF"), TiffImagePlugin.TiffImageFile),
     "BMP": (lambda: apple("BMP"), BmpImagePlugin.BmpImageFile),
     "PSD": (
@@ -284,7 +285,7 @@ def test_many_frame_animations_decode_the_first_frame_only(server: str) -> None:
     frames = [product_image("red-apple", 0, size=(48, 40))] + [
         Image.new("RGB", (48, 40), (i, 255 - i, 0)) for i in range(300)
     ]
-    for fmt in ("WEBP", "PNG"):
+    for fmt in ("WEBP", "PNG", "GIF", "AVIF"):
         buf = io.BytesIO()
         frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
         assert len(buf.getvalue()) <= CAP
@@ -396,3 +397,79 @@ def test_at_most_cap_plus_one_bytes_are_read(faiss_index: Path, tiny_model: Path
     asyncio.run(scenario())
     assert sent[0]["status"] == 413
     assert pulled == (0 if declare_length else cap + 1)
+
+
+# --- phone formats and GIF (issue 19) ---------------------------------------------------------------------------
+pillow_heif.register_heif_opener()  # to write HEIC here
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF", "GIF"])
+@pytest.mark.parametrize("content_type", ["image/heic", "image/avif", "image/gif", "application/octet-stream"])
+def test_phone_formats_and_gif_are_answered(server: str, fmt: str, content_type: str) -> None:
+    """Whatever the Content-Type says, the bytes decide."""
+    body = assert_answer(post(server, content=apple(fmt, quality=90) if fmt != "GIF" else apple("GIF"),
+                              headers={"content-type": content_type}))  # fmt: skip
+    assert body["results"][0]["sku"] == "red-apple"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_rotated_phone_photo_matches_the_upright_one(server: str, fmt: str) -> None:
+    upright = product_image("blue-milk", 3, size=(96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; displayed 90 degrees clockwise = upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    body = assert_answer(post(server, content=encode(stored, fmt, quality=95, exif=exif.tobytes())))
+    assert body["results"][0]["sku"] == "blue-milk"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF", "GIF"])
+def test_truncated_phone_formats_and_gif(server: str, fmt: str) -> None:
+    data = apple(fmt)
+    for cut in (len(data) // 2, 100):
+        assert_error(post(server, content=data[:cut]), 400, "corrupt_image")
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_corrupted_phone_formats_never_500(server: str, fmt: str) -> None:
+    rng = np.random.default_rng(7)
+    data = apple(fmt)
+    for _ in range(20):
+        damaged = bytearray(data)
+        for pos in rng.integers(0, len(data), 8):
+            damaged[pos] ^= 1 << int(rng.integers(0, 8))
+        r = post(server, content=bytes(damaged))
+        assert r.status_code in (200, 400, 415, 422), (r.status_code, r.text[:300])
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "code"),
+    [
+        pytest.param(lambda: gif_screen(30000, 30000), 422, "too_many_pixels", id="gif-huge-screen"),
+        pytest.param(
+            lambda: gif_screen(8, 8, frame=(0, 0, 9000, 9000), disposal=2), 422, "too_many_pixels", id="gif-frame-past"
+        ),
+        pytest.param(lambda: gif_extension_flood(5000), 422, "image_too_complex", id="gif-block-flood"),
+        pytest.param(lambda: avif_understated(1100), 422, "too_many_pixels", id="avif-understated-frame"),
+        pytest.param(lambda: heic_grid_understated(1024, 512, 64), 422, "too_many_pixels", id="heic-understated-grid"),
+    ],
+)
+def test_phone_format_and_gif_bombs_are_refused_with_flat_memory(server: str, make, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    data = make()
+    assert len(data) < 20_000
+    rss = psutil.Process().memory_info().rss
+    for _ in range(3):
+        assert_error(post(server, content=data), status, code)
+    assert psutil.Process().memory_info().rss - rss < 50 * 1024 * 1024
+
+
+def test_a_huge_gif_canvas_never_reaches_pillow(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[bool] = []
+    original = GifImagePlugin.GifImageFile._open
+
+    def spy(self: Any) -> None:
+        opened.append(True)
+        original(self)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", spy)
+    assert_error(post(server, content=gif_screen(30000, 30000)), 422, "too_many_pixels")
+    assert opened == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from app.offline.build.build_index import BuildOptions, build_index
 from app.service.app import create_app
@@ -125,3 +126,28 @@ def test_the_schema_documents_the_new_parameters(server: str) -> None:
     batch = doc["paths"]["/v1/search/batch"]["post"]
     assert {p["name"] for p in batch["parameters"]} == names
     assert "BatchResponse" in str(batch["responses"]["200"])
+
+
+def _two_products() -> bytes:
+    """blue-milk on the left half, orange-juice on the right half of one 192x80 photo."""
+    photo = Image.new("RGB", (192, 80))
+    photo.paste(product_image("blue-milk", 50), (0, 0))
+    photo.paste(product_image("orange-juice", 50), (96, 0))
+    return encode(photo, "JPEG", quality=95)
+
+
+def test_a_region_searches_that_part_of_the_photo(server: str) -> None:
+    photo = _two_products()
+
+    def top(**params: object) -> httpx.Response:
+        return httpx.post(f"{server}/search", files={"image": ("q.jpg", photo, "image/jpeg")}, params=params)
+
+    left = top(k=1, bbox="0,0,96,80").json()["results"][0]["sku"]
+    right = top(k=1, bbox="96,0,192,80").json()["results"][0]["sku"]
+    assert (left, right) == ("blue-milk", "orange-juice")
+    assert top(k=1, bbox="0.5,0,1,1", bbox_units="fraction").json()["results"][0]["sku"] == "orange-juice"
+    for bbox, units in (("0,0,200,80", "px"), ("10,10,10,20", "px"), ("0,0,1.5,1", "fraction"), ("1,2,3", "px")):
+        r = top(bbox=bbox, bbox_units=units)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_bbox", (bbox, r.text)
+    r = top(bbox="0,0,96,80", bbox_units="inches")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"

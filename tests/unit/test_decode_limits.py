@@ -10,24 +10,42 @@ import threading
 import zlib
 
 import numpy as np
+import pillow_heif
 import pytest
-from PIL import Image
+from PIL import AvifImagePlugin, GifImagePlugin, Image
+from pillow_heif.as_plugin import HeifImageFile
 
 from app.engine.imaging import (
+    MAX_BMFF_BOXES,
     MAX_DECODE_BYTES,
+    MAX_GIF_BLOCKS,
     MAX_JPEG_SCANS,
     MAX_PNG_CHUNKS,
     DecodeBudget,
     collect_warnings,
+    container_frames,
     decode_cost,
     decode_image,
+    gif_structure,
     install_warning_capture,
     jpeg_structure,
     png_chunks,
     to_rgb,
 )
-from app.errors import ImageTooComplex, Overloaded, TooManyPixels
-from tests.hostile import animated_webp, exif_warning_jpeg, progressive_jpeg, scan_bomb, segment_bomb, sixteen_bit_png
+from app.errors import CorruptImage, ImageTooComplex, Overloaded, TooManyPixels, UnsupportedFormat
+from tests.hostile import (
+    animated_webp,
+    avif_understated,
+    exif_warning_jpeg,
+    gif_extension_flood,
+    gif_screen,
+    heic_grid_understated,
+    many_frame_gif,
+    progressive_jpeg,
+    scan_bomb,
+    segment_bomb,
+    sixteen_bit_png,
+)
 
 CAP = 40_000_000
 
@@ -227,3 +245,180 @@ def test_small_decodes_never_wait_for_the_budget() -> None:
     with budget.reserve(1024):  # the budget is full
         image = decode_image(exif_warning_jpeg(1), max_pixels=CAP, budget=budget)  # a small photo still decodes
     assert image.size == (64, 48)
+
+
+# --- phone formats and GIF (issue 19) ---------------------------------------------------------------------------
+@pytest.fixture
+def plugins_never_open(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every GIF, AVIF or HEIF plugin that starts parsing: refusals from the header must leave it empty."""
+    opened: list[str] = []
+    for cls in (GifImagePlugin.GifImageFile, AvifImagePlugin.AvifImageFile, HeifImageFile):
+        original = cls._open
+
+        def spy(self: Image.Image, original=original, name: str = cls.__name__) -> None:  # type: ignore[no-untyped-def]
+            opened.append(name)
+            original(self)
+
+        monkeypatch.setattr(cls, "_open", spy)
+    return opened
+
+
+def test_a_huge_gif_screen_is_refused_before_pillow_opens_it(plugins_never_open: list[str]) -> None:
+    data = gif_screen(30000, 30000)
+    assert len(data) < 64
+    with pytest.raises(TooManyPixels):
+        decode_image(data, max_pixels=CAP)
+    assert plugins_never_open == []
+
+
+def test_a_gif_frame_past_its_screen_grows_the_canvas_and_is_refused_before_pillow(
+    plugins_never_open: list[str],
+) -> None:
+    """Pillow grows the canvas to the first frame's extent and fills a disposal buffer of the frame's size as it
+    opens the file: a 9000^2 frame on an 8x8 screen would allocate 81 MB before any check of ours."""
+    data = gif_screen(8, 8, frame=(0, 0, 9000, 9000), disposal=2)
+    assert gif_structure(data)[:2] == (9000, 9000)
+    with pytest.raises(TooManyPixels):
+        decode_image(data, max_pixels=CAP)
+    assert plugins_never_open == []
+    buf = io.BytesIO()
+    Image.new("P", (4, 4), 1).save(buf, "GIF")
+    small = bytearray(buf.getvalue())
+    small[6:10] = struct.pack("<HH", 2, 2)  # a 2x2 screen
+    frame = small.index(b",", 13)
+    small[frame + 1 : frame + 5] = struct.pack("<HH", 4, 4)  # the 4x4 frame at (4, 4)
+    assert decode_image(bytes(small), max_pixels=CAP).size == (8, 8) == gif_structure(bytes(small))[:2]
+
+
+def test_a_gif_canvas_under_the_pixel_cap_is_costed_as_converted_whole() -> None:
+    data = gif_screen(6000, 6000)
+    opened = Image.open(io.BytesIO(data))
+    assert decode_cost(opened, "GIF", 288) == 6000 * 6000 * (3 + 16) > MAX_DECODE_BYTES
+    with pytest.raises(ImageTooComplex):
+        decode_image(data, max_pixels=CAP, min_side=288)
+
+
+def test_gif_blocks_before_the_first_frame_are_counted() -> None:
+    assert gif_structure(gif_extension_flood(5000))[2] > MAX_GIF_BLOCKS
+    with pytest.raises(ImageTooComplex):
+        decode_image(gif_extension_flood(5000), max_pixels=CAP)
+    assert decode_image(gif_extension_flood(1000), max_pixels=CAP).size == (8, 8)
+
+
+def test_only_the_first_gif_frame_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's GIF reader walks frames in Python; n_frames would walk them all. Frame 0 only, here."""
+    data = many_frame_gif(3000)
+    seeks: list[int] = []
+    original = GifImagePlugin.GifImageFile._seek
+
+    def spy(self: GifImagePlugin.GifImageFile, frame: int, update_image: bool = True) -> None:
+        seeks.append(frame)
+        original(self, frame, update_image)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek", spy)
+    image = decode_image(data, max_pixels=CAP)
+    assert seeks == [0] and image.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_an_avif_understating_its_frame_is_costed_by_the_frame() -> None:
+    """libavif decodes the AV1 frame at its own size whatever `ispe` says: the sequence header's maximum frame
+    size is what is checked and costed."""
+    data = avif_understated(1024)
+    assert Image.open(io.BytesIO(data)).size == (64, 64)  # what the header says
+    assert container_frames(data, "AVIF") == (1024 * 1024, 1024)
+    with pytest.raises(TooManyPixels):
+        decode_image(data, max_pixels=500_000)
+    with pytest.raises(ImageTooComplex):  # 1 MP decoded: 24 MB by the rule, over a 4 MiB allowance
+        decode_image(data, max_pixels=CAP, max_decode_bytes=4 * 2**20)
+    honest = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(honest, "AVIF")
+    assert decode_image(honest.getvalue(), max_pixels=500_000, max_decode_bytes=4 * 2**20).size == (64, 64)
+
+
+def test_an_avif_without_a_sequence_header_is_corrupt() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(buf, "AVIF")
+    data = buf.getvalue()
+    header = data.index(b"\x12\x00\x0a")  # temporal delimiter, then the sequence header OBU
+    damaged = data[: header + 2] + b"\x32" + data[header + 3 :]  # now a frame OBU
+    with pytest.raises(CorruptImage):
+        decode_image(damaged, max_pixels=CAP)
+
+
+def test_a_heic_grid_understating_its_size_is_costed_by_the_grid(plugins_never_open: list[str]) -> None:
+    """libheif decodes a grid at its descriptor's size before comparing it with `ispe` (4096^2 inside 64x64:
+    +28 MB, then refused): the descriptor is read first."""
+    data = heic_grid_understated(1024, 512, 64)
+    assert container_frames(data, "HEIF") == (1024 * 1024, 1024)
+    with pytest.raises(TooManyPixels):
+        decode_image(data, max_pixels=500_000)
+    assert plugins_never_open == []
+
+
+def test_a_heic_stream_larger_than_its_header_is_refused_by_libheif() -> None:
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 512), (120, 30, 200)).save(buf, "HEIF", quality=30)
+    data = buf.getvalue()
+    i = data.index(b"ispe")
+    lying = data[: i + 8] + struct.pack(">II", 64, 64) + data[i + 16 :]
+    with pytest.raises(CorruptImage):  # libheif: "exceeds the maximum image size 4096"
+        decode_image(lying, max_pixels=CAP)
+
+
+def test_huge_heic_and_avif_headers_are_refused_before_their_decoder(plugins_never_open: list[str]) -> None:
+    pillow_heif.register_heif_opener()
+    for fmt in ("HEIF", "AVIF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buf, fmt)
+        data = buf.getvalue()
+        i = data.index(b"ispe")
+        with pytest.raises(TooManyPixels):
+            decode_image(data[: i + 8] + struct.pack(">II", 30000, 30000) + data[i + 16 :], max_pixels=CAP)
+    assert plugins_never_open == []
+
+
+def test_a_heic_whose_primary_is_not_hevc_is_unsupported() -> None:
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "HEIF")
+    with pytest.raises(UnsupportedFormat):  # libheif's uncompressed codec: not what a phone or camera writes
+        decode_image(buf.getvalue().replace(b"hvc1", b"unci"), max_pixels=CAP)
+
+
+def test_a_flood_of_boxes_is_refused() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "AVIF")
+    data = buf.getvalue()
+    free = b"\x00\x00\x00\x08free"  # empty boxes after the file's own: its offsets stay right
+    with pytest.raises(ImageTooComplex):
+        decode_image(data + free * (MAX_BMFF_BOXES + 10), max_pixels=CAP)
+    assert decode_image(data + free * 100, max_pixels=CAP).size == (16, 16)
+
+
+def test_estimates_for_heif_avif_and_gif() -> None:
+    pillow_heif.register_heif_opener()
+    opened = {}
+    for fmt, mode in (("HEIF", "RGB"), ("AVIF", "RGB"), ("AVIF", "RGBA"), ("GIF", "P")):
+        buf = io.BytesIO()
+        Image.new(mode, (1000, 800)).save(buf, fmt)
+        opened[fmt, mode] = Image.open(io.BytesIO(buf.getvalue()))
+    px = 1000 * 800
+    assert decode_cost(opened["HEIF", "RGB"], "HEIF", 100) == px * (8 + 4)  # libheif's image + Pillow's, reduce
+    assert decode_cost(opened["AVIF", "RGB"], "AVIF", 100) == px * (8 + 4)
+    assert decode_cost(opened["AVIF", "RGBA"], "AVIF", 100) == px * (12 + 4)  # + the alpha plane's decode
+    assert decode_cost(opened["GIF", "P"], "GIF", 100) == px * (3 + 16)  # canvas, disposal buffer, whole
+    assert decode_cost(opened["HEIF", "RGB"], "HEIF", 100, codec_pixels=4 * px) == 4 * px * (8 + 4)
+    # A region: the whole image stays decoded while its crop is copied and converted.
+    assert decode_cost(opened["HEIF", "RGB"], "HEIF", 100, crop=(300, 200)) == px * 8 + 300 * 200 * (4 + 16)
+
+
+def test_a_jpeg_region_is_costed_at_the_crop_s_scale() -> None:
+    big = io.BytesIO()
+    Image.new("RGB", (4000, 3000)).save(big, "JPEG")
+    jpeg = Image.open(io.BytesIO(big.getvalue()))
+    whole = decode_cost(jpeg, "JPEG", 288)
+    assert whole == (4000 * 3000 // 64) * 8  # 1/8
+    small_box = decode_cost(jpeg, "JPEG", 288, crop=(400, 300))  # full scale: the crop is under 2 x 288
+    assert small_box == 4000 * 3000 * 4 + 400 * 300 * 8
+    assert decode_cost(jpeg, "JPEG", 288, crop=(400, 300), scale=8) == (4000 * 3000 // 64) * 4 + (400 * 300 // 64) * 8

@@ -1,7 +1,7 @@
 """Fuzzing the decode path (sniff -> Pillow -> RGB -> model preprocessing) with hypothesis: random bytes and
-valid JPEG/PNG/WebP files mutated by bit flips, truncation, splices and header edits. Anything but the service's
-own error family (CorruptImage, UnsupportedFormat, TooManyPixels, ImageTooComplex, EmptyBody) is a failure, and
-whatever decodes must come out as a finite model input.
+valid JPEG/PNG/WebP/HEIC/AVIF/GIF files mutated by bit flips, truncation, splices and header edits. Anything but
+the service's own error family (CorruptImage, UnsupportedFormat, TooManyPixels, ImageTooComplex, EmptyBody) is a
+failure, and whatever decodes must come out as a finite model input.
 
 CI runs a bounded number of examples; run it long with, e.g.:
     VPS_FUZZ_EXAMPLES=200000 pytest tests/unit/test_fuzz_decode.py
@@ -13,6 +13,7 @@ import io
 import os
 
 import numpy as np
+import pillow_heif
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,6 +26,7 @@ EXAMPLES = int(os.environ.get("VPS_FUZZ_EXAMPLES", "400"))
 EXPECTED = (CorruptImage, UnsupportedFormat, TooManyPixels, ImageTooComplex, EmptyBody)
 SPEC = ModelInput(name="images", size=32, resize_to=40, mean=(127.0,) * 3, std=(128.0,) * 3)
 MAX_PIXELS = 4_000_000
+pillow_heif.register_heif_opener()  # to write the HEIC seeds
 
 
 def _seed_files() -> list[bytes]:
@@ -41,6 +43,12 @@ def _seed_files() -> list[bytes]:
         ("I;16", "PNG", {}),
         ("RGB", "WEBP", {"quality": 70}),
         ("RGBA", "WEBP", {"lossless": True}),
+        ("RGB", "HEIF", {"quality": 50}),
+        ("RGBA", "HEIF", {"quality": 50}),
+        ("RGB", "AVIF", {"quality": 50, "speed": 10}),
+        ("RGBA", "AVIF", {"quality": 50, "speed": 10}),
+        ("P", "GIF", {"transparency": 0}),
+        ("L", "GIF", {"optimize": False}),
     ]:
         arr = rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)
         image = Image.fromarray(arr).convert(mode if mode != "I;16" else "I").convert(mode)
@@ -48,7 +56,7 @@ def _seed_files() -> list[bytes]:
         image.save(buf, format=fmt, **kw)
         out.append(buf.getvalue())
     frames = [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)]
-    for fmt in ("PNG", "WEBP"):  # animated
+    for fmt in ("PNG", "WEBP", "GIF", "AVIF", "HEIF"):  # animated (HEIF: two images)
         buf = io.BytesIO()
         frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
         out.append(buf.getvalue())
@@ -106,7 +114,19 @@ def test_random_bytes_decode_or_fail_cleanly(data: bytes) -> None:
 
 @settings(max_examples=EXAMPLES // 4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(
-    st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8 "]), st.binary(max_size=512)
+    st.sampled_from(
+        [
+            b"\xff\xd8\xff",
+            b"\x89PNG\r\n\x1a\n",
+            b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+            b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic",
+            b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf",
+            b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1avis",
+            b"GIF89a",
+            b"GIF87a",
+        ]
+    ),
+    st.binary(max_size=512),
 )
 def test_valid_magic_with_garbage_fails_cleanly(magic: bytes, rest: bytes) -> None:
     _decode_or_expected_error(magic + rest)

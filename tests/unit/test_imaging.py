@@ -6,6 +6,7 @@ import io
 import zlib
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
@@ -16,14 +17,14 @@ from tests.helpers import encode, product_image
 MAX = 40_000_000
 
 
-def test_sniffs_the_three_allowed_formats() -> None:
+def test_sniffs_the_allowed_formats() -> None:
+    pillow_heif.register_heif_opener()  # to write HEIC
     img = product_image("red-apple", 0)
-    assert sniff_format(encode(img, "JPEG")) == "JPEG"
-    assert sniff_format(encode(img, "PNG")) == "PNG"
-    assert sniff_format(encode(img, "WEBP")) == "WEBP"
+    for fmt in ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF"):
+        assert sniff_format(encode(img, fmt)) == fmt
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "PDF"])
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "PDF", "ICO", "TGA"])
 def test_other_formats_are_unsupported(fmt: str) -> None:
     data = encode(product_image("red-apple", 0), fmt)
     with pytest.raises(UnsupportedFormat):

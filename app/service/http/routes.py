@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from app.engine.imaging import Collected
+from app.engine.imaging import Collected, Region
 from app.engine.search import STAGES, Hit, SearchDefaults, SearchEngine, SearchOutcome, SearchParams, resolve_params
 from app.errors import EmptyBody, ImageTooLarge, NotReady, ServiceError
 from app.service.http.schemas import (
@@ -210,6 +210,7 @@ def build_params(engine: SearchEngine, defaults: SearchDefaults, query: SearchQu
         explain=query.explain,
         filter=query.filter,
         offset=query.offset,
+        region=Region.parse(query.bbox, query.bbox_units) if query.bbox else None,
     )
 
 
@@ -321,7 +322,7 @@ async def info(
             "max_image_pixels": s.max_image_pixels,
             "max_k": 100,
             "default_k": s.default_k,
-            "formats": ["jpeg", "png", "webp"],
+            "formats": ["jpeg", "png", "webp", "heic", "heif", "avif", "gif"],
         },
         filter_keys={"category": "string", **{k: c.kind for k, c in sorted(engine.attributes.columns.items())}},
     )

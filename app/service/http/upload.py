@@ -9,7 +9,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import ClientClosedRequest, EmptyBody, ImageTooLarge, InvalidMultipart, MissingImage
+from app.errors import (
+    ClientClosedRequest,
+    EmptyBody,
+    ImageTooLarge,
+    InvalidMultipart,
+    MissingImage,
+    ServiceError,
+    TooManyImages,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -74,12 +82,14 @@ def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
     return bytes(collector.image)
 
 
-def _parse_multipart(content_type: str, body: bytes | bytearray, *, max_files: int) -> _ImagePart:
+def _parse_multipart(
+    content_type: str, body: bytes | bytearray, *, max_files: int, too_many: type[ServiceError] = InvalidMultipart
+) -> _ImagePart:
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidMultipart()
-    collector = _ImagePart(max_files)
+    collector = _ImagePart(max_files, too_many)
     callbacks: MultipartCallbacks = {
         "on_part_begin": collector.on_part_begin,
         "on_header_field": collector.on_header_field,
@@ -102,7 +112,8 @@ class _ImagePart:
     """Callbacks for one pass over the body: requires a name on each part, bounds the number of file parts and
     of fields and the size of a field, and keeps the image part (file or field; the body cap bounds it)."""
 
-    def __init__(self, max_files: int = MAX_FILES) -> None:
+    def __init__(self, max_files: int = MAX_FILES, too_many: type[ServiceError] = InvalidMultipart) -> None:
+        self._too_many = too_many
         self.image: bytearray | None = None
         self.images: list[bytearray] = []  # every image part, in order
         self._max_files = max_files
@@ -138,7 +149,9 @@ class _ImagePart:
             self._fields += 1
         else:
             self._files += 1
-        if self._files > self._max_files or self._fields > MAX_FIELDS:
+        if self._files > self._max_files:
+            raise self._too_many()
+        if self._fields > MAX_FIELDS:
             raise InvalidMultipart()
         self._data = bytearray() if name == IMAGE_FIELD else None
 
@@ -154,3 +167,16 @@ class _ImagePart:
         if self._data is not None:
             self.image = self._data
             self.images.append(self._data)
+
+
+async def read_image_parts(request: Request, max_bytes: int, max_images: int) -> list[bytes]:
+    """Every `image` part of a multipart body in order (batch search), at most `max_images`; the body within
+    their sum. Parts are returned as sent, empty or too large ones too: each gets its own error, not the batch."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise MissingImage("send the images as multipart fields named 'image'")
+    body = await read_body(request, max_images * max_bytes + MULTIPART_OVERHEAD)
+    parts = _parse_multipart(content_type, body, max_files=max_images, too_many=TooManyImages)
+    if not parts.images:
+        raise MissingImage()
+    return [bytes(i) for i in parts.images]

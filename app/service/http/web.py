@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from app.artifacts.manifest import safe_join
-from app.engine.imaging import JPEG, PNG, WEBP, sniff_format
+from app.engine.imaging import AVIF, GIF, HEIF, JPEG, PNG, WEBP, sniff_format
 from app.engine.search import SearchEngine
 from app.errors import ArtifactError, EmptyBody, ImageNotFound, UnsupportedFormat
 from app.service.http.routes import get_engine, get_state
@@ -43,7 +43,14 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
-_MEDIA = {JPEG: "image/jpeg", PNG: "image/png", WEBP: "image/webp"}
+_MEDIA = {
+    JPEG: "image/jpeg",
+    PNG: "image/png",
+    WEBP: "image/webp",
+    HEIF: "image/heic",
+    AVIF: "image/avif",
+    GIF: "image/gif",
+}
 # The page's icon, linked from index.html: without one every load of the page cost a 404 for /favicon.ico.
 # Kept here, not in static/, so that every install has it (package data lists the page's .html and .js only).
 _ICON = (
