@@ -113,12 +113,12 @@ def build(x: np.ndarray, sku_cat: np.ndarray, sizes: np.ndarray, work: Path, see
     marker.write_text(json.dumps({"build_s": round(time.perf_counter() - t0, 1)}))
 
 
-def engine(x: np.ndarray, sizes: np.ndarray, work: Path) -> SearchEngine:
+def engine(x: np.ndarray, sizes: np.ndarray, work: Path, ef_search: int) -> SearchEngine:
     shards, names, centroids, offset = [], [], [], 0
     for c, size in enumerate(sizes):
         if not size:
             continue
-        index = FaissHnswShard.load(work / f"{c:04d}.faiss", ef_search=64)
+        index = FaissHnswShard.load(work / f"{c:04d}.faiss", ef_search=ef_search)
         shards.append(Shard(f"cat-{c:03d}", offset, index, n_skus=int(size) // PER_SKU))
         names.append(f"cat-{c:03d}")
         centroids.append(x[offset : offset + size].mean(axis=0))
@@ -134,7 +134,7 @@ def engine(x: np.ndarray, sizes: np.ndarray, work: Path) -> SearchEngine:
         max_image_pixels=1,
         overfetch=4,
         attributes=AttributeIndex.load(work, "attributes/columns.json", len(x), listed),
-        ef_search=64,
+        ef_search=ef_search,
     )
 
 
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--categories", type=int, default=100)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--ef-search", type=int, default=64, help="the shards' efSearch (the build's default: 64)")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-filters")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     args = ap.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
     work = args.work / f"n{args.n}-d{args.dim}-c{args.categories}-v{DATA_VERSION}"
     build(x, sku_cat, sizes, work, seed)
     faiss.omp_set_num_threads(1)
-    eng = engine(x, sizes, work)
+    eng = engine(x, sizes, work, args.ef_search)
     rng = np.random.default_rng(seed + 2)
     picks = rng.choice(args.n, size=args.queries, replace=False)
     queries = x[picks] + 0.05 * rng.standard_normal((args.queries, args.dim)).astype(np.float32)
@@ -248,14 +250,16 @@ def main() -> None:
         "categories": args.categories,
         "category_sizes": {"min": int(sizes[sizes > 0].min()), "max": int(sizes.max())},
         "queries": args.queries,
+        "ef_search": args.ef_search,
         "build": json.loads((work / "built.json").read_text()),
         "compile_s_first_time": compile_s,
         "rows": rows_out,
         "run_s": round(time.perf_counter() - t_start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_filters.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "bench_filters.md").write_text(markdown(doc))
+    stem = f"bench_filters-{args.tag}" if args.tag else "bench_filters"
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(doc))
     sys.stdout.write(markdown(doc))
 
 
@@ -269,10 +273,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"{doc['n']:,} synthetic {doc['dim']}-d vectors, 5 a SKU, in {doc['categories']} categories of "
         f"{doc['category_sizes']['min']:,}-{doc['category_sizes']['max']:,} vectors (per-category faiss HNSW, "
-        "M=32, efConstruction=200 as the build, efSearch 64); `search_vector` in process, one thread, k=10, "
-        f"probe_mass 0.9, max_probes 3, filling to k; {doc['queries']} queries. Recall@10 of SKUs: against an "
-        "exact search over the matching items of the shards searched (the filter's exactness) and over every "
-        "matching item (routing included); post-filter: the unfiltered search with non-matching results dropped.",
+        f"M=32, efConstruction=200 as the build, efSearch {doc['ef_search']}); `search_vector` in process, "
+        f"one thread, k=10, probe_mass 0.9, max_probes 3, filling to k; {doc['queries']} queries. "
+        "Recall@10 of SKUs: against an exact search over the matching items of the shards searched (the "
+        "filter's exactness) and over every matching item (routing included); post-filter: the unfiltered "
+        "search with non-matching results dropped.",
         "",
         "| filter | share kept | matching rows | p50 ms | p99 ms | unfiltered p50 ms | p50 vs unfiltered | "
         "recall@10 vs exact (searched shards) | recall@10 vs exact (all) | post-filter recall@10 | shards searched | "

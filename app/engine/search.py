@@ -40,7 +40,7 @@ EXACT_FILTER_ROWS = 4096
 # A filter keeping at most this many rows in all is searched in every shard that holds any, exactly: no routing
 # loss where it would hurt most (a few matching products spread over many categories), at a scan's cost.
 EXACT_FILTER_TOTAL = 8192
-EXACT_FILTER_SHARE = 0.02
+EXACT_FILTER_SHARE = 0.25
 MAX_FILTER_EF = 2048
 SKU_COLUMN = "sku"  # the build's SKU column among the attribute columns (app/artifacts/attributes.py)
 FILTER_CACHE = 32  # compiled filters kept per engine (a shop sends the same few again and again)

@@ -134,6 +134,21 @@ class BoundedRunner:
             work.add_done_callback(_consume_result)
             raise DeadlineExceeded() from None
 
+    async def run_parts(
+        self, ticket: Ticket, timeout_s: float | None, fn: Callable[..., T], parts: list[tuple[object, ...]]
+    ) -> list[T]:
+        """`fn(*part)` for every part at once on the pool, under the one admission slot of `ticket` (a batch
+        request: its parts run side by side as that many requests would); the slot is held until all finish."""
+        loop = asyncio.get_running_loop()
+        works = [loop.run_in_executor(self._pool, contextvars.copy_context().run, fn, *p) for p in parts]
+        work = asyncio.gather(*works)
+        ticket.work = work
+        try:
+            return list(await asyncio.wait_for(asyncio.shield(work), timeout_s))
+        except TimeoutError:
+            work.add_done_callback(_consume_result)
+            raise DeadlineExceeded() from None
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
