@@ -463,7 +463,7 @@ def search(
 ) -> None:
     """Search photos and print a table per photo (or JSON lines). Exit 3 when any photo could not be searched
     (its error is printed in its place); a service that does not answer: exit 1."""
-    from app.search_client import Query, Unreachable, json_line, search_index, search_url, table
+    from app.service.client import Query, Unreachable, json_line, search_index, search_url, table
 
     if url is not None and index is not None:
         raise typer.BadParameter("give --url or --index, not both", param_hint="--url")
@@ -624,6 +624,83 @@ def grocery_catalogue_cmd(
     rows = split_rows(dataset, split.value)
     write_catalogue(out, rows)
     typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+@cli.command("mine")
+def mine_cmd(
+    queries: Annotated[
+        Path, typer.Option(exists=True, help="Unlabelled photos: a directory (recursively) or a CSV with `image`")
+    ],
+    index: Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")] = Path("index_data"),
+    model: _ModelOpt = None,
+    budget: Annotated[int, typer.Option(min=1, help="Photos in the queue, at most")] = 200,
+    out: Annotated[Path, typer.Option(help="Directory for queue.csv and contact_sheet.html")] = Path("mining"),
+    images_root: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Root of a CSV's image paths (default: the CSV's directory)")
+    ] = None,
+    catalogue_root: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Images root of the catalogue, for the contact sheet")
+    ] = None,
+) -> None:
+    """Rank unlabelled photos by what a label would teach (small top-two margin, unsure or contradicted router,
+    far from the catalogue), near-duplicates collapsed; write queue.csv and an offline contact sheet."""
+    import sys
+
+    from app.offline.mining.jobs import run_mine
+    from app.service.engines import load_engine
+
+    model_dir, source = resolve_model_dir(model)
+    typer.echo(model_line(model_dir, source))
+    engine = load_engine(Settings(index_dir=index, model_dir=model_dir, warmup_queries=0))
+    done = run_mine(
+        engine, queries, out, budget, images_root=images_root, catalogue_root=catalogue_root,
+        show_progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    r = done.result
+    reasons: dict[str, int] = {}
+    for c in r.queue:
+        reasons[c.reason] = reasons.get(c.reason, 0) + 1
+    typer.echo(
+        f"queued {len(r.queue)} of {r.seen} photos ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}); "
+        f"{r.duplicates} near-duplicates collapsed; {len(r.failed)} could not be searched, "
+        f"{len(done.unreadable)} could not be read"
+    )
+    typer.echo(f"wrote {done.queue} and {done.sheet}")
+
+
+label = typer.Typer(help="Labelled queues from `vps mine`, back in", no_args_is_help=True)
+cli.add_typer(label, name="label")
+
+
+class ImportKind(StrEnum):
+    catalogue = "catalogue"
+    calibration = "calibration"
+    pairs = "pairs"
+
+
+@label.command("import")
+def label_import(
+    queue: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="queue.csv with its `sku` filled in")],
+    as_: Annotated[
+        ImportKind, typer.Option("--as", case_sensitive=False, help="catalogue images, calibration queries, pairs")
+    ],
+    into: Annotated[Path, typer.Option(help="CSV to append to (created when missing)")],
+    catalogue: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV giving known SKUs' categories")
+    ] = None,
+) -> None:
+    """Append the labelled rows (`sku` filled in; empty or `skip`: left out) to a catalogue or calibration CSV
+    (validated like any catalogue) or to a training-pairs CSV (anchor photo, its SKU, the SKU it was confused
+    with)."""
+    from app.offline.datasets.catalogue import read_catalogue
+    from app.offline.mining.jobs import import_labels
+
+    categories: dict[str, str] = {}
+    for source in (catalogue, into if as_ is not ImportKind.pairs and into.exists() else None):
+        if source is not None:
+            categories.update({r.sku: r.category for r in read_catalogue(source)[0]})
+    n = import_labels(queue, as_.value, into, categories)  # type: ignore[arg-type]
+    typer.echo(f"appended {n} labelled rows to {into}")
 
 
 def main() -> None:

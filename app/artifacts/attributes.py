@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,29 +29,38 @@ from app.artifacts.manifest import safe_join
 from app.errors import ArtifactError
 
 COLUMNS_FILE = "attributes/columns.json"
+SKU_KEY = "sku"  # the build's SKU column: always a string column (identifiers, even when all digits)
 Kind = Literal["number", "string"]
 MAX_COLUMNS = 256  # attribute keys indexed per version; a catalogue with more keeps the rest unfilterable
 MAX_STRING_VALUES = 1_000_000  # distinct values of one string column (codes stay int32, the values file small)
 
 
+# A string the build may read as a number: plain decimal, no leading zero (an EAN "0400..." or SKU "000123" is an
+# identifier), at most 15 significant digits (what float64 holds exactly).
+_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?")
+
+
 def as_number(value: Any) -> float | None:
-    """A finite number, from a number or from a string that is one ("19.90", "1e3"); None otherwise."""
+    """A finite number, from a JSON number or from a string that is one exactly ("19.90", "2"); None otherwise
+    (booleans, "1e3", "000123", 20-digit identifiers)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         f = float(value)
-        return f if math.isfinite(f) else None
+        return f if math.isfinite(f) and (not isinstance(value, int) or abs(value) < 10**15) else None
     if isinstance(value, str):
-        try:
-            f = float(value.strip())
-        except ValueError:
+        text = value.strip()
+        if not _NUMBER.fullmatch(text) or len(text.replace("-", "").replace(".", "").lstrip("0")) > 15:
             return None
-        return f if math.isfinite(f) else None
+        return float(text)
     return None
 
 
 def as_text(value: Any) -> str:
-    """A value's text for string columns and equality: numbers without a trailing `.0` (JSON's 2 and 2.0)."""
+    """A value's text for string columns and equality: numbers without a trailing `.0` (JSON's 2 and 2.0),
+    booleans as JSON writes them (true, false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -100,7 +110,7 @@ class AttributeIndex:
             column = [attrs.get(key) for attrs in attributes]
             present = [v for v in column if v is not None and v != ""]
             rel = f"attributes/{i:04d}.npy"
-            if present and all(as_number(v) is not None for v in present):
+            if key != SKU_KEY and present and all(as_number(v) is not None for v in present):
                 data = np.asarray([np.nan if (n := as_number(v)) is None else n for v in column], dtype=np.float64)
                 meta[key] = {"kind": "number", "file": rel}
             else:
@@ -113,7 +123,7 @@ class AttributeIndex:
                 meta[key] = {"kind": "string", "file": rel, "values": values}
             np.save(version_dir / rel, data, allow_pickle=False)
         (version_dir / COLUMNS_FILE).write_text(
-            json.dumps({"n_rows": len(attributes), "columns": meta}, ensure_ascii=False) + "\n"
+            json.dumps({"n_rows": len(attributes), "columns": meta}, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         return COLUMNS_FILE
 
@@ -125,9 +135,11 @@ class AttributeIndex:
             return cls.empty(n_rows)
         path = safe_join(version_dir, rel)
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
             meta: dict[str, dict[str, Any]] = doc["columns"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not all(isinstance(m, dict) for m in meta.values()):
+                raise TypeError("a column entry is not an object")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"attribute columns {path}: unreadable") from exc
         if doc.get("n_rows") != n_rows:
             raise ArtifactError(f"attribute columns {path}: rows expected {n_rows} (manifest), got {doc.get('n_rows')}")

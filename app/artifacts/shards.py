@@ -111,7 +111,7 @@ class FaissHnswShard:
         self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
     ) -> tuple[np.ndarray, np.ndarray]:
         bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
-        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size in bytes
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search, k))  # type: ignore[attr-defined]
         scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         del bits

@@ -19,6 +19,7 @@ item rows, built from whole memory-mapped columns, and a predicate for live delt
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from app.artifacts.attributes import AttributeIndex, Column, as_number, as_text
+from app.artifacts.attributes import SKU_KEY, AttributeIndex, Column, as_number, as_text
 from app.errors import InvalidFilter, UnknownFilterKey
 
 MAX_FILTER_CHARS = 2048
@@ -69,6 +70,14 @@ class Filter:
 
     text: str
     groups: tuple[Group, ...]
+
+    @property
+    def canonical(self) -> str:
+        """The same filter whatever its spacing and keyword case (the engine's cache key)."""
+        return " AND ".join(
+            "(" + " OR ".join(f"{json.dumps(c.key)}{c.op}{json.dumps(c.value)}" for c in g.conditions) + ")"
+            for g in self.groups
+        )
 
 
 @dataclass(frozen=True)
@@ -189,19 +198,20 @@ class CompiledFilter:
 def compile_filter(
     parsed: Filter, attributes: AttributeIndex, categories: Sequence[str], offsets: Sequence[tuple[int, int]]
 ) -> CompiledFilter:
-    """`categories[i]` holds rows offsets[i][0] .. offsets[i][0] + offsets[i][1]."""
+    """`categories[i]` holds rows offsets[i][0] .. offsets[i][0] + offsets[i][1]. Keys are checked before any
+    mask is built: a bad filter costs its parse only."""
+    for group in parsed.groups:
+        if group.key != CATEGORY and group.key not in attributes.columns:
+            c = group.conditions[0]
+            known = ", ".join(sorted([CATEGORY, *attributes.columns])[:20])
+            raise UnknownFilterKey(f"filter: unknown key {c.key!r} at character {c.position}; keys: {known}")
     mask = np.ones(attributes.n_rows, dtype=bool)
     predicates = []
     for group in parsed.groups:
         if group.key == CATEGORY:
             gmask, preds = _category_group(group, categories, offsets, attributes.n_rows)
         else:
-            column = attributes.columns.get(group.key)
-            if column is None:
-                c = group.conditions[0]
-                known = ", ".join(sorted([CATEGORY, *attributes.columns])[:20])
-                raise UnknownFilterKey(f"filter: unknown key {c.key!r} at character {c.position}; keys: {known}")
-            gmask, preds = _column_group(group, column)
+            gmask, preds = _column_group(group, attributes.columns[group.key])
         mask &= gmask
         predicates.append(tuple(preds))
     per_shard = tuple(int(np.count_nonzero(mask[start : start + n])) for start, n in offsets)
@@ -275,6 +285,8 @@ def _equals_text(key: str, text: str) -> Predicate:
 
 
 def _attr(item: dict[str, Any], key: str) -> Any:
+    if key == SKU_KEY:
+        return item.get("sku")  # the build's SKU column: a live item's SKU is the item's own
     attrs = item.get("attributes") or {}
     value = attrs.get(key)
     return None if value == "" else value

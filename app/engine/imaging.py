@@ -784,65 +784,29 @@ def decode_image(
     of all requests together. `min_side` lets JPEG decode at a reduced scale (DCT draft mode) while keeping both
     sides (of the region, when given) >= min_side: a 12 MP photo bound for a 224-pixel model decodes about 2-3x
     faster that way. The region is mapped onto the image as stored and cropped before orientation, shrinking and
-    conversion: the same pixels as orienting first, with copies of the crop only. Library warnings are collected
-    (`collect_warnings`), never printed.
-    """
+    conversion: the same pixels as orienting first, copying the crop only. Warnings: `collect_warnings`."""
     fmt = sniff_format(data)
     cost = 0
     try:
-        # Structure first, before Pillow (or libheif, libavif) parses a byte: see each walker.
-        scans, codec_pixels = 1, 0
-        if fmt == JPEG:
-            scans, segments = jpeg_structure(data)
-            if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
-                raise ImageTooComplex()
-        elif fmt == PNG and png_chunks(data) > MAX_PNG_CHUNKS:
-            raise ImageTooComplex()
-        elif fmt == GIF:
-            canvas_w, canvas_h, blocks = gif_structure(data)
-            if blocks > MAX_GIF_BLOCKS:
-                raise ImageTooComplex()
-            _check_size(canvas_w, canvas_h, max_pixels)
-        elif fmt in (HEIF, AVIF):
-            codec_pixels, codec_side = container_frames(data, fmt)
-            if codec_pixels > max_pixels or codec_side > MAX_SIDE:
-                raise TooManyPixels()
-            _prepare_plugins()
+        scans, codec_pixels = _check_structure(data, fmt, max_pixels)
         opened = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = opened.size
         if width <= 0 or height <= 0:
             raise CorruptImage()
         _check_size(width, height, max_pixels)
         orientation = _header_orientation(opened, fmt)
-        box = stored_box(region, (width, height), orientation or 1) if region is not None else None
-        crop = (box[2] - box[0], box[3] - box[1]) if box is not None else None
-        scale = None
-        if fmt == JPEG and crop is not None and min_side is not None:
-            # The crop's sides decide the draft scale; a coarser one (up to the whole photo's) only when the
-            # finer would cost more than allowed.
-            scale, whole = jpeg_scale(crop, min_side), jpeg_scale((width, height), min_side)
-            while (
-                scale < whole and decode_cost(opened, fmt, min_side, scans, crop=crop, scale=scale) > max_decode_bytes
-            ):
-                scale *= 2
-            cost = decode_cost(opened, fmt, min_side, scans, crop=crop, scale=scale)
-        else:
-            cost = decode_cost(opened, fmt, min_side, scans, crop=crop, codec_pixels=codec_pixels)
+        # A PNG's eXIf after its pixels is only known after loading: its box is checked then (and the cost
+        # estimated for the whole photo, an upper bound).
+        box = stored_box(region, (width, height), orientation) if region is not None and orientation else None
+        scale, cost = _plan(opened, fmt, box, min_side, scans, codec_pixels, max_decode_bytes)
         if cost > max_decode_bytes:
             raise ImageTooComplex()
         large = budget is not None and cost >= LARGE_DECODE_BYTES
         with budget.reserve(cost) if large and budget is not None else nullcontext():
-            if scale is not None:
-                if scale > 1:
-                    opened.draft("RGB", (width // scale, height // scale))  # Pillow then picks exactly `scale`
-            elif fmt == JPEG and min_side is not None:
-                opened.draft("RGB", (min_side, min_side))
-            if fmt != HEIF:
-                opened.seek(0)  # pillow-heif opens at the primary image, which need not be the first
-            opened.load()
-            if orientation is None:  # a PNG's eXIf after its pixels
+            _load(opened, fmt, scale, min_side)
+            if orientation is None:
                 orientation = _orientation_of(opened)
-                if region is not None and orientation != 1:
+                if region is not None:
                     box = stored_box(region, (width, height), orientation)
             image: Image.Image = opened
             if box is not None:
@@ -861,6 +825,61 @@ def decode_image(
     finally:
         if cost >= LARGE_DECODE_BYTES:
             release_memory()  # also after a large decode that failed half-way
+
+
+def _check_structure(data: bytes, fmt: str, max_pixels: int) -> tuple[int, int]:
+    """Structure first, before Pillow (or libheif, libavif) parses a byte: see each walker. Returns the JPEG's
+    scans and the largest frame a HEIF/AVIF container declares (pixels)."""
+    scans, codec_pixels = 1, 0
+    if fmt == JPEG:
+        scans, segments = jpeg_structure(data)
+        if scans > MAX_JPEG_SCANS or segments > MAX_JPEG_SEGMENTS:
+            raise ImageTooComplex()
+    elif fmt == PNG and png_chunks(data) > MAX_PNG_CHUNKS:
+        raise ImageTooComplex()
+    elif fmt == GIF:
+        canvas_w, canvas_h, blocks = gif_structure(data)
+        if blocks > MAX_GIF_BLOCKS:
+            raise ImageTooComplex()
+        _check_size(canvas_w, canvas_h, max_pixels)
+    elif fmt in (HEIF, AVIF):
+        codec_pixels, codec_side = container_frames(data, fmt)
+        if codec_pixels > max_pixels or codec_side > MAX_SIDE:
+            raise TooManyPixels()
+        _prepare_plugins()
+    return scans, codec_pixels
+
+
+def _plan(
+    opened: Image.Image,
+    fmt: str,
+    box: tuple[int, int, int, int] | None,
+    min_side: int | None,
+    scans: int,
+    codec_pixels: int,
+    max_decode_bytes: int,
+) -> tuple[int | None, int]:
+    """The JPEG draft scale for a crop (None: no crop-driven scale) and the decode's estimated cost. The crop's
+    sides decide the scale; a coarser one (up to the whole photo's) only when the finer would cost too much."""
+    crop = (box[2] - box[0], box[3] - box[1]) if box is not None else None
+    if fmt == JPEG and crop is not None and min_side is not None:
+        scale, whole = jpeg_scale(crop, min_side), jpeg_scale(opened.size, min_side)
+        while scale < whole and decode_cost(opened, fmt, min_side, scans, crop=crop, scale=scale) > max_decode_bytes:
+            scale *= 2
+        return scale, decode_cost(opened, fmt, min_side, scans, crop=crop, scale=scale)
+    return None, decode_cost(opened, fmt, min_side, scans, crop=crop, codec_pixels=codec_pixels)
+
+
+def _load(opened: Image.Image, fmt: str, scale: int | None, min_side: int | None) -> None:
+    width, height = opened.size
+    if scale is not None:
+        if scale > 1:
+            opened.draft("RGB", (width // scale, height // scale))  # Pillow then picks exactly `scale`
+    elif fmt == JPEG and min_side is not None:
+        opened.draft("RGB", (min_side, min_side))
+    if fmt != HEIF:
+        opened.seek(0)  # pillow-heif opens at the primary image, which need not be the first
+    opened.load()
 
 
 _ORIENTATION = 0x0112

@@ -41,6 +41,7 @@ EXACT_FILTER_ROWS = 4096
 # loss where it would hurt most (a few matching products spread over many categories), at a scan's cost.
 EXACT_FILTER_TOTAL = 8192
 EXACT_FILTER_SHARE = 0.25
+MAX_EXACT_ROWS = 65536  # ...but never more rows than this (128 MiB of 512-d vectors) in one scan: the graph then
 MAX_FILTER_EF = 2048
 SKU_COLUMN = "sku"  # the build's SKU column among the attribute columns (app/artifacts/attributes.py)
 FILTER_CACHE = 32  # compiled filters kept per engine (a shop sends the same few again and again)
@@ -211,17 +212,20 @@ class SearchEngine:
             raise UnknownCategory("unknown category; GET /v1/info lists the categories of the live index") from None
 
     def compile_filter(self, text: str) -> CompiledFilter:
-        """The filter as a mask over this version's rows (parse and key errors: 422), cached by its text."""
+        """The filter as a mask over this version's rows (parse and key errors: 422), cached by its canonical
+        form (spacing and keyword case make no new entry; a parse is microseconds, a mask over 1M rows ms)."""
+        parsed = parse_filter(text)
+        key = parsed.canonical
         with self._filters_lock:
-            hit = self._filters.get(text)
+            hit = self._filters.get(key)
             if hit is not None:
-                self._filters.move_to_end(text)
+                self._filters.move_to_end(key)
                 return hit
         compiled = compile_filter(
-            parse_filter(text), self.attributes, self.categories, [(s.offset, s.index.ntotal) for s in self.shards]
+            parsed, self.attributes, self.categories, [(s.offset, s.index.ntotal) for s in self.shards]
         )
         with self._filters_lock:
-            self._filters[text] = compiled
+            self._filters[key] = compiled
             while len(self._filters) > FILTER_CACHE:
                 self._filters.popitem(last=False)
         return compiled
@@ -315,7 +319,13 @@ class SearchEngine:
         candidates = Candidates(self.delta, flt)
         probs, probes, live = self.route(vector, params, candidates.delta)
         if flt is not None and probs is not None and flt.matching <= EXACT_FILTER_TOTAL:
-            probes = [Probe(int(i), float(probs[i])) for i in np.argsort(-probs, kind="stable") if flt.per_shard[i]]
+            # Every shard holding a matching base row, or live rows (checked against the filter when searched).
+            live_in = candidates.delta.segments
+            probes = [
+                Probe(int(i), float(probs[i]))
+                for i in np.argsort(-probs, kind="stable")
+                if flt.per_shard[i] or self.shards[int(i)].name in live_in
+            ]
         clock.lap("route")
         self.search(query, probes, params, candidates)
         self.search_live(query, live, params, candidates)
@@ -457,7 +467,10 @@ class SearchEngine:
                 d, i = self.search_shard(probe.category, query, want, rows, int(np.count_nonzero(rows)))
             elif into.filter is not None:
                 rows = into.filter.mask[shard.offset : shard.offset + shard.index.ntotal]
-                d, i = self.search_shard(probe.category, query, want, rows, into.filter.per_shard[probe.category])
+                exact = into.filter.matching <= EXACT_FILTER_TOTAL
+                d, i = self.search_shard(
+                    probe.category, query, want, rows, into.filter.per_shard[probe.category], exact
+                )
             else:
                 d, i = self.search_shard(probe.category, query, want)
             valid = i >= 0
@@ -466,7 +479,13 @@ class SearchEngine:
             into.add_live(*into.delta.search(shard.name, query, want, keep))
 
     def search_shard(
-        self, category: int, query: np.ndarray, want: int, allowed: np.ndarray | None = None, matching: int = 0
+        self,
+        category: int,
+        query: np.ndarray,
+        want: int,
+        allowed: np.ndarray | None = None,
+        matching: int = 0,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One shard's best `want` images (scores, local ids); with `allowed` (bool per local id, `matching` of
         them true: a filter's rows), only those: exact over few, else the graph walked with the filter."""
@@ -478,7 +497,7 @@ class SearchEngine:
         if matching == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         share = matching / n
-        if matching <= self.exact_filter_rows or share < EXACT_FILTER_SHARE:
+        if exact or matching <= self.exact_filter_rows or (share < EXACT_FILTER_SHARE and matching <= MAX_EXACT_ROWS):
             ids = np.flatnonzero(allowed)
             scores = shard.index.rows(ids) @ query[0]
             if len(ids) > want:

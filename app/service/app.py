@@ -26,6 +26,7 @@ from app.catalogue.follow import CatalogueFollower, SyncStatus
 from app.catalogue.store import CatalogueStore
 from app.engine.imaging import limit_malloc_arenas
 from app.engine.search import SearchEngine, resolve_params
+from app.service.capture import QueryCapture
 from app.service.compactor import AutoCompactor
 from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
@@ -190,29 +191,44 @@ def reload_from_thread(reloader: IndexReloader) -> Callable[[], None]:
 def start_threads(state: AppState) -> None:
     """Started in the lifespan, not in create_app: inside the worker process, and stopped (no leaked threads)."""
     state.shadow.start()
+    state.capture.start()
     if state.catalogue is not None:
         state.catalogue.start(lambda: state.engine)
 
 
 def stop_threads(state: AppState) -> None:
     state.shadow.stop()
+    state.capture.stop()
     if state.catalogue is not None:
         state.catalogue.stop()
         state.catalogue.store.close()
     state.runner.shutdown()
 
 
-def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAPI:
-    metrics = Metrics()
-    state = AppState(
+def new_state(settings: Settings, metrics: Metrics) -> AppState:
+    """The state the lifespan fills: settings, metrics, the bounded runner, the samplers (threads not started)."""
+    return AppState(
         settings=settings,
         metrics=metrics,
         runner=BoundedRunner(
             settings.pool_threads, settings.admission_limit, metrics.inflight, waits=metrics.admission_wait
         ),
         shadow=ShadowSampler(settings.shadow_sample, settings.shadow_queue, metrics),
+        capture=QueryCapture(
+            settings.capture_sample,
+            settings.capture_dir,
+            settings.capture_max_bytes,
+            settings.capture_max_age_s,
+            settings.capture_queue,
+            metrics,
+        ),
         search_defaults=search_defaults(settings),
     )
+
+
+def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAPI:
+    metrics = Metrics()
+    state = new_state(settings, metrics)
 
     reloader = IndexReloader(state, loader, warm_up)
     state.reloader = reloader

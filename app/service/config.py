@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     # queue drops the sample (counted): no request waits for shadow work or fails by it.
     shadow_sample: float = Field(0.02, ge=0.0, le=1.0, description="Share of searches re-run on every shard (0: off)")
     shadow_queue: int = Field(8, ge=1, le=1024, description="Shadow searches waiting at most; more are dropped")
+    # Query capture for `vps mine` (app/service/capture.py, docs/capture.md): opt-in, off the request path.
+    capture_sample: float = Field(0.0, ge=0.0, le=1.0, description="Share of searches whose photo is kept (0: off)")
+    capture_dir: Path | None = Field(None, description="Where captured photos go (required when capture is on)")
+    capture_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Captured bytes kept at most; oldest go first")
+    capture_max_age_s: float = Field(7 * 86400, gt=0, description="Captures older than this are removed")
+    capture_queue: int = Field(16, ge=1, le=1024, description="Captures waiting to be written; more are dropped")
 
     # Index updates: /admin/reload, and optionally a watch of CURRENT (every worker process polls on its own, so
     # the watch is how all workers of a pod pick up a published version).
@@ -123,6 +129,9 @@ class Settings(BaseSettings):
     sync_s: float = Field(1.0, gt=0.0, le=2.0, description="Seconds between catalogue change-log polls")
     max_images_per_write: int = Field(16, ge=1, le=64, description="Images one POST /v1/products/{sku}/images takes")
     max_batch_images: int = Field(16, ge=1, le=64, description="Images one POST /v1/search/batch takes")
+    # A batch is read whole before admission, as a single search is: its bytes are bounded on their own, below
+    # max_batch_images x max_upload_bytes (160 MiB at the defaults), so that slow uploads cannot hold that much.
+    max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024, description="Bytes one batch body holds at most")
     # Past this many live delta images a process compacts the catalogue into a new version (one replica at a
     # time; app/service/compactor.py); 0: never (a `vps compact` job does it, as in Kubernetes).
     compact_above: int = Field(10_000, ge=0, description="Delta images that trigger a compaction (0: off)")
@@ -139,6 +148,12 @@ class Settings(BaseSettings):
         url = self.catalogue_url.get_secret_value() if self.catalogue_url is not None else None
         if url is not None and not url.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
             raise ValueError("catalogue_url must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        return self
+
+    @model_validator(mode="after")
+    def _capture_has_a_directory(self) -> Settings:
+        if self.capture_sample > 0 and self.capture_dir is None:
+            raise ValueError("capture_dir (VPS_CAPTURE_DIR) is required when capture_sample is above 0")
         return self
 
     @model_validator(mode="after")

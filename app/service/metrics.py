@@ -172,6 +172,14 @@ class Metrics:
         )
         for outcome in SHADOW_OUTCOMES:
             self.routing_shadow.labels(outcome=outcome)
+        self.captures = Counter(
+            "vps_captures",
+            "Query photos sampled for capture, by result (stored, dropped, failed)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("stored", "dropped", "failed"):
+            self.captures.labels(result=result)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         # The labelled child is looked up once per stage, not once per request (labels() takes a lock).

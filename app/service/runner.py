@@ -134,20 +134,43 @@ class BoundedRunner:
             work.add_done_callback(_consume_result)
             raise DeadlineExceeded() from None
 
+    def take_free(self, n: int) -> int:
+        """Up to `n` more slots for an admitted request, only those free now with nobody waiting for one: a batch
+        runs wider on an idle service, never past the admission limit. Returns how many were taken; they go back
+        with `run_parts`."""
+        taken = 0
+        while taken < n and self._inflight < self._max_inflight and not self._waiting:
+            self._set(self._inflight + 1)
+            taken += 1
+        return taken
+
     async def run_parts(
-        self, ticket: Ticket, timeout_s: float | None, fn: Callable[..., T], parts: list[tuple[object, ...]]
+        self,
+        ticket: Ticket,
+        timeout_s: float | None,
+        fn: Callable[..., T],
+        parts: list[tuple[object, ...]],
+        extra_slots: int = 0,
     ) -> list[T]:
-        """`fn(*part)` for every part at once on the pool, under the one admission slot of `ticket` (a batch
-        request: its parts run side by side as that many requests would); the slot is held until all finish."""
+        """`fn(*part)` for every part at once on the pool (a batch: its parts side by side), under the ticket's
+        slot and `extra_slots` taken with `take_free`. Every slot is held until every part has finished, also
+        after a deadline or a part's failure (the first failure is raised once all are done)."""
         loop = asyncio.get_running_loop()
         works = [loop.run_in_executor(self._pool, contextvars.copy_context().run, fn, *p) for p in parts]
-        work = asyncio.gather(*works)
+        work = asyncio.gather(*works, return_exceptions=True)
         ticket.work = work
+        for _ in range(extra_slots):
+            work.add_done_callback(lambda _: self._release())
         try:
-            return list(await asyncio.wait_for(asyncio.shield(work), timeout_s))
+            results = await asyncio.wait_for(asyncio.shield(work), timeout_s)
         except TimeoutError:
-            work.add_done_callback(_consume_result)
             raise DeadlineExceeded() from None
+        out: list[T] = []
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        return out
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -49,7 +49,7 @@ class HttpLimits:
     def from_settings(cls, s: Settings) -> HttpLimits:
         body = s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
         write = s.max_images_per_write * s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
-        batch = s.max_batch_images * s.max_upload_bytes + 64 * 1024 + s.max_header_bytes
+        batch = min(s.max_batch_bytes, s.max_batch_images * s.max_upload_bytes) + 64 * 1024 + s.max_header_bytes
         return cls(
             s.max_header_bytes, s.max_headers, s.head_timeout_s, s.max_connections, s.retry_after_s, body, write, batch
         )

@@ -89,8 +89,8 @@ class ShadowSampler:
         if self._thread is None or self._draw() >= self.sample:
             return
         try:
-            if outcome.forced_category or outcome.vector is None:
-                return
+            if outcome.forced_category or outcome.vector is None or params.offset:
+                return  # a page past the first is compared with nothing: the exhaustive ranking's top is not it
             if len(outcome.probes) + len(outcome.added) >= len(engine.shards):
                 return  # the routed search already was exhaustive
             routed = tuple(str(h.item["sku"]) for h in outcome.results)

@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 from app.catalogue.follow import CatalogueFollower
 from app.engine.search import SearchDefaults, SearchEngine
 from app.errors import NotReady
+from app.service.capture import QueryCapture
 from app.service.config import Settings
 from app.service.metrics import Metrics
 from app.service.runner import BoundedRunner
@@ -38,6 +39,7 @@ class AppState:
     metrics: Metrics
     runner: BoundedRunner
     shadow: ShadowSampler  # re-runs a sample of searches on every shard, in its own thread (app/service/shadow.py)
+    capture: QueryCapture  # keeps a sample of query photos for `vps mine`, in its own thread (app/service/capture.py)
     search_defaults: SearchDefaults  # from the settings, once (app/service/engines.py)
     engine: SearchEngine | None = None
     ready: bool = False

@@ -100,7 +100,7 @@ def test_a_batch_answers_each_image_in_order_and_isolates_a_bad_one(server: str)
     assert r.status_code == 200, r.text
     entries = r.json()["results"]
     assert [e["index"] for e in entries] == [0, 1, 2, 3, 4]
-    assert entries[1]["error"]["code"] == "corrupt_image" and "response" not in entries[1]
+    assert entries[1]["error"]["code"] == "corrupt_image" and entries[1]["response"] is None
     assert entries[4]["error"]["code"] == "empty_body"
     for e, sku in zip([entries[0], entries[2], entries[3]], skus, strict=True):
         single = _search(server, sku, k=2, filter="price<3").json()
@@ -151,3 +151,19 @@ def test_a_region_searches_that_part_of_the_photo(server: str) -> None:
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_bbox", (bbox, r.text)
     r = top(bbox="0,0,96,80", bbox_units="inches")
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_image_parts_count_against_the_batch_limit_whether_files_or_fields(server: str) -> None:
+    fields = [("image", (None, _photo("red-apple", i))) for i in range(17)]  # no filename: plain form fields
+    r = httpx.post(f"{server}/v1/search/batch", files=fields)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"
+    mixed = [("image", ("a.jpg", _photo("red-apple"), "image/jpeg")), ("note", (None, b"hello"))]
+    r = httpx.post(f"{server}/v1/search/batch", files=mixed)
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_a_batch_entry_is_what_search_answers(server: str) -> None:
+    batch = httpx.post(f"{server}/v1/search/batch", files=[("image", ("a.jpg", _photo("blue-milk"), "image/jpeg"))])
+    single = _search(server, "blue-milk").json()
+    entry = batch.json()["results"][0]["response"]
+    assert set(entry) == set(single) and set(entry["results"][0]) == set(single["results"][0])

@@ -119,14 +119,19 @@ def test_readme_starts_with_make_demo_and_make_test() -> None:
 # --- vps ----------------------------------------------------------------------------------------------------------
 
 
+GROUPS = {"label"}  # `vps label import ...`: a group of subcommands
+
+
 def _vps_parts(text: str) -> tuple[list[str], str | None, str]:
     """`vps --debug build-index --out x` -> (['--debug'], 'build-index', '--out x'); a placeholder subcommand
-    (`vps --debug <command> ...`) gives None."""
+    (`vps --debug <command> ...`) gives None; a group's subcommand is `label import`."""
     tokens = text.split()[1:]
     globals_ = []
     while tokens and tokens[0].startswith("-"):
         globals_.append(tokens.pop(0))
     if tokens and re.fullmatch(r"[a-z][a-z-]*", tokens[0]):
+        if tokens[0] in GROUPS and len(tokens) > 1:
+            return globals_, f"{tokens[0]} {tokens[1]}", " ".join(tokens[2:])
         return globals_, tokens[0], " ".join(tokens[1:])
     return globals_, None, ""
 
@@ -157,7 +162,7 @@ def test_every_vps_command_runs_with_the_options_shown(command: Command) -> None
         assert _in_help(option, top_help), f"{command}: `vps --help` has no {option}"
     if sub is None:
         return
-    help_text = _help([sub])
+    help_text = _help(sub.split())
     for option, value in OPTION.findall(rest):
         assert _in_help(option, help_text), f"{command}: `vps {sub} --help` has no {option}:\n{help_text}"
         choices = _alternatives(value)

@@ -209,3 +209,47 @@ def test_pages_are_slices_of_one_ranking(filtered_engine: tuple[SearchEngine, np
     ]
     assert [str(h.item["sku"]) for p in pages for h in p.results] == [str(h.item["sku"]) for h in whole.results]
     assert pages[2].match and len(pages[2].results) == 10
+
+
+def test_live_items_match_filters_on_their_sku_and_in_shards_without_matching_base_rows(
+    filtered_engine: tuple[SearchEngine, np.ndarray],
+) -> None:
+    """A filter keeping few base rows searches every shard holding one, and every shard with live rows too; `sku`
+    names a changed product by its SKU as it did before the change."""
+    engine, x = filtered_engine
+    vec = x[-1]  # a vector of the small category
+    new = DeltaProduct("brand-new", "small", "New", {"brand": "Arla", "price": 1}, (DeltaImage("c" * 24, vec),))
+    renamed = DeltaProduct("big-00000", "big", "Renamed", {"brand": "Arla", "price": 0}, (DeltaImage("d" * 24, x[0]),))
+    previous = engine.delta
+    engine.delta = Delta.empty(previous.base_seq).applied({p.sku: p for p in (new, renamed)}, previous.seq + 1, 0.0)
+    try:
+        # Base rows of three `big` SKUs (k of them) and the live product in `small`: before, only `big` was
+        # searched (the shards with matching base rows), k was met there and the best match was never seen.
+        text = "(sku=big-00005 OR sku=big-00010 OR sku=big-00015 OR sku=brand-new)"
+        assert engine.compile_filter(text).per_shard[engine.categories.index("small")] == 0
+        out = engine.search_vector(vec, SearchParams(k=3, probe_mass=1.0, max_probes=2, filter=text))
+        assert out.results[0].item["sku"] == "brand-new" and len(out.results) == 3
+        by_sku = engine.search_vector(x[0], SearchParams(k=1, probe_mass=1.0, max_probes=2, filter="sku=big-00000"))
+        assert [h.item["sku"] for h in by_sku.results] == ["big-00000"] and by_sku.results[0].row < 0
+    finally:
+        engine.delta = previous
+
+
+def test_identifiers_stay_text_and_booleans_read_as_json_writes_them(tmp_path: Path) -> None:
+    attrs: list[dict[str, Any]] = [
+        {"ean": "0400000000001", "code": "123", "long": "12345678901234567891", "flag": True},
+        {"ean": "400000000001", "code": "000123", "long": "12345678901234567892", "flag": False},
+    ]
+    rel = AttributeIndex.write(attrs, tmp_path, skus=["000123", "123"])
+    listed = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    cols = AttributeIndex.load(tmp_path, rel, 2, listed)
+    assert {k: c.kind for k, c in cols.columns.items()} == {
+        "ean": "string", "code": "string", "long": "string", "flag": "string", "sku": "string"
+    }  # fmt: skip
+
+    def rows(text: str) -> list[int]:
+        return np.flatnonzero(compile_filter(parse_filter(text), cols, ["a"], [(0, 2)]).mask).tolist()
+
+    assert rows("sku=123") == [1] and rows("code=123") == [0] and rows("long=12345678901234567891") == [0]
+    assert rows("flag=true") == [0] and rows("ean=400000000001") == [1]
+    assert parse_filter("brand = Arla  and price<2").canonical == parse_filter("brand=Arla AND price<2").canonical

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from app.engine.imaging import MAX_COLLECTED, Collected, Region
 from app.engine.search import STAGES, Hit, SearchDefaults, SearchEngine, SearchOutcome, SearchParams, resolve_params
 from app.errors import EmptyBody, ImageTooLarge, NotReady, ServiceError
+from app.service.capture import answer_summary
+from app.service.http.errors import request_id_of as rid_of
 from app.service.http.schemas import (
     BatchResponse,
     ErrorResponse,
@@ -119,6 +121,11 @@ async def search(request: Request) -> Response:
     # A random draw; when sampled, a non-blocking put (app/service/shadow.py).
     state.shadow.offer(engine, params, outcome)
     body = response_of(engine, outcome, total, images=settings.catalogue_images_dir is not None)
+    state.capture.offer(  # a random draw; when sampled, a non-blocking put (app/service/capture.py)
+        data,
+        lambda: answer_summary(body.model_dump(mode="json"), query.model_dump(exclude_defaults=True)),
+        rid_of(request),
+    )
     # Already a validated SearchResponse: serialise it once (pydantic-core) instead of letting FastAPI validate
     # it again against response_model and re-encode it (profiled: the largest per-request cost on the loop).
     return Response(body.model_dump_json(), media_type="application/json")
@@ -158,7 +165,9 @@ async def search_batch(request: Request) -> Response:
     query = search_query(request)
     settings = state.settings
     state.runner.refuse_if_full(settings.max_queued)
-    parts = await read_image_parts(request, settings.max_upload_bytes, settings.max_batch_images)
+    parts = await read_image_parts(
+        request, settings.max_upload_bytes, settings.max_batch_images, settings.max_batch_bytes
+    )
     params = build_params(engine, state.search_defaults, query)
     state.metrics.batch_images.inc(len(parts))
     refused: dict[int, ServiceError] = {
@@ -167,18 +176,21 @@ async def search_batch(request: Request) -> Response:
         if not p or len(p) > settings.max_upload_bytes
     }
     images = [p for i, p in enumerate(parts) if i not in refused]
-    # Parts side by side, one per pool thread: measured (scripts/bench_batch.py), one inference call over all 16
-    # photos ran no faster than 16 requests one after another on these 2 cores.
-    n = max(1, min(settings.pool_threads, len(images)))
-    chunks = [images[i::n] for i in range(n)] if images else []
-    collectors = [Collected() for _ in chunks]
+    collectors: list[Collected] = []
     try:
         async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
+            # Parts side by side, one per admission slot free now (measured, scripts/bench_batch.py: one inference
+            # call over 16 photos ran no faster than 16 requests one after another on these 2 cores).
+            extra = state.runner.take_free(min(settings.pool_threads, len(images)) - 1) if images else 0
+            n = 1 + extra
+            chunks = [images[i::n] for i in range(n)] if images else []
+            collectors = [Collected() for _ in chunks]
             answered = await state.runner.run_parts(
                 ticket,
                 settings.request_timeout_s,
                 engine.search_images,
                 [(chunk, params, w) for chunk, w in zip(chunks, collectors, strict=True)],
+                extra,
             )
     finally:
         warnings = Collected()
@@ -208,7 +220,7 @@ async def search_batch(request: Request) -> Response:
             "timings_ms": {"total": round((time.perf_counter() - t0) * 1000, 3)},
         }
     )
-    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def build_params(engine: SearchEngine, defaults: SearchDefaults, query: SearchQuery) -> SearchParams:

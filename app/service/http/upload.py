@@ -117,7 +117,7 @@ class _ImagePart:
         self.image: bytearray | None = None
         self.images: list[bytearray] = []  # every image part, in order
         self._max_files = max_files
-        self._files = self._fields = self._field_bytes = 0
+        self._files = self._fields = self._field_bytes = self._images = 0
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._disposition = b""
@@ -145,13 +145,15 @@ class _ImagePart:
         if name is None:
             raise InvalidMultipart()
         self._is_field = b"filename" not in options
-        if self._is_field:
+        if name == IMAGE_FIELD:  # a file part or a plain field: each is an image, counted against the limit
+            self._images += 1
+            if self._images > self._max_files:
+                raise self._too_many()
+        elif self._is_field:
             self._fields += 1
         else:
             self._files += 1
-        if self._files > self._max_files:
-            raise self._too_many()
-        if self._fields > MAX_FIELDS:
+        if self._files > MAX_FILES or self._fields > MAX_FIELDS:
             raise InvalidMultipart()
         self._data = bytearray() if name == IMAGE_FIELD else None
 
@@ -169,13 +171,13 @@ class _ImagePart:
             self.images.append(self._data)
 
 
-async def read_image_parts(request: Request, max_bytes: int, max_images: int) -> list[bytes]:
+async def read_image_parts(request: Request, max_bytes: int, max_images: int, max_total: int) -> list[bytes]:
     """Every `image` part of a multipart body in order (batch search), at most `max_images`; the body within
-    their sum. Parts are returned as sent, empty or too large ones too: each gets its own error, not the batch."""
+    `max_total`. Parts are returned as sent, empty or too large ones too: each gets its own error, not the batch."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise MissingImage("send the images as multipart fields named 'image'")
-    body = await read_body(request, max_images * max_bytes + MULTIPART_OVERHEAD)
+    body = await read_body(request, min(max_total, max_images * max_bytes) + MULTIPART_OVERHEAD)
     parts = _parse_multipart(content_type, body, max_files=max_images, too_many=TooManyImages)
     if not parts.images:
         raise MissingImage()

@@ -165,7 +165,15 @@ async def docs_oauth2_redirect() -> Response:
 
 
 class _DocsAssets(StaticFiles):
-    """Swagger UI's files, revalidated on each load (a 304 from their ETag) so that an upgrade is seen at once."""
+    """Swagger UI's files, revalidated on each load (a 304 from their ETag) so that an upgrade is seen at once.
+    Only its asset types: the package directory also holds its Python files and their bytecode."""
+
+    SERVED = frozenset({".js", ".css", ".png", ".html", ".map"})
+
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        if os.path.splitext(path)[1].lower() not in self.SERVED:
+            return "", None  # a 404, as for a missing file
+        return super().lookup_path(path)
 
     def file_response(
         self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope, status_code: int = 200

@@ -1,6 +1,7 @@
 """`vps search`: photos searched through a running service (`--url`, POST /search) or an index directory in
-process (`--index`), printed as a table per photo or as JSON lines. Both give the same JSON answer: the in-process
-path builds it with the route's own response builder.
+process (`--index`), printed as a table per photo or as JSON lines. Both give the same JSON shape: the in-process
+path builds it with the route's own response builder. In process, the index version is searched as built: live
+catalogue changes (app/catalogue) are the running service's.
 
 Standard library HTTP (urllib): the serving install carries no HTTP client library, and one multipart body per
 photo needs none.
