@@ -24,6 +24,16 @@ from app.errors import ServiceError
 TIMEOUT_S = 60.0
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx is answered as the error it is here: following it could lead to another host or scheme."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 @dataclass(frozen=True)
 class Query:
     k: int | None = None
@@ -82,7 +92,7 @@ def search_url(url: str, photos: list[Path], query: Query) -> Iterator[Answer]:
             endpoint, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - checked above
+            with _OPENER.open(request, timeout=TIMEOUT_S) as response:  # http(s) only: checked above, no redirects
                 yield Answer(photo, body=json.loads(response.read()))
         except urllib.error.HTTPError as exc:
             yield Answer(photo, error=_error_of(exc))
