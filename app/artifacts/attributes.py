@@ -100,7 +100,9 @@ class AttributeIndex:
         counts: dict[str, int] = {}
         for attrs in attributes:
             for key, value in attrs.items():
-                if value is not None and value != "":
+                # `category` is the item's own (filters read it from the shards): an attribute of that name
+                # would be unreachable.
+                if value is not None and value != "" and key != "category":
                     counts[key] = counts.get(key, 0) + 1
         keys = sorted(counts, key=lambda k: (-counts[k], k))[:MAX_COLUMNS]
         out = version_dir / "attributes"

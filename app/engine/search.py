@@ -339,7 +339,7 @@ class SearchEngine:
             clock.lap("search")
         added: list[Probe] = []
         while probs is not None and len(results) < params.depth:
-            more = self.fill_probes(probs, probes, added, len(results), params, flt)
+            more = self.fill_probes(probs, probes, added, len(results), params, flt, candidates.delta)
             if not more:
                 break
             self.search(query, more, params, candidates)
@@ -426,10 +426,12 @@ class SearchEngine:
         found: int,
         params: SearchParams,
         flt: CompiledFilter | None = None,
+        delta: Delta | None = None,
     ) -> list[Probe]:
         """The next shards in probability order whose SKU counts cover the SKUs still missing, within the fill
         bound; with a filter, only shards holding matching rows (their SKUs counted in proportion). Empty when
         the bound is reached or every shard has been searched."""
+        delta = delta or self.delta  # the request's snapshot (search_vector passes it)
         searched = {p.category for p in chosen} | {p.category for p in added}
         budget = params.fill_max_probes - len(added)
         missing = params.depth - found
@@ -443,7 +445,7 @@ class SearchEngine:
             shard = self.shards[i]
             skus = shard.n_skus
             if flt is not None:
-                if flt.per_shard[i] == 0 and shard.name not in self.delta.segments:
+                if flt.per_shard[i] == 0 and shard.name not in delta.segments:
                     continue  # nothing here can match (its live rows, if any, are checked when searched)
                 skus = round(skus * flt.per_shard[i] / max(1, shard.index.ntotal))
             more.append(Probe(i, float(probs[idx])))

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.engine.search import MAX_OFFSET
+
 
 class ErrorBody(BaseModel):
     code: str = Field(examples=["corrupt_image"])
@@ -40,10 +42,11 @@ class SearchQuery(BaseModel):
         "`invalid_filter` or `unknown_filter_key`, naming the character position",
     )
     offset: int = Field(
-        0, ge=0, le=499, description="Paging: results offset .. offset+k-1 of the same ranking (0-based)"
+        0, ge=0, le=MAX_OFFSET, description="Paging: results offset .. offset+k-1 of a ranking offset+k deep (0-based)"
     )
     bbox: str | None = Field(
         None,
+        min_length=1,
         max_length=200,
         description="Region of the photo to search, `x1,y1,x2,y2` (x2, y2 exclusive), in the photo's pixels as "
         "sent after its EXIF orientation (what a viewer shows), or fractions 0..1 with bbox_units=fraction. "
