@@ -190,11 +190,15 @@ def test_phone_width_and_keyboard_only(browser: Browser, base_url: str, tmp_path
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
     page = context.new_page()
     try:
+        # A listener turns Playwright's file-chooser interception on; it does so asynchronously, so it is set up
+        # (and given a moment) before the first key press, which would otherwise open the native dialog.
+        page.on("filechooser", lambda _chooser: None)
         page.goto(base_url)
+        page.wait_for_timeout(300)
         page.keyboard.press("Tab")  # the first stop is the photo picker
         assert page.evaluate("document.activeElement.id") == "file"
         chooser = None
-        for _ in range(3):
+        for _ in range(5):
             # Playwright turns on file-chooser interception asynchronously; a key press that beats it opens the
             # (headless, invisible) native dialog instead and no event comes. Seen 1 run in 4 under load.
             try:

@@ -176,31 +176,7 @@ async def search_batch(request: Request) -> Response:
         if not p or len(p) > settings.max_upload_bytes
     }
     images = [p for i, p in enumerate(parts) if i not in refused]
-    collectors: list[Collected] = []
-    try:
-        async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
-            # Parts side by side, one per admission slot free now (measured, scripts/bench_batch.py: one inference
-            # call over 16 photos ran no faster than 16 requests one after another on these 2 cores).
-            extra = state.runner.take_free(min(settings.pool_threads, len(images)) - 1) if images else 0
-            n = 1 + extra
-            chunks = [images[i::n] for i in range(n)] if images else []
-            collectors = [Collected() for _ in chunks]
-            answered = await state.runner.run_parts(
-                ticket,
-                settings.request_timeout_s,
-                engine.search_images,
-                [(chunk, params, w) for chunk, w in zip(chunks, collectors, strict=True)],
-                extra,
-            )
-    finally:
-        warnings = Collected()
-        for w in collectors:
-            warnings.count += w.count
-            warnings.messages += w.messages[: MAX_COLLECTED - len(warnings.messages)]
-        _report_warnings(state, request, warnings)
-    outcomes: list[SearchOutcome | ServiceError] = []
-    for j in range(len(images)):  # chunk i holds images i, i + n, i + 2n, ...
-        outcomes.append(answered[j % n][j // n])
+    outcomes = await _run_batch(state, request, engine, images, params)
     searched = iter(outcomes)
     rid = getattr(request.state, "request_id", None)
     entries: list[dict[str, Any]] = []
@@ -221,6 +197,36 @@ async def search_batch(request: Request) -> Response:
         }
     )
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _run_batch(
+    state: AppState, request: Request, engine: SearchEngine, images: list[bytes], params: SearchParams
+) -> list[SearchOutcome | ServiceError]:
+    """The batch's images searched in parts side by side, one per admission slot free now (measured,
+    scripts/bench_batch.py: one inference call over 16 photos ran no faster than 16 requests one after another on
+    these 2 cores); outcomes in the order of `images`."""
+    settings = state.settings
+    collectors: list[Collected] = []
+    try:
+        async with state.runner.admit(settings.queue_wait_s, settings.max_queued) as ticket:
+            extra = state.runner.take_free(min(settings.pool_threads, len(images)) - 1) if images else 0
+            n = 1 + extra
+            chunks = [images[i::n] for i in range(n)] if images else []
+            collectors = [Collected() for _ in chunks]
+            answered = await state.runner.run_parts(
+                ticket,
+                settings.request_timeout_s,
+                engine.search_images,
+                [(chunk, params, w) for chunk, w in zip(chunks, collectors, strict=True)],
+                extra,
+            )
+    finally:
+        warnings = Collected()
+        for w in collectors:
+            warnings.count += w.count
+            warnings.messages += w.messages[: MAX_COLLECTED - len(warnings.messages)]
+        _report_warnings(state, request, warnings)
+    return [answered[j % n][j // n] for j in range(len(images))]  # chunk i holds images i, i + n, i + 2n, ...
 
 
 def build_params(engine: SearchEngine, defaults: SearchDefaults, query: SearchQuery) -> SearchParams:
