@@ -431,7 +431,6 @@ class SearchEngine:
         """The next shards in probability order whose SKU counts cover the SKUs still missing, within the fill
         bound; with a filter, only shards holding matching rows (their SKUs counted in proportion). Empty when
         the bound is reached or every shard has been searched."""
-        delta = delta or self.delta  # the request's snapshot (search_vector passes it)
         searched = {p.category for p in chosen} | {p.category for p in added}
         budget = params.fill_max_probes - len(added)
         missing = params.depth - found
@@ -445,7 +444,8 @@ class SearchEngine:
             shard = self.shards[i]
             skus = shard.n_skus
             if flt is not None:
-                if flt.per_shard[i] == 0 and shard.name not in delta.segments:
+                live = (delta or self.delta).segments  # the request's snapshot (search_vector passes it)
+                if flt.per_shard[i] == 0 and shard.name not in live:
                     continue  # nothing here can match (its live rows, if any, are checked when searched)
                 skus = round(skus * flt.per_shard[i] / max(1, shard.index.ntotal))
             more.append(Probe(i, float(probs[idx])))
