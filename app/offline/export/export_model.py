@@ -11,7 +11,7 @@ from typing import Any
 
 from app.artifacts.hashing import sha256_file
 from app.engine.embedding import ModelCard
-from app.offline.train.lite_input import EVAL_INPUT, LITE_MEAN, LITE_STD
+from app.offline.train.lite_input import BACKBONES, LITE_MEAN, LITE_STD
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,13 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ckpt["config"]
-    module = EmbeddingNet(int(cfg["dim"]), int(cfg["freeze_blocks"]))
+    spec = BACKBONES[cfg.get("backbone", "lite0")]  # checkpoints from before --backbone are Lite0
+    model_input = spec.eval_input
+    module = EmbeddingNet(int(cfg["dim"]), int(cfg["freeze_blocks"]), spec.name)
     module.load_state_dict(ckpt["model"])
     module.eval()
     model_dir.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, model_dir / "model.onnx", EVAL_INPUT.size)
+    export_onnx(module, model_dir / "model.onnx", model_input.size)
     history_path = checkpoint.parent / "history.json"
     history = json.loads(history_path.read_text()).get("history", []) if history_path.exists() else []
     record = ckpt["record"]
@@ -147,10 +149,10 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
         name=name,
         version=version,
         dim=int(cfg["dim"]),
-        size=EVAL_INPUT.size,
-        resize_to=EVAL_INPUT.resize_to,
+        size=model_input.size,
+        resize_to=model_input.resize_to,
         extra={
-            "backbone": "EfficientNet-Lite0 (ImageNet init) + linear projection, L2-normalised",
+            "backbone": f"EfficientNet-{spec.name.title()} (ImageNet init) + linear projection, L2-normalised",
             "training": {
                 "loss": cfg["loss"],
                 "category_weight": cfg.get("category_weight", 0.0),
@@ -158,7 +160,7 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
                 "best_epoch": record.get("epoch"),
                 "batch": f"P={cfg['P']} SKUs x K={cfg['K']} photos",
                 "train_size": cfg["train_size"],
-                "frozen": f"stem + first {cfg['freeze_blocks']} of 16 MBConv blocks",
+                "frozen": f"stem + first {cfg['freeze_blocks']} of {spec.blocks} MBConv blocks",
                 "lr": cfg["lr"],
                 "seed": cfg["seed"],
                 "augmentation": "random resized crop (0.3-1), flip, rotation +-15 deg, perspective, "

