@@ -249,6 +249,7 @@ _CatalogueUrl = Annotated[
     ),
 ]
 _Full = Annotated[bool, typer.Option(help="A full catalogue: remove from the database the SKUs the CSV does not name")]
+_ViewsMaxImages = Annotated[int, typer.Option(min=1, help="SKUs with at most this many images get --catalogue-views")]
 _ExhaustiveBelow = Annotated[
     int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
 ]
@@ -296,6 +297,10 @@ def build_index_cmd(
     full: _Full = False,
     max_failed_images: _MaxFailedImages = "0.01",
     max_lost_skus: _MaxLostSkus = "0",
+    catalogue_views: Annotated[
+        int, typer.Option(min=0, max=64, help="Augmented views stored per image of a SKU with few images (0: none)")
+    ] = 0,
+    views_max_images: _ViewsMaxImages = 2,
 ) -> None:
     """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a
     SKU would lose every image or more images fail than --max-failed-images."""
@@ -320,6 +325,8 @@ def build_index_cmd(
         router="linear" if router is RouterName.linear else "prototype",
         max_failed_images=failed_limit,
         max_lost_skus=lost_limit,
+        catalogue_views=catalogue_views,
+        views_max_images=views_max_images,
     )
     embedder = _embedder(model_dir, threads)
     calibration = None
@@ -404,6 +411,13 @@ def compact(
     router: _RouterOpt = RouterName.prototype,
     threads: _Threads = 2,
     force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
+    catalogue_views: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=64, help="Augmented views per image of a SKU with few images [default: the live build's]"
+        ),
+    ] = None,
+    views_max_images: _ViewsMaxImages = 2,
 ) -> None:
     """Fold the catalogue database's changes into a new index version (stored vectors are reused) and point
     CURRENT at it; services reload it (VPS_INDEX_WATCH_S or POST /admin/reload) and apply later changes on top."""
@@ -417,6 +431,8 @@ def compact(
         backend="faiss" if backend is BackendName.faiss else "hnswlib",
         threads=threads,
         router="linear" if router is RouterName.linear else "prototype",
+        catalogue_views=catalogue_views,
+        views_max_images=views_max_images,
     )
     store = _store(catalogue_url, out)
     _print_compact(

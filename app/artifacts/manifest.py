@@ -55,6 +55,8 @@ class BuildParams(BaseModel):
     images_total: int
     images_failed: int
     n_clusters: int | None = Field(None, description="k chosen by the build when the catalogue had no categories")
+    catalogue_views: int = Field(0, description="augmented views stored per image of a SKU with few images")
+    views_max_images: int = Field(2, description="a SKU with at most this many images gets catalogue views")
 
 
 class Manifest(BaseModel):

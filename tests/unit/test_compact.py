@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from app.catalogue.store import CatalogueStore, NewImage, sha256_of
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.search import resolve_params
 from app.offline.build.build_index import BuildOptions, embed_calibration, read_calibration
-from app.offline.build.compact import compact, import_catalogue, prune
+from app.offline.build.compact import compact, import_catalogue, prune, views_key
 from app.service.config import Settings
 from app.service.engines import load_engine
 from tests.helpers import DelegatingEmbedder, encode
@@ -159,3 +161,33 @@ def test_compaction_calibrates_on_the_builds_query_photos_again(
     again = read_calibration(resolve_current(out), embedder.card.sha256)
     assert again is not None and again[0].shape == calibration[0].shape
     assert read_calibration(resolve_current(out), "another-model") is None
+
+
+def test_catalogue_views_are_stored_once_and_kept_by_a_scheduled_compaction(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    with_views = BuildOptions(M=8, ef_construction=40, progress=False, catalogue_views=4, views_max_images=3)
+    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, with_views)
+    assert first.built is not None
+    manifest = first.built.manifest
+    assert (manifest.build.catalogue_views, manifest.build.views_max_images) == (4, 3)
+    assert manifest.n_items == 18 * 5 and first.built.coverage.images_indexed == 18  # views are not images
+    assert embedder.images == 18 + 18 * 4
+    items = ItemTable.load(first.built.version_dir / "items.jsonl", first.built.version_dir / "items.offsets.npy")
+    counts = Counter(items.get(i)["image"] for i in range(90))
+    assert len(counts) == 18 and set(counts.values()) == {5}  # each view is its image's row again
+
+    # A scheduled compaction (no view options) keeps the build's views and reads them back from the database.
+    again = compact(store, out, embedder, replace(OPTIONS, catalogue_views=None), force=True)
+    assert again.built is not None and again.built.manifest.n_items == 90
+    assert embedder.images == 18 + 18 * 4
+    sha = next(iter(store.snapshot(embedder.card.sha256)[1])).images[0].sha256
+    stored = store.stored_vectors([sha], views_key(embedder.card.sha256, 4))[sha]
+    assert stored.shape == (4 * embedder.dim,) and np.isfinite(stored).all()
+
+    # A SKU with more images than views_max_images gets none; asking for none removes them.
+    fewer = compact(store, out, embedder, replace(with_views, views_max_images=2), force=True)
+    assert fewer.built is not None and fewer.built.manifest.n_items == 18
+    none = compact(store, out, embedder, OPTIONS, force=True)
+    assert none.built is not None and none.built.manifest.build.catalogue_views == 0

@@ -148,6 +148,11 @@ class BuildOptions:
     max_failed_images: Limit = Limit(fraction=0.01)
     max_lost_skus: Limit = Limit(count=0)
     progress: bool = True
+    # Catalogue-side augmentation (app/offline/build/views.py), applied by compaction: `catalogue_views` augmented
+    # views of each image of a SKU with at most `views_max_images` images, stored as more vectors of that SKU.
+    # None: as the live version was built (a scheduled `vps compact` keeps the build's choice); 0: none.
+    catalogue_views: int | None = 0
+    views_max_images: int = 2
 
 
 @dataclass(frozen=True)
@@ -418,14 +423,15 @@ def publish_vectors(
     training_digests: frozenset[str] = frozenset(),
     catalogue_seq: int | None = None,
     catalogue_id: str | None = None,
+    n_views: int = 0,
 ) -> BuildResult:
-    """Write a version from embedded rows (`embedder` gives the model identity), then publish it. Used by
-    build_index, compaction (`catalogue_seq`: the catalogue database's sequence number the rows hold), and by
-    benchmarks that need a large index of synthetic vectors."""
+    """Write a version from embedded rows (`embedder` gives the model identity), then publish it: for
+    build_index, compaction (`catalogue_seq`: the database's sequence number the rows hold; `n_views` rows are
+    catalogue views, not images) and benchmarks of synthetic vectors."""
     problems = problems or []
     coverage = Coverage(
-        images_total=total if total is not None else len(rows),
-        images_indexed=len(rows),
+        images_total=total if total is not None else len(rows) - n_views,
+        images_indexed=len(rows) - n_views,
         skus_total=len({r.sku for r in rows} | set(lost_skus)),
         lost_skus=tuple(lost_skus),
     )
@@ -667,6 +673,8 @@ def _manifest(
             images_total=total,
             images_failed=failed,
             n_clusters=g.n_clusters,
+            catalogue_views=options.catalogue_views or 0,
+            views_max_images=options.views_max_images,
         ),
         files=files,
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from app.artifacts.manifest import Manifest, earlier_versions, read_manifest, resolve_current
-from app.catalogue.store import CatalogueStore, ImportImage, ImportProduct, ImportResult, ProductState
+from app.catalogue.store import CatalogueStore, ImageState, ImportImage, ImportProduct, ImportResult, ProductState
 from app.engine.delta import catalogue_image_ref, catalogue_image_url
 from app.engine.embedding import Embedder, decode_side
 from app.errors import ArtifactError, CatalogueError, ServiceError
@@ -39,6 +39,7 @@ from app.offline.build.build_index import (
     publish_vectors,
     read_calibration,
 )
+from app.offline.build.views import catalogue_views
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
 
@@ -101,6 +102,7 @@ def compact(
 ) -> CompactResult:
     model = embedder.card.sha256
     live = _live_manifest(out_dir)
+    options = _with_live_choices(options, live)
     head = store.head()
     if live is not None and not force and _holds(live, store.catalogue_id(), head, model, options):
         return CompactResult(head, None, live.version)  # decided before reading the catalogue
@@ -111,11 +113,75 @@ def compact(
     rows, vectors = _rows_and_vectors(products, store, embedder, images_root)
     if not rows:
         raise CatalogueError(f"{store.url.split('@')[-1]}: the catalogue database holds no product with an image")
+    view_rows, view_vectors = add_views(products, store, embedder, options, images_root)
     built = publish_vectors(
-        np.vstack(vectors), rows, out_dir, embedder, options, calibration=calibration, catalogue_seq=seq,
-        catalogue_id=store.catalogue_id(),
+        np.vstack(vectors + view_vectors), rows + view_rows, out_dir, embedder, options, calibration=calibration,
+        catalogue_seq=seq, catalogue_id=store.catalogue_id(), n_views=len(view_rows),
     )  # fmt: skip
     return CompactResult(seq, built, built.manifest.version)
+
+
+def _with_live_choices(options: BuildOptions, live: Manifest | None) -> BuildOptions:
+    """Build choices left open (None) take the live version's, so a scheduled compaction keeps them."""
+    if options.catalogue_views is not None:
+        return options
+    if live is None:
+        return replace(options, catalogue_views=0)
+    b = live.build
+    return replace(options, catalogue_views=b.catalogue_views, views_max_images=b.views_max_images)
+
+
+def views_key(model_sha256: str, n: int) -> str:
+    """The embeddings-table key of an image's `n` catalogue views under a model: one row holding n vectors. The
+    recipe's version is in the key, so a changed recipe never reuses old views."""
+    return hashlib.sha256(f"{model_sha256}:catalogue-views-v1:{n}".encode()).hexdigest()
+
+
+def add_views(
+    products: list[ProductState],
+    store: CatalogueStore,
+    embedder: Embedder,
+    options: BuildOptions,
+    images_root: Path | None,
+) -> tuple[list[CatalogueRow], list[np.ndarray]]:
+    """Rows and vectors of the catalogue views of SKUs with few images: stored views are reused, the rest made
+    from the image's bytes (seeded by its sha256, so the same image always gets the same views) and stored."""
+    n = options.catalogue_views or 0
+    few = [p for p in products if 0 < len(p.images) <= options.views_max_images] if n > 0 else []
+    if not few:
+        return [], []
+    key = views_key(embedder.card.sha256, n)
+    stored = store.stored_vectors(sorted({img.sha256 for p in few for img in p.images}), key)
+    rows: list[CatalogueRow] = []
+    vectors: list[np.ndarray] = []
+    for p in few:
+        for img in p.images:
+            views = stored.get(img.sha256)
+            if views is None:
+                views = _embed_views(img.sha256, img.ref, n, store, embedder, images_root)
+                if views is None:
+                    continue
+                store.put_embedding(img.sha256, key, views)
+            row = _image_row(p, img)
+            rows.extend([row] * n)
+            vectors.append(views.reshape(n, -1))
+    log.info("catalogue views", extra={"skus": len(few), "vectors": len(rows), "per_image": n})
+    return rows, vectors
+
+
+def _embed_views(
+    sha256: str, ref: str | None, n: int, store: CatalogueStore, embedder: Embedder, images_root: Path | None
+) -> np.ndarray | None:
+    data = _image_bytes(sha256, ref, store, images_root)
+    if data is None:
+        return None
+    try:
+        image = decode_photo(data, decode_side(embedder.card.input))
+    except (PhotoProblem, ServiceError):
+        return None
+    rng = np.random.default_rng(int(sha256[:16], 16))
+    batch = np.stack([embedder.preprocess(v) for v in catalogue_views(image, n, rng)])
+    return embedder.embed(batch).reshape(-1)
 
 
 def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: BuildOptions) -> bool:
@@ -130,6 +196,7 @@ def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: Bui
         and (live.backend, b.M, b.ef_construction, b.ef_search)
         == (options.backend, options.M, options.ef_construction, options.ef_search)
         and live.router_report.get("kind") == options.router
+        and (b.catalogue_views, b.views_max_images) == (options.catalogue_views or 0, options.views_max_images)
     )
 
 
@@ -190,33 +257,43 @@ def _rows_and_vectors(
                     "catalogue image left out: no vector and no bytes", extra={"sku": p.sku, "image_id": img.image_id}
                 )
                 continue
-            api = img.ref is None
-            rows.append(
-                CatalogueRow(
-                    line=0,
-                    sku=p.sku,
-                    category=p.category,
-                    image=img.ref or catalogue_image_ref(p.sku, img.image_id),
-                    title=p.title,
-                    attributes=p.attributes,
-                    sha256=img.sha256,
-                    image_url=catalogue_image_url(p.sku, img.image_id) if api else None,
-                )
-            )
+            rows.append(_image_row(p, img))
             vectors.append(vector[None])
     return rows, vectors
+
+
+def _image_row(p: ProductState, img: ImageState) -> CatalogueRow:
+    return CatalogueRow(
+        line=0,
+        sku=p.sku,
+        category=p.category,
+        image=img.ref or catalogue_image_ref(p.sku, img.image_id),
+        title=p.title,
+        attributes=p.attributes,
+        sha256=img.sha256,
+        image_url=catalogue_image_url(p.sku, img.image_id) if img.ref is None else None,
+    )
+
+
+def _image_bytes(sha256: str, ref: str | None, store: CatalogueStore, images_root: Path | None) -> bytes | None:
+    """An image's bytes: stored in the database (API uploads), else under the images root (CSV imports)."""
+    data = store.blob(sha256)
+    if data is None and ref is not None and images_root is not None:
+        try:
+            data = read_photo(images_root.resolve(), ref)
+        except PhotoProblem:
+            return None
+    return data
 
 
 def _embed_missing(
     sha256: str, ref: str | None, store: CatalogueStore, embedder: Embedder, images_root: Path | None
 ) -> np.ndarray | None:
     """A vector this model has not stored (a model change): from the stored bytes, else the images root."""
-    data = store.blob(sha256)
+    data = _image_bytes(sha256, ref, store, images_root)
+    if data is None:
+        return None
     try:
-        if data is None and ref is not None and images_root is not None:
-            data = read_photo(images_root.resolve(), ref)
-        if data is None:
-            return None
         vector: np.ndarray = embedder.embed(
             embedder.preprocess(decode_photo(data, decode_side(embedder.card.input)))[None]
         )[0]
