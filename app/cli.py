@@ -563,6 +563,16 @@ def train(
     category_weight: Annotated[
         float, typer.Option(min=0.0, help="Weight of the coarse-category term (0: SKU metric loss only)")
     ] = 0.0,
+    hard_negatives: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Mined pairs CSV (vps label import --as pairs)"),
+    ] = None,
+    pairs_root: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False, help="Root of the pairs' anchor photos")
+    ] = None,
+    hard_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of each batch's SKUs drawn as confused pairs")
+    ] = 0.5,
 ) -> None:
     """Fine-tune the embedding model by deep metric learning (needs the `train` extra). Resumes from OUT/last.pt."""
     from app.offline.train.train_embedding import TrainConfig
@@ -589,6 +599,9 @@ def train(
         steps_per_epoch=steps_per_epoch,
         eval_every=eval_every,
         category_weight=category_weight,
+        hard_negatives=hard_negatives,
+        pairs_root=pairs_root,
+        hard_share=hard_share,
     )
     best = run_training(cfg)["best"] or {}
     typer.echo("best: " + " ".join(f"{key}={fmt(v)}" for key, v in best.items() if isinstance(v, int | float)))

@@ -16,8 +16,10 @@ from app.offline.train.lite_input import BACKBONES  # noqa: E402
 from app.offline.train.train_embedding import (  # noqa: E402
     EmbeddingNet,
     TrainConfig,
+    hard_pair_batches,
     make_loss,
     pk_batches,
+    read_pairs,
     train,
 )
 
@@ -90,6 +92,33 @@ def test_pk_batches_are_class_balanced_and_seeded() -> None:
     assert any((a != b).any() for a, b in zip(batches, other, strict=True))
 
 
+def test_hard_pair_batches_put_confused_skus_together() -> None:
+    labels = np.repeat(np.arange(20), 5)
+    pairs = np.array([[0, 1], [2, 3], [4, 5]])
+    batches = hard_pair_batches(labels, pairs, P=8, K=2, n_batches=30, seed=0, share=0.5)
+    for b in batches:
+        classes, counts = np.unique(labels[b], return_counts=True)
+        assert len(classes) == 8 and (counts == 2).all()
+        together = sum(int(a in classes and c in classes) for a, c in pairs)
+        assert together >= 2  # int(8 * 0.5) // 2 pairs at least
+    again = hard_pair_batches(labels, pairs, P=8, K=2, n_batches=30, seed=0, share=0.5)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+    plain = hard_pair_batches(labels, pairs, P=8, K=2, n_batches=200, seed=0, share=0.0)
+    met = np.mean([int(0 in labels[b] and 1 in labels[b]) for b in plain])
+    assert met < 0.5  # without the share, 0 and 1 meet about (8/20) * (7/19) of the time
+
+
+def test_read_pairs_names_the_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("anchor,sku,negative_sku\nq/1.jpg,a,b\nq/2.jpg,b,a\nq/3.jpg,a,zz\n")
+    with pytest.raises(ValueError, match=r"pairs.csv:4: SKU 'zz' is not in the training catalogue"):
+        read_pairs(path, {"a": "x", "b": "x"}, {"a": 0, "b": 1})
+    path.write_text("anchor,sku,negative_sku\nq/1.jpg,a,b\nq/2.jpg,b,a\n")
+    anchors, pairs = read_pairs(path, {"a": "x", "b": "y"}, {"a": 0, "b": 1})
+    assert [(r.sku, r.category, r.image) for r in anchors] == [("a", "x", "q/1.jpg"), ("b", "y", "q/2.jpg")]
+    assert pairs.tolist() == [[0, 1]]
+
+
 @pytest.mark.parametrize("name", ["lite1", "lite2"])
 def test_bigger_backbones_load_their_shipped_weights(name: str) -> None:
     spec = BACKBONES[name]
@@ -146,3 +175,25 @@ def test_train_resume_and_export(tmp_path: Path, catalogue: Path, backbone: str)
         expected = net(torch.from_numpy(x)).numpy()
     got = OnnxEmbedder(tmp_path / "model").embed(x)
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_training_takes_mined_pairs(tmp_path: Path, catalogue: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("anchor,sku,negative_sku\nimg/white-milk_0.jpg,white-milk,blue-milk\n")
+    cfg = TrainConfig(
+        catalogue=catalogue,
+        images_root=catalogue.parent,
+        out_dir=tmp_path / "run",
+        val_queries=catalogue,
+        hard_negatives=pairs,
+        epochs=1,
+        P=4,
+        K=2,
+        train_size=64,
+        dim=16,
+        steps_per_epoch=2,
+        threads=1,
+    )
+    state = train(cfg)
+    assert state["history"][0]["epoch"] == 1 and np.isfinite(state["history"][0]["loss"])
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]["epoch"] == 1

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -76,6 +77,11 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     eval_every: int = 1
     category_weight: float = 0.0
+    # Mined hard negatives (`vps label import --as pairs`: anchor, sku, negative_sku): each anchor photo joins
+    # the training photos under its SKU, and `hard_share` of each batch's SKUs come as confused pairs.
+    hard_negatives: Path | None = None
+    pairs_root: Path | None = None  # root of the anchors' paths (default: images_root)
+    hard_share: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -238,6 +244,32 @@ def pk_batches(labels: np.ndarray, P: int, K: int, n_batches: int, seed: int) ->
     return list(order.reshape(n_batches, batch))
 
 
+def hard_pair_batches(
+    labels: np.ndarray, pairs: np.ndarray, P: int, K: int, n_batches: int, seed: int, share: float
+) -> list[np.ndarray]:
+    """P x K batches in which about `share` of the P SKUs come as confused pairs (a SKU and the one the index
+    mistook it for), so the loss meets those negatives in the same batch; the rest are drawn uniformly.
+    Written here because pytorch-metric-learning's samplers draw classes independently, with no way to make two
+    chosen classes meet."""
+    rng = np.random.default_rng(seed)
+    by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+    classes = np.asarray(sorted(by_class))
+    n_pairs = min(len(pairs), int(P * share) // 2)
+    batches = []
+    for _ in range(n_batches):
+        chosen: list[int] = []
+        for a, b in pairs[rng.permutation(len(pairs))]:
+            if len(chosen) >= 2 * n_pairs:
+                break
+            if a not in chosen and b not in chosen:
+                chosen += [int(a), int(b)]
+        rest = rng.permutation(np.setdiff1d(classes, chosen))[: P - len(chosen)]
+        chosen += [int(c) for c in rest]
+        idx = [rng.choice(by_class[c], size=K, replace=len(by_class[c]) < K) for c in chosen]
+        batches.append(np.concatenate(idx))
+    return batches
+
+
 # --- evaluation -------------------------------------------------------------------------------------------------
 class EvalSet:
     """Eval images at the serving preprocessing, with the frozen trunk's output cached after the first pass."""
@@ -275,6 +307,7 @@ class _TrainData:
     cat_set: EvalSet
     val_set: EvalSet
     studio_set: EvalSet | None
+    pairs: np.ndarray  # (n, 2) SKU ids: a SKU and the one it was confused with
 
 
 def _load_data(cfg: TrainConfig) -> _TrainData:
@@ -297,18 +330,50 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
     cat_id = {c: i for i, c in enumerate(categories)}
     if cfg.category_weight > 0 and categories == [""]:
         raise ValueError("--category-weight needs a catalogue with a category column")
+    anchors, pairs = read_pairs(cfg.hard_negatives, {r.sku: r.category for r in rows}, sku_id)
+    anchor_root = cfg.pairs_root or cfg.images_root
+    train_rows = rows + anchors
+    train_images = images + load_images(anchors, anchor_root, model_input.resize_to, cfg.threads)
     return _TrainData(
-        rows=rows,
-        labels=np.asarray([sku_id[r.sku] for r in rows]),
-        cat_labels=np.asarray([cat_id[r.category] for r in rows]),
+        rows=train_rows,
+        labels=np.asarray([sku_id[r.sku] for r in train_rows]),
+        cat_labels=np.asarray([cat_id[r.category] for r in train_rows]),
         n_skus=len(skus),
         categories=categories,
         sku_category={r.sku: cat_id[r.category] for r in rows},
-        images=images,
-        cat_set=EvalSet(rows, images, model_input),
+        images=train_images,
+        pairs=pairs,
+        cat_set=EvalSet(rows, images, model_input),  # the catalogue as given: anchors are training photos only
         val_set=EvalSet(val_rows, val_images, model_input),
         studio_set=EvalSet(studio_rows, studio_images, model_input) if studio_rows else None,
     )
+
+
+def read_pairs(
+    path: Path | None, sku_category: dict[str, str], sku_id: dict[str, int]
+) -> tuple[list[CatalogueRow], np.ndarray]:
+    """A pairs CSV (anchor, sku, negative_sku) -> the anchors as training rows of their SKU, and the confused SKU
+    pairs by id (each once). Both SKUs must be in the training catalogue: a ValueError names the line."""
+    if path is None:
+        return [], np.empty((0, 2), dtype=np.int64)
+    anchors: list[CatalogueRow] = []
+    pairs: set[tuple[int, int]] = set()
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"anchor", "sku", "negative_sku"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(sorted(missing))} column (a `vps label import --as pairs` file)")
+        for line, r in enumerate(reader, start=2):
+            sku, negative = r["sku"].strip(), r["negative_sku"].strip()
+            for name in (sku, negative):
+                if name not in sku_id:
+                    raise ValueError(f"{path}:{line}: SKU {name!r} is not in the training catalogue")
+            if sku == negative:
+                raise ValueError(f"{path}:{line}: the negative SKU is the anchor's own")
+            anchors.append(CatalogueRow(line=line, sku=sku, category=sku_category[sku], image=r["anchor"].strip()))
+            a, b = sku_id[sku], sku_id[negative]
+            pairs.add((min(a, b), max(a, b)))
+    return anchors, np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
 
 class _Trainer:
@@ -360,7 +425,11 @@ class _Trainer:
         """One epoch of P x K batches, augmented in a prefetch thread while the previous batch trains."""
         cfg, data, steps = self.cfg, self.data, self.steps_per_epoch
         rng = np.random.default_rng([cfg.seed, epoch])  # reproducible per epoch, so resume replays exactly
-        batches = pk_batches(data.labels, cfg.P, cfg.K, steps, int(rng.integers(0, 2**31)))
+        batch_seed = int(rng.integers(0, 2**31))
+        if len(data.pairs):
+            batches = hard_pair_batches(data.labels, data.pairs, cfg.P, cfg.K, steps, batch_seed, cfg.hard_share)
+        else:
+            batches = pk_batches(data.labels, cfg.P, cfg.K, steps, batch_seed)
         aug_seeds = rng.integers(0, 2**63, size=steps)
 
         def make_batch(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
