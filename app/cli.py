@@ -535,6 +535,7 @@ class BackboneChoice(StrEnum):
 
 
 @cli.command()
+# long: one typer option per training knob, passed straight into TrainConfig
 def train(
     catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training catalogue CSV")],
     images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSVs' image paths")],
