@@ -534,8 +534,8 @@ class BackboneChoice(StrEnum):
     lite2 = "lite2"
 
 
-@cli.command()
 # long: one typer option per training knob, passed straight into TrainConfig
+@cli.command()
 def train(
     catalogue: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training catalogue CSV")],
     images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSVs' image paths")],
