@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,15 @@ def build_from_catalogue(url: str, catalogue: Path, model: Path, out: Path) -> P
 def catalogue_index(catalogue_url: str, catalogue: Path, tiny_model: Path, tmp_path: Path) -> Path:
     """The test catalogue's index, built through `catalogue_url` (a fresh database of each kind)."""
     return build_from_catalogue(catalogue_url, catalogue, tiny_model, tmp_path / "index")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """CLI commands configure logging for the process (JSON lines on the runner's stderr): undo it for later
+    tests."""
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in map(logging.getLogger, names)]
+    yield
+    for lg, handlers, level, propagate, disabled in saved:
+        lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
+    logging.captureWarnings(False)

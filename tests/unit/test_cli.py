@@ -3,12 +3,10 @@ line: errors and exit codes"); --debug adds the traceback; the default model is 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,13 @@ from tests.helpers import catalogue_with_lost_sku
 VPS = str(Path(sys.executable).with_name("vps"))
 
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+
 @pytest.fixture(autouse=True)
-def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Commands configure logging for the process (JSON lines on the runner's stderr): undo it for later tests."""
+def _no_user_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VPS_DEBUG", raising=False)
     monkeypatch.delenv("VPS_MODEL_DIR", raising=False)
-    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in map(logging.getLogger, names)]
-    yield
-    for lg, handlers, level, propagate, disabled in saved:
-        lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
-    logging.captureWarnings(False)
 
 
 def vps(*args: str | Path, env: dict[str, str] | None = None) -> Result:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +23,7 @@ from app.service.config import Settings
 from app.service.engines import load_engine
 from tests.helpers import encode, product_image
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, names)]
-    yield
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _blend(a: str, b: str) -> Image.Image:

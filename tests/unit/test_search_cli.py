@@ -4,7 +4,6 @@ a table per photo or JSON lines; a photo that cannot be searched prints its erro
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +15,7 @@ from app.service.app import create_app
 from app.service.config import Settings
 from tests.helpers import encode, free_port, live_server, product_image
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, names)]
-    yield
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def vps(*args: str | Path) -> Result:
