@@ -18,10 +18,7 @@ import io
 import json
 import logging
 import os
-import queue
-import random
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ from PIL import Image
 
 from app.engine.imaging import MAX_DECODE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from app.service.metrics import Metrics
+from app.service.sampling import SampledWorker
 
 log = logging.getLogger(__name__)
 
@@ -65,69 +63,56 @@ class QueryCapture:
         *,
         seed: int | None = None,
     ) -> None:
-        self.sample = sample if directory is not None else 0.0
         self.directory = directory
         self.max_bytes, self.max_age_s = max_bytes, max_age_s
-        self._draw = random.Random(seed).random  # noqa: S311 (sampling, not security)
-        self._queue: queue.Queue[CaptureJob | None] = queue.Queue(maxsize=queue_size)
         self._counts = {r: metrics.captures.labels(result=r) for r in ("stored", "dropped", "failed")}
-        self._thread: threading.Thread | None = None
+        self._worker: SampledWorker[CaptureJob] = SampledWorker(
+            "vps-capture",
+            sample if directory is not None else 0.0,
+            queue_size,
+            self._store,
+            self._counts["dropped"].inc,
+            self._failed,
+            seed=seed,
+        )
         self._written = 0
         self._logged = False
 
+    @property
+    def sample(self) -> float:
+        return self._worker.sample
+
     def start(self) -> None:
-        if self.sample <= 0 or self._thread is not None or self.directory is None:
+        if self._worker.sample <= 0 or self._worker.running or self.directory is None:
             return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError:
             # Capture is an aid, not the service: searches go on without it, and the log says why.
             log.warning("query capture off: VPS_CAPTURE_DIR cannot be created", extra={"dir": str(self.directory)})
-            self.sample = 0.0
+            self._worker.sample = 0.0
             return
-        self._thread = threading.Thread(target=self._run, name="vps-capture", daemon=True)
-        self._thread.start()
+        self._worker.start(first=self.prune)
 
     def offer(self, data: bytes, answer: Callable[[], dict[str, Any]], request_id: str | None) -> None:
         """On the request path: cheap, never blocks, never raises; `answer` is only called when sampled."""
-        if self._thread is None or self._draw() >= self.sample:
+        if not self._worker.sampled():
             return
         try:
-            self._queue.put_nowait(CaptureJob(data, answer(), request_id or "none", time.time()))
-        except queue.Full:
-            self._counts["dropped"].inc()
+            self._worker.put(CaptureJob(data, answer(), request_id or "none", time.time()))
         except Exception:
             self._failed()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Samples still queued are dropped: shutdown waits for one write at most."""
-        thread = self._thread
-        if thread is None:
-            return
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-                self._counts["dropped"].inc()
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout_s)
-        thread.join(timeout_s)
-        self._thread = None
+        self._worker.stop(timeout_s, count_queued=True)
 
-    def _run(self) -> None:
-        with contextlib.suppress(Exception):
+    def _store(self, job: CaptureJob) -> None:
+        self.write(job)
+        self._counts["stored"].inc()
+        self._written += 1
+        if self._written % PRUNE_EVERY == 0:
             self.prune()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self.write(job)
-                self._counts["stored"].inc()
-                self._written += 1
-                if self._written % PRUNE_EVERY == 0:
-                    self.prune()
-            except Exception:
-                self._failed()
 
     def write(self, job: CaptureJob) -> Path:
         """The photo re-encoded without metadata, then its answer; the JSON last, so a photo without one is a

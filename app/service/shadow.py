@@ -14,12 +14,8 @@ swapping engines meanwhile does not compare two index versions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import queue
-import random
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +24,7 @@ import numpy as np
 
 from app.engine.search import SearchEngine, SearchOutcome, SearchParams, every_shard
 from app.service.metrics import SHADOW_OUTCOMES, Metrics
+from app.service.sampling import SampledWorker
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +59,27 @@ class ShadowSampler:
     shutdown. With `sample == 0` no thread is started and `offer()` returns at once."""
 
     def __init__(self, sample: float, queue_size: int, metrics: Metrics, *, seed: int | None = None) -> None:
-        self.sample = sample
-        # Its own generator: no shared global state; one C call per request.
-        self._draw = random.Random(seed).random  # noqa: S311 (sampling, not security)
-        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=queue_size)
         self._outcomes = {o: metrics.routing_shadow.labels(outcome=o) for o in SHADOW_OUTCOMES}
-        self._dropped = metrics.routing_shadow_dropped
         self._errors = metrics.routing_shadow_errors
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._worker: SampledWorker[ShadowJob] = SampledWorker(
+            "vps-shadow", sample, queue_size, self._search, metrics.routing_shadow_dropped.inc, self._failed, seed=seed
+        )
         self._logged = False
 
     @property
+    def sample(self) -> float:
+        return self._worker.sample
+
+    @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker.running
 
     def start(self) -> None:
-        if self.sample <= 0 or self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="vps-shadow", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def offer(self, engine: SearchEngine, params: SearchParams, outcome: SearchOutcome) -> None:
         """On the request path: cheap, never blocks, never raises."""
-        if self._thread is None or self._draw() >= self.sample:
+        if not self._worker.sampled():
             return
         try:
             if outcome.forced_category or outcome.vector is None or params.offset:
@@ -94,38 +87,16 @@ class ShadowSampler:
             if len(outcome.probes) + len(outcome.added) >= len(engine.shards):
                 return  # the routed search already was exhaustive
             routed = tuple(str(h.item["sku"]) for h in outcome.results)
-            self._queue.put_nowait(ShadowJob(engine, outcome.vector, params, routed))
-        except queue.Full:
-            self._dropped.inc()
+            self._worker.put(ShadowJob(engine, outcome.vector, params, routed))
         except Exception:
             self._failed()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Samples still queued are dropped, not searched: shutdown waits for one shadow search at most."""
-        thread = self._thread
-        if thread is None:
-            return
-        self._stopping.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-        # Only the event loop puts (offer and this): just emptied, so this does not wait; never raise at shutdown.
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout_s)
-        thread.join(timeout_s)
-        self._thread = None
+        self._worker.stop(timeout_s)
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._stopping.is_set():
-                continue
-            try:
-                self._outcomes[self.run(job)].inc()
-            except Exception:
-                self._failed()
+    def _search(self, job: ShadowJob) -> None:
+        self._outcomes[self.run(job)].inc()
 
     @staticmethod
     def run(job: ShadowJob) -> ShadowOutcome:
