@@ -528,6 +528,12 @@ class LossName(StrEnum):
     triplet = "triplet"
 
 
+class CalibrationChoice(StrEnum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+
+
 class BackboneChoice(StrEnum):
     lite0 = "lite0"
     lite1 = "lite1"
@@ -614,13 +620,25 @@ def quantize_model_cmd(
     calibration: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV of photos")],
     images_root: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Root of the CSV's image paths")],
     out: Annotated[Path, typer.Option(help="Directory for the int8 model")],
-    n_images: Annotated[int, typer.Option(min=8, max=10000, help="Calibration photos used")] = 256,
+    n_images: Annotated[
+        int, typer.Option(min=8, max=10000, help="Calibration photos used (percentile keeps all in memory)")
+    ] = 128,
+    method: Annotated[CalibrationChoice, typer.Option(help="Activation ranges")] = CalibrationChoice.percentile,
+    float_blocks: Annotated[int, typer.Option(min=0, max=21, help="Leading MBConv blocks left in float")] = 4,
 ) -> None:
     """Static int8 (QDQ) quantisation calibrated on catalogue photos."""
     from app.offline.export.quantize import quantize_model
 
     configure_logging("INFO")
-    card = quantize_model(model, calibration, images_root, out, n_images=n_images)
+    card = quantize_model(
+        model,
+        calibration,
+        images_root,
+        out,
+        n_images=n_images,
+        method=method.value,  # type: ignore[arg-type]
+        float_blocks=float_blocks,
+    )
     typer.echo(f"quantised {out / 'model.onnx'} sha256={card.sha256}")
 
 

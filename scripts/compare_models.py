@@ -38,6 +38,34 @@ def embed_rows(embedder: OnnxEmbedder, root: Path, rows: list[dict[str, str]]) -
     return np.vstack([embedder.embed(np.stack(arrays[i : i + 32])) for i in range(0, len(arrays), 32)])
 
 
+def embed_latency(models: list[Path], dataset: Path, val: list[dict[str, str]], rounds: int) -> dict[Path, list[float]]:
+    """Per-call embed times (ms) of the preprocessed tensor of one val photo (the first 20 in turn), batch 1, ONNX
+    Runtime intra-op threads 1, the models interleaved call by call: `rounds` calls each after a warm-up of 5."""
+    single = {m: OnnxEmbedder(m, intra_op_threads=1) for m in models}
+    samples = {
+        m: [e.preprocess(decode_image((dataset / r["image"]).read_bytes(), max_pixels=10**8))[None] for r in val[:20]]
+        for m, e in single.items()
+    }
+    times: dict[Path, list[float]] = {m: [] for m in models}
+    for m, e in single.items():  # warm-up
+        for x in samples[m][:5]:
+            e.embed(x)
+    for i in range(rounds):
+        for m, e in single.items():
+            x = samples[m][i % len(samples[m])]
+            t0 = time.perf_counter()
+            e.embed(x)
+            times[m].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def training_seconds(evaluation: dict[str, Any]) -> float | None:
+    """Training wall time from the card's epoch history (what `vps train` measured), None for untrained models."""
+    history = evaluation.get("history") or []
+    total = sum(float(h.get("train_s", 0.0)) + float(h.get("eval_s", 0.0)) for h in history)
+    return round(total, 1) if total else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, required=True)
@@ -59,27 +87,10 @@ def main() -> None:
             "name": emb.card.name,
             "train_catalogue": {"recall@1": round(shelf[1], 4), "recall@5": round(shelf[5], 4)},
             "studio_catalogue": {"recall@1": round(studio[1], 4), "recall@5": round(studio[5], 4)},
+            "train_s": training_seconds(emb.card.evaluation),
         }
 
-    # Latency: the preprocessed tensor of one val photo, batch 1, models interleaved.
-    single = {m: OnnxEmbedder(m, intra_op_threads=1) for m in args.models}
-    samples = {
-        m: [
-            e.preprocess(decode_image((args.dataset / r["image"]).read_bytes(), max_pixels=10**8))[None]
-            for r in val[:20]
-        ]
-        for m, e in single.items()
-    }
-    times: dict[Path, list[float]] = {m: [] for m in args.models}
-    for m, e in single.items():  # warm-up
-        for x in samples[m][:5]:
-            e.embed(x)
-    for i in range(args.rounds):
-        for m, e in single.items():
-            x = samples[m][i % len(samples[m])]
-            t0 = time.perf_counter()
-            e.embed(x)
-            times[m].append((time.perf_counter() - t0) * 1000)
+    times = embed_latency(args.models, args.dataset, val, args.rounds)
     base = float(np.median(times[args.models[0]]))
     for m in args.models:
         t = np.asarray(times[m])
@@ -95,17 +106,24 @@ def main() -> None:
     lines = [
         "# Embedding models side by side",
         "",
-        "| model | recall@1 | recall@5 | studio recall@1 | studio recall@5 | embed p50 ms | p99 ms | p50 ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | recall@1 | recall@5 | studio recall@1 | studio recall@5 | embed p50 ms | p99 ms | p50 ratio "
+        "| training min |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
         lat = r["embed_latency_ms"]
         lines.append(
             f"| {r['name']} | {r['train_catalogue']['recall@1']} | {r['train_catalogue']['recall@5']} | "
             f"{r['studio_catalogue']['recall@1']} | {r['studio_catalogue']['recall@5']} | {lat['p50']} | "
-            f"{lat['p99']} | {lat['ratio_to_first']} |"
+            f"{lat['p99']} | {lat['ratio_to_first']} | "
+            f"{'-' if r['train_s'] is None else round(r['train_s'] / 60)} |"
         )
-    lines += ["", "Recall: exact search, val photos as queries. Latency: batch 1, 1 intra-op thread, interleaved."]
+    lines += [
+        "",
+        "Recall: exact search, val photos as queries. Latency: batch 1, 1 intra-op thread, interleaved. Training: "
+        "the card's epoch history (training and validation), on the 2-core machine; an int8 model shows its fp32 "
+        "model's.",
+    ]
     (args.out / "compare_models.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

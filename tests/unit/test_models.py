@@ -17,13 +17,16 @@ from app.engine.embedding import OnnxEmbedder
         ("grocery-lite0-ms512", 512),
         ("grocery-lite0-ms512-int8", 512),
         ("grocery-lite0-ms512-cat", 512),
+        ("grocery-lite1-ms512", 512),
+        ("grocery-lite1-ms512-int8", 512),
     ],
 )
 def test_committed_models_match_their_cards(name: str, dim: int) -> None:
     model_dir = Path(__file__).resolve().parents[2] / "models" / name
     embedder = OnnxEmbedder(model_dir)  # checks the hash and output dim against model.json
     assert embedder.dim == dim
-    x = np.zeros((2, 3, 224, 224), dtype=np.float32)
+    side = embedder.card.input.size  # 224 for Lite0, 240 for Lite1
+    x = np.zeros((2, 3, side, side), dtype=np.float32)
     assert np.allclose(np.linalg.norm(embedder.embed(x), axis=1), 1.0, atol=1e-5)
 
 
