@@ -298,8 +298,11 @@ def build_index_cmd(
     max_failed_images: _MaxFailedImages = "0.01",
     max_lost_skus: _MaxLostSkus = "0",
     catalogue_views: Annotated[
-        int, typer.Option(min=0, max=64, help="Augmented views stored per image of a SKU with few images (0: none)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0, max=64, help="Augmented views per image of a SKU with few images [default: the live build's, else 0]"
+        ),
+    ] = None,
     views_max_images: _ViewsMaxImages = 2,
 ) -> None:
     """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a

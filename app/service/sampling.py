@@ -38,6 +38,7 @@ class SampledWorker(Generic[J]):
         self._queue: queue.Queue[J | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._count_queued = False
 
     @property
     def running(self) -> bool:
@@ -66,6 +67,7 @@ class SampledWorker(Generic[J]):
         thread = self._thread
         if thread is None:
             return
+        self._count_queued = count_queued
         self._stopping.set()
         with contextlib.suppress(queue.Empty):
             while True:
@@ -87,6 +89,8 @@ class SampledWorker(Generic[J]):
             if job is None:
                 return
             if self._stopping.is_set():
+                if self._count_queued:  # taken from the queue after stop() began: dropped, as the drain drops
+                    self._on_drop()
                 continue
             try:
                 self._handle(job)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.artifacts.hashing import sha256_file
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import earlier_versions, read_manifest, resolve_current
 from app.catalogue.store import CatalogueStore, NewImage, sha256_of
@@ -191,3 +192,20 @@ def test_catalogue_views_are_stored_once_and_kept_by_a_scheduled_compaction(
     assert fewer.built is not None and fewer.built.manifest.n_items == 18
     none = compact(store, out, embedder, OPTIONS, force=True)
     assert none.built is not None and none.built.manifest.build.catalogue_views == 0
+
+
+def test_a_scheduled_compaction_keeps_views_and_builds_nothing_when_nothing_changed(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    with_views = BuildOptions(M=8, ef_construction=40, progress=False, catalogue_views=2, views_max_images=3)
+    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, with_views)
+    assert first.built is not None
+    scheduled = compact(store, out, embedder, replace(OPTIONS, catalogue_views=None))
+    assert scheduled.built is None and scheduled.live_version == first.built.manifest.version
+    # The router is fitted on images only (a view of a held-out photo in the fit set would flatter it): the same
+    # router and report as a version without views.
+    plain = compact(store, out, embedder, OPTIONS, force=True)
+    assert plain.built is not None and plain.built.manifest.n_items == 18
+    assert plain.built.manifest.router_report == first.built.manifest.router_report
+    assert sha256_file(plain.built.version_dir / "router.npz") == sha256_file(first.built.version_dir / "router.npz")

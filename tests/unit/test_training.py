@@ -86,6 +86,7 @@ def test_pk_batches_are_class_balanced_and_seeded() -> None:
     for b in batches:
         classes, counts = np.unique(labels[b], return_counts=True)
         assert len(classes) == 3 and (counts == 4).all()
+    assert all(len(np.unique(labels[b])) == 4 for b in pk_batches(labels, P=9, K=2, n_batches=3, seed=0))  # P > SKUs
     again = pk_batches(labels, P=3, K=4, n_batches=20, seed=0)
     other = pk_batches(labels, P=3, K=4, n_batches=20, seed=1)
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))

@@ -449,6 +449,7 @@ def publish_vectors(
             coverage=coverage,
             calibration=calibration,
             training_digests=training_digests,
+            n_views=n_views,
         )
         if catalogue_seq is not None:
             manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq, "catalogue_id": catalogue_id})
@@ -495,11 +496,12 @@ def _write_version(
     coverage: Coverage,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
+    n_views: int = 0,
 ) -> Manifest:
     """categories -> shards -> router -> item table and build report -> manifest."""
     grouped = _group_by_category(vectors, rows)
     entries = _write_shards(vdir, grouped, options)
-    report = _write_router(vdir, grouped, embedder, options, calibration, training_digests)
+    report = _write_router(vdir, grouped, embedder, options, calibration, training_digests, n_views)
     if calibration is not None:
         write_calibration(vdir / CALIBRATION_FILE, calibration, embedder.card.sha256)
     item_rows: list[dict[str, Any]] = [
@@ -605,9 +607,11 @@ def _write_router(
     options: BuildOptions,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None,
     training_digests: frozenset[str],
+    n_views: int = 0,
 ) -> RouterReport:
-    # The router sees rows in catalogue order (the held-out draws are seeded over that order).
-    back = g.back
+    # The router sees rows in catalogue order (the held-out draws are seeded over that order), images only: the
+    # catalogue views (the last n_views rows) would put copies of a held-out photo in the fit set.
+    back = g.back[: len(g.back) - n_views]
     cat_index = {c: i for i, c in enumerate(g.categories)}
     router, report = train_router(
         g.vectors[back],

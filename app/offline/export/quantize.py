@@ -63,7 +63,10 @@ def float_nodes(model_path: Path, float_blocks: int) -> list[str]:
 
     nodes = onnx.load(str(model_path)).graph.node
     names = [n.name for n in nodes]
-    tail = names[names.index("/_conv_head/Conv") + 1 :] if "/_conv_head/Conv" in names else []
+    if "/_conv_head/Conv" not in names:
+        log.warning("no EfficientNet-Lite node names: every node is quantised", extra={"model": str(model_path)})
+        return []
+    tail = names[names.index("/_conv_head/Conv") + 1 :]
     early = [
         n.name
         for n in nodes
@@ -94,7 +97,7 @@ def quantize_model(
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_dir / card.file), str(prepared), skip_symbolic_shape=True)
-        excluded = float_nodes(model_dir / card.file, float_blocks)
+        excluded = float_nodes(prepared, float_blocks)  # the names in the graph that is quantised
         quantize_static(
             str(prepared),
             str(out_dir / "model.onnx"),
@@ -114,7 +117,9 @@ def quantize_model(
         quantization={
             "method": f"ONNX Runtime static, QDQ, per-channel int8 weights, uint8 activations, {method} calibration"
             + (" (99.999th percentile)" if method == "percentile" else ""),
-            "float": f"the first {float_blocks} MBConv blocks and everything after the head convolution",
+            "float": f"the first {float_blocks} MBConv blocks and everything after the head convolution"
+            if excluded
+            else "nothing",
             "calibration": f"{len(chosen)} photos from {calibration_csv.name} (seed {seed})",
             "from_model": {"name": card.name, "sha256": card.sha256},
         },

@@ -24,7 +24,7 @@ class Backbone:
     package: str  # the weights package's module
     weights_class: str
     size: int  # native ImageNet input side
-    train_size: int  # training crop side: 192/224 of the native size, as Lite0 was trained
+    train_size: int  # training crop side: about 192/224 of the native size (as Lite0 was trained), a multiple of 16
     blocks: int  # MBConv blocks
     features: int  # channels after the head convolution
 

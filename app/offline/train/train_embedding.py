@@ -97,7 +97,12 @@ class TrainConfig:
         return self.spec.blocks // 2 if self.freeze_blocks is None else self.freeze_blocks
 
     def resolved(self) -> TrainConfig:
-        """The same run with the backbone's defaults written in, as checkpoints and model cards record it."""
+        """The same run with the backbone's defaults written in, as checkpoints and model cards record it; a
+        ValueError names a bad field before any photo is decoded."""
+        if not 0 <= self.frozen <= self.spec.blocks:
+            raise ValueError(f"freeze_blocks: {self.backbone} has {self.spec.blocks} MBConv blocks, not {self.frozen}")
+        if not 0.0 <= self.hard_share <= 1.0:
+            raise ValueError(f"hard_share: a share of the batch, 0 to 1, not {self.hard_share}")
         return replace(self, train_size=self.crop, freeze_blocks=self.frozen)
 
 
@@ -199,7 +204,8 @@ def make_loss(name: LossName, n_classes: int, dim: int) -> MinedLoss:
     - `ms`: multi-similarity (Wang et al. 2019), its own miner (epsilon 0.1), averaged over the anchors that have
       mined pairs (AvgNonZeroReducer): the loss this project hand-wrote before, to float tolerance (a test checks).
     - `proxy_anchor`: one learnable proxy per SKU (Kim et al. 2020); margin 0.1, alpha 32.
-    - `triplet`: batch-hard triplets (Hermans et al. 2017), margin 0.2, Euclidean distance on the unit sphere.
+    - `triplet`: batch-hard triplets (Hermans et al. 2017), margin 0.2, Euclidean distance on the unit sphere,
+      averaged over the triplets still inside the margin (the library's default; the paper averages over all).
     """
     from pytorch_metric_learning import losses, miners, reducers
 
@@ -237,6 +243,7 @@ def pk_batches(labels: np.ndarray, P: int, K: int, n_batches: int, seed: int) ->
     from pytorch_metric_learning.samplers import MPerClassSampler
     from pytorch_metric_learning.utils import common_functions as c_f
 
+    P = min(P, len(np.unique(labels)))  # a catalogue of fewer SKUs than P: every SKU in every batch
     batch = P * K
     sampler = MPerClassSampler(labels, m=K, batch_size=batch, length_before_new_iter=batch * n_batches)
     c_f.NUMPY_RANDOM = np.random.RandomState(seed)
@@ -254,7 +261,10 @@ def hard_pair_batches(
     rng = np.random.default_rng(seed)
     by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
     classes = np.asarray(sorted(by_class))
-    n_pairs = min(len(pairs), int(P * share) // 2)
+    P = min(P, len(classes))
+    n_pairs = min(len(pairs), int(P * min(max(share, 0.0), 1.0)) // 2)
+    if n_pairs == 0 and len(pairs):
+        log.warning("no confused pair fits in a batch: raise --P or --hard-share", extra={"P": P, "share": share})
     batches = []
     for _ in range(n_batches):
         chosen: list[int] = []
