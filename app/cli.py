@@ -249,6 +249,12 @@ _CatalogueUrl = Annotated[
     ),
 ]
 _Full = Annotated[bool, typer.Option(help="A full catalogue: remove from the database the SKUs the CSV does not name")]
+_CatalogueViews = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=64, help="Augmented views per image of a SKU with few images [default: the live build's, else 0]"
+    ),
+]
 _ViewsMaxImages = Annotated[int, typer.Option(min=1, help="SKUs with at most this many images get --catalogue-views")]
 _ExhaustiveBelow = Annotated[
     int, typer.Option(min=0, help="Search every shard when the index holds at most this many vectors (0: never)")
@@ -297,12 +303,7 @@ def build_index_cmd(
     full: _Full = False,
     max_failed_images: _MaxFailedImages = "0.01",
     max_lost_skus: _MaxLostSkus = "0",
-    catalogue_views: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=64, help="Augmented views per image of a SKU with few images [default: the live build's, else 0]"
-        ),
-    ] = None,
+    catalogue_views: _CatalogueViews = None,
     views_max_images: _ViewsMaxImages = 2,
 ) -> None:
     """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a
@@ -414,12 +415,7 @@ def compact(
     router: _RouterOpt = RouterName.prototype,
     threads: _Threads = 2,
     force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
-    catalogue_views: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=64, help="Augmented views per image of a SKU with few images [default: the live build's]"
-        ),
-    ] = None,
+    catalogue_views: _CatalogueViews = None,
     views_max_images: _ViewsMaxImages = 2,
 ) -> None:
     """Fold the catalogue database's changes into a new index version (stored vectors are reused) and point

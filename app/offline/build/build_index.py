@@ -440,17 +440,9 @@ def publish_vectors(
     (staging / "shards").mkdir(parents=True)
     try:
         manifest = _write_version(
-            staging,
-            vectors,
-            rows,
-            problems,
-            embedder,
-            options,
-            coverage=coverage,
-            calibration=calibration,
-            training_digests=training_digests,
-            n_views=n_views,
-        )
+            staging, vectors, rows, problems, embedder, options,
+            coverage=coverage, calibration=calibration, training_digests=training_digests, n_views=n_views,
+        )  # fmt: skip
         if catalogue_seq is not None:
             manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq, "catalogue_id": catalogue_id})
             write_manifest(staging, manifest)
