@@ -8,7 +8,7 @@ MODEL_DIR ?= models/grocery-lite0-ms512
 INDEX_DIR ?= index_data
 DEMO := examples/grocery
 
-.PHONY: demo serve test test-quick lint typecheck pytest system-deps clean
+.PHONY: demo serve test test-quick bench lint typecheck pytest system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ test: lint typecheck pytest
 # The unit tier only: in-process tests, no servers, browser or dataset; the catalogue store on SQLite and PostgreSQL (about 80 s here).
 test-quick: $(VENV)/.dev-installed
 	$(BIN)/pytest -q -m unit tests/unit
+
+# The headline figures again (search at 1M, service, start-up, embed), each beside the last committed one, changes
+# beyond the run's own noise flagged: docs/bench/summary.md (docs/benchmarks.md). About 10 min here; a first run also
+# builds the cached 1M indexes in .bench-cache/ (30+ min; ahead: scripts/bench_summary.py --build-only).
+# The grocery dataset: VPS_DATASET_DIR, else ../shared/datasets/grocery-store.
+bench: $(VENV)/.dev-installed $(INDEX_DIR)/CURRENT
+	$(BIN)/python scripts/bench_summary.py --out docs/bench
 
 clean:
 	rm -rf $(VENV) $(INDEX_DIR) .pytest_cache .mypy_cache .ruff_cache

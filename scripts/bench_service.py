@@ -144,14 +144,18 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
                 ip_rounds.append(closed_loop(in_process, payloads, c, args.seconds / args.rounds))
                 ht_rounds.append(closed_loop(over_http, payloads, c, args.seconds / args.rounds))
             ratios = [rate(h) / rate(i) for i, h in zip(ip_rounds, ht_rounds, strict=True)]
-            rows["in_process"].append(summarise(ip_rounds, c))
-            rows["http"].append(
-                {
-                    **summarise(ht_rounds, c),
-                    "ratio_to_in_process": round(float(np.median(ratios)), 3),
-                    "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
-                }
-            )
+            ip_row = summarise(ip_rounds, c)
+            http_row = {
+                **summarise(ht_rounds, c),
+                "ratio_to_in_process": round(float(np.median(ratios)), 3),
+                "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+            }
+            if args.per_round:  # each round's figures, for a noise estimate (scripts/bench_summary.py)
+                ip_row["per_s_rounds"] = [round(rate(r), 2) for r in ip_rounds]
+                http_row["per_s_rounds"] = [round(rate(r), 2) for r in ht_rounds]
+                http_row["ratio_rounds"] = [round(r, 4) for r in ratios]
+            rows["in_process"].append(ip_row)
+            rows["http"].append(http_row)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -166,6 +170,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-service")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     ap.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
+    ap.add_argument("--per-round", action="store_true", help="also record each round's requests/s and ratio")
     args = ap.parse_args()
     rows = read_catalogue(DEMO / "queries.csv")[0] + read_catalogue(DEMO / "calibration.csv")[0]
     payloads = [(DEMO / "images" / r.image).read_bytes() for r in rows]
