@@ -579,6 +579,10 @@ def train(
     hard_share: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of each batch's SKUs drawn as confused pairs")
     ] = 0.5,
+    studio_pairs: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Catalogue CSV of studio shots paired with shelf photos"),
+    ] = None,
 ) -> None:
     """Fine-tune the embedding model by deep metric learning (needs the `train` extra). Resumes from OUT/last.pt."""
     from app.offline.train.train_embedding import TrainConfig
@@ -608,6 +612,7 @@ def train(
         hard_negatives=hard_negatives,
         pairs_root=pairs_root,
         hard_share=hard_share,
+        studio_pairs=studio_pairs,
     )
     best = run_training(cfg)["best"] or {}
     typer.echo("best: " + " ".join(f"{key}={fmt(v)}" for key, v in best.items() if isinstance(v, int | float)))

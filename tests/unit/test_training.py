@@ -18,8 +18,10 @@ from app.offline.train.train_embedding import (  # noqa: E402
     TrainConfig,
     hard_pair_batches,
     make_loss,
+    pair_studio,
     pk_batches,
     read_pairs,
+    read_studio_pairs,
     train,
 )
 
@@ -118,6 +120,31 @@ def test_read_pairs_names_the_bad_line(tmp_path: Path) -> None:
     anchors, pairs = read_pairs(path, {"a": "x", "b": "y"}, {"a": 0, "b": 1})
     assert [(r.sku, r.category, r.image) for r in anchors] == [("a", "x", "q/1.jpg"), ("b", "y", "q/2.jpg")]
     assert pairs.tolist() == [[0, 1]]
+
+
+def test_pair_studio_puts_one_studio_shot_beside_each_skus_shelf_photos() -> None:
+    labels = np.concatenate([np.repeat(np.arange(6), 5), [0, 0, 3]])  # rows 30, 31: SKU 0's shots; 32: SKU 3's
+    studio_rows = {0: np.array([30, 31]), 3: np.array([32])}
+    batches = pk_batches(labels[:30], P=4, K=3, n_batches=40, seed=0)
+    paired = pair_studio(batches, labels, studio_rows, seed=0)
+    for before, after in zip(batches, paired, strict=True):
+        assert (labels[before] == labels[after]).all()  # every position keeps its SKU
+        for sku in np.unique(labels[before]):
+            shots = np.isin(after[labels[after] == sku], studio_rows.get(int(sku), []))
+            assert shots.sum() == (1 if int(sku) in studio_rows else 0)
+    drawn = np.concatenate(paired)
+    assert {30, 31} <= set(drawn.tolist())  # both of SKU 0's shots are used
+    assert all((a == b).all() for a, b in zip(paired, pair_studio(batches, labels, studio_rows, seed=0), strict=True))
+    assert pair_studio(batches, labels, {}, seed=0) is batches
+
+
+def test_read_studio_pairs_takes_the_training_category_and_names_unknown_skus(tmp_path: Path) -> None:
+    path = tmp_path / "studio.csv"
+    path.write_text("sku,category,image\na,whatever,s/a.jpg\n")
+    assert [(r.sku, r.category) for r in read_studio_pairs(path, {"a": "x"})] == [("a", "x")]
+    path.write_text("sku,category,image\na,x,s/a.jpg\nzz,x,s/zz.jpg\n")
+    with pytest.raises(ValueError, match=r"studio.csv:3: SKU 'zz' is not in the training catalogue"):
+        read_studio_pairs(path, {"a": "x"})
 
 
 @pytest.mark.parametrize("name", ["lite1", "lite2"])

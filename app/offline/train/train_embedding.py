@@ -82,6 +82,9 @@ class TrainConfig:
     hard_negatives: Path | None = None
     pairs_root: Path | None = None  # root of the anchors' paths (default: images_root)
     hard_share: float = 0.5
+    # Studio shots (a catalogue CSV of their SKUs) paired with shelf photos: in every batch one of the K photos of
+    # each such SKU is its studio shot, augmented like a shelf photo, so the loss pulls the two domains together.
+    studio_pairs: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -318,6 +321,8 @@ class _TrainData:
     val_set: EvalSet
     studio_set: EvalSet | None
     pairs: np.ndarray  # (n, 2) SKU ids: a SKU and the one it was confused with
+    n_sampled: int  # rows the batch samplers draw from (shelf photos and anchors; studio shots come by pairing)
+    studio_rows: dict[int, np.ndarray]  # SKU id -> row indices of its studio shots
 
 
 def _load_data(cfg: TrainConfig) -> _TrainData:
@@ -342,8 +347,15 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
         raise ValueError("--category-weight needs a catalogue with a category column")
     anchors, pairs = read_pairs(cfg.hard_negatives, {r.sku: r.category for r in rows}, sku_id)
     anchor_root = cfg.pairs_root or cfg.images_root
-    train_rows = rows + anchors
-    train_images = images + load_images(anchors, anchor_root, model_input.resize_to, cfg.threads)
+    studio_shots = read_studio_pairs(cfg.studio_pairs, {r.sku: r.category for r in rows})
+    train_rows = rows + anchors + studio_shots
+    train_images = (
+        images
+        + load_images(anchors, anchor_root, model_input.resize_to, cfg.threads)
+        + load_images(studio_shots, cfg.images_root, model_input.resize_to, cfg.threads)
+    )
+    n_sampled = len(rows) + len(anchors)
+    shot_skus = np.asarray([sku_id[r.sku] for r in studio_shots], dtype=np.int64)
     return _TrainData(
         rows=train_rows,
         labels=np.asarray([sku_id[r.sku] for r in train_rows]),
@@ -353,6 +365,8 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
         sku_category={r.sku: cat_id[r.category] for r in rows},
         images=train_images,
         pairs=pairs,
+        n_sampled=n_sampled,
+        studio_rows={int(s): n_sampled + np.flatnonzero(shot_skus == s) for s in np.unique(shot_skus)},
         cat_set=EvalSet(rows, images, model_input),  # the catalogue as given: anchors are training photos only
         val_set=EvalSet(val_rows, val_images, model_input),
         studio_set=EvalSet(studio_rows, studio_images, model_input) if studio_rows else None,
@@ -386,6 +400,41 @@ def read_pairs(
     return anchors, np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
 
+def read_studio_pairs(path: Path | None, sku_category: dict[str, str]) -> list[CatalogueRow]:
+    """A catalogue CSV of studio shots to pair with shelf photos; each SKU must be in the training catalogue (a
+    ValueError names the line), and its category is the training catalogue's."""
+    if path is None:
+        return []
+    rows, problems = read_catalogue(path)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} bad rows (first: line {problems[0].line})")
+    for r in rows:
+        if r.sku not in sku_category:
+            raise ValueError(f"{path}:{r.line}: SKU {r.sku!r} is not in the training catalogue")
+    return [replace(r, category=sku_category[r.sku]) for r in rows]
+
+
+def pair_studio(
+    batches: list[np.ndarray], labels: np.ndarray, studio_rows: dict[int, np.ndarray], seed: int
+) -> list[np.ndarray]:
+    """The batches with the first photo of each SKU that has studio shots replaced by one of them (drawn at
+    random), so every batch holds studio-shelf positive pairs for those SKUs; the SKU at every position is kept."""
+    if not studio_rows:
+        return batches
+    rng = np.random.default_rng(seed)
+    out = []
+    for batch in batches:
+        b = batch.copy()
+        seen: set[int] = set()
+        for i, j in enumerate(batch):
+            sku = int(labels[j])
+            if sku in studio_rows and sku not in seen:
+                b[i] = rng.choice(studio_rows[sku])
+            seen.add(sku)
+        out.append(b)
+    return out
+
+
 class _Trainer:
     """The model, its losses and optimiser, and the learning-rate schedule (linear warm-up, cosine decay)."""
 
@@ -407,7 +456,7 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.batch = cfg.P * cfg.K
-        self.steps_per_epoch = cfg.steps_per_epoch or max(1, len(data.rows) // self.batch)
+        self.steps_per_epoch = cfg.steps_per_epoch or max(1, data.n_sampled // self.batch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup = max(1, int(cfg.warmup_epochs * self.steps_per_epoch))
 
@@ -436,10 +485,12 @@ class _Trainer:
         cfg, data, steps = self.cfg, self.data, self.steps_per_epoch
         rng = np.random.default_rng([cfg.seed, epoch])  # reproducible per epoch, so resume replays exactly
         batch_seed = int(rng.integers(0, 2**31))
+        sampled = data.labels[: data.n_sampled]
         if len(data.pairs):
-            batches = hard_pair_batches(data.labels, data.pairs, cfg.P, cfg.K, steps, batch_seed, cfg.hard_share)
+            batches = hard_pair_batches(sampled, data.pairs, cfg.P, cfg.K, steps, batch_seed, cfg.hard_share)
         else:
-            batches = pk_batches(data.labels, cfg.P, cfg.K, steps, batch_seed)
+            batches = pk_batches(sampled, cfg.P, cfg.K, steps, batch_seed)
+        batches = pair_studio(batches, data.labels, data.studio_rows, batch_seed)
         aug_seeds = rng.integers(0, 2**63, size=steps)
 
         def make_batch(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
