@@ -16,6 +16,7 @@ from app.artifacts.attributes import AttributeIndex
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import Manifest
 from app.artifacts.shards import ShardIndex
+from app.engine.batching import expecting
 from app.engine.delta import Delta
 from app.engine.embedding import Embedder, decode_side
 from app.engine.filters import CompiledFilter, compile_filter, parse_filter
@@ -238,11 +239,12 @@ class SearchEngine:
         self, data: bytes, warnings: Collected | None = None, region: Region | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Decode and embed; library warnings the decode raises go to `warnings` (counted, never printed)."""
-        t0 = time.perf_counter()
-        batch = self.embedder.preprocess(self.decode(data, warnings, region))[None]
-        t1 = time.perf_counter()
-        vector = self.checked(self.embedder.embed(batch), 1)[0]
-        t2 = time.perf_counter()
+        with expecting(self.embedder, 1):
+            t0 = time.perf_counter()
+            batch = self.embedder.preprocess(self.decode(data, warnings, region))[None]
+            t1 = time.perf_counter()
+            vector = self.checked(self.embedder.embed(batch), 1)[0]
+            t2 = time.perf_counter()
         return vector, {"decode": t1 - t0, "embed": t2 - t1}
 
     def decode(self, data: bytes, warnings: Collected | None = None, region: Region | None = None) -> Image.Image:
@@ -282,19 +284,22 @@ class SearchEngine:
             self.check_category(params.category, self.delta)
         if params.filter is not None:
             self.compile_filter(params.filter)
-        t0 = time.perf_counter()
-        decoded: list[np.ndarray | ServiceError] = []
-        for data in images:
-            try:
-                decoded.append(self.embedder.preprocess(self.decode(data, warnings, params.region)))
-            except Overloaded:
-                raise  # the process is out of decode memory: the whole batch is refused (503, retry)
-            except ServiceError as exc:
-                decoded.append(exc)
-        t1 = time.perf_counter()
-        good = [d for d in decoded if isinstance(d, np.ndarray)]
-        vectors: list[np.ndarray] = list(self.checked(self.embedder.embed(np.stack(good)), len(good))) if good else []
-        t2 = time.perf_counter()
+        with expecting(self.embedder, len(images)):
+            t0 = time.perf_counter()
+            decoded: list[np.ndarray | ServiceError] = []
+            for data in images:
+                try:
+                    decoded.append(self.embedder.preprocess(self.decode(data, warnings, params.region)))
+                except Overloaded:
+                    raise  # the process is out of decode memory: the whole batch is refused (503, retry)
+                except ServiceError as exc:
+                    decoded.append(exc)
+            t1 = time.perf_counter()
+            good = [d for d in decoded if isinstance(d, np.ndarray)]
+            vectors: list[np.ndarray] = (
+                list(self.checked(self.embedder.embed(np.stack(good)), len(good))) if good else []
+            )
+            t2 = time.perf_counter()
         shared = {"decode": (t1 - t0) / max(1, len(images)), "embed": (t2 - t1) / max(1, len(good))}
         found = iter(vectors)
         out: list[SearchOutcome | ServiceError] = []

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="Deadline of one search's work")
     ort_intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads")
     ort_inter_op_threads: int = Field(1, ge=1, le=64)
+    # Micro-batching (app/engine/batching.py): a search's inference waits up to this long for the images other
+    # requests are decoding, and runs with them in one call. 0: off (measured in docs/benchmarks.md).
+    micro_batch_window_ms: float = Field(0.0, ge=0.0, le=50.0, description="Micro-batching window (0: off)")
+    micro_batch_max_images: int = Field(8, ge=2, le=64, description="Images in one micro-batched inference call")
 
     # Search defaults (a request may override within the API's bounds).
     default_k: int = Field(10, ge=1, le=100)

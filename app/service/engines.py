@@ -6,6 +6,7 @@ import logging
 
 from app.artifacts.manifest import earlier_versions
 from app.engine.assemble import EngineOptions, load_version, open_index
+from app.engine.batching import MicroBatcher
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.imaging import DecodeBudget
 from app.engine.search import SearchDefaults, SearchEngine
@@ -49,6 +50,8 @@ def load_engine(settings: Settings, embedder: Embedder | None = None) -> SearchE
         embedder = OnnxEmbedder(
             settings.model_dir, intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads
         )
+        if settings.micro_batch_window_ms > 0:
+            embedder = MicroBatcher(embedder, settings.micro_batch_window_ms / 1000, settings.micro_batch_max_images)
     try:
         return open_index(settings.index_dir, settings.model_dir, options, embedder)
     except ArtifactError as refused:
