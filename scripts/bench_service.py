@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 # Same thread discipline as `vps serve`, before numpy's and onnxruntime's pools start.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -74,13 +75,38 @@ def closed_loop(
 
 def summarise(rounds: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     lat = [v for r in rounds for v in r["lat"]]
-    return {
+    out = {
         "concurrency": concurrency,
         "requests": len(lat),
         "per_s": round(len(lat) / sum(r["elapsed"] for r in rounds), 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
+    if all("cpu_s" in r for r in rounds):
+        out["cpu_ms_per_request"] = round(1000 * sum(r["cpu_s"] for r in rounds) / max(1, len(lat)), 3)
+    return out
+
+
+def process_cpu_s(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its children (a `vps serve` with workers is several)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def cpu_round(
+    cpu: Callable[[], float], call: Callable[[bytes], None], payloads: list[bytes], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """A closed-loop round with the CPU seconds `cpu` counts over it."""
+    c0 = cpu()
+    out = closed_loop(call, payloads, concurrency, seconds)
+    out["cpu_s"] = cpu() - c0
+    return out
 
 
 def rate(r: dict[str, Any]) -> float:
@@ -132,6 +158,11 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
     rows: dict[str, Any] = {"in_process": [], "http": []}
     server, base = start_server(["--workers", str(workers)], {**os.environ, **env_settings})
     port = int(base.rsplit(":", 1)[1])
+    proc = psutil.Process(server.pid)
+
+    def server_cpu() -> float:
+        return process_cpu_s(proc)
+
     try:
         encoded = {id(p): encode_search("127.0.0.1", p, "?k=10") for p in payloads}
         over_http = keepalive_caller(port, encoded)
@@ -139,10 +170,13 @@ def run_config(cfg: dict[str, Any], payloads: list[bytes], args: argparse.Namesp
         for c in args.concurrency:
             # Interleaved short rounds (in-process, HTTP, in-process, ...): on a shared, noisy machine a slow
             # minute then hits both sides, and the ratio is taken round by round.
+            # CPU per request: this process's over the in-process rounds (the pipeline, and the client threads
+            # calling it), the server's over the HTTP rounds (the same pipeline plus everything HTTP adds).
             ip_rounds, ht_rounds = [], []
+            seconds = args.seconds / args.rounds
             for _ in range(args.rounds):
-                ip_rounds.append(closed_loop(in_process, payloads, c, args.seconds / args.rounds))
-                ht_rounds.append(closed_loop(over_http, payloads, c, args.seconds / args.rounds))
+                ip_rounds.append(cpu_round(time.process_time, in_process, payloads, c, seconds))
+                ht_rounds.append(cpu_round(server_cpu, over_http, payloads, c, seconds))
             ratios = [rate(h) / rate(i) for i, h in zip(ip_rounds, ht_rounds, strict=True)]
             ip_row = summarise(ip_rounds, c)
             http_row = {
@@ -201,16 +235,20 @@ def main() -> None:
         f"`{command}` — {os.cpu_count()} CPUs, Python {platform.python_version()}; {len(payloads)} real photos "
         "(the demo's val and calibration photos), demo index, closed loop; the HTTP client shares the cores.",
         "",
+        "CPU ms a request: this process's over the in-process rounds, the server's over the HTTP rounds; their "
+        "difference is what the service adds.",
+        "",
         "| configuration | concurrency | in-process /s | p50 ms | p99 ms | HTTP /s | p50 ms | p99 ms "
-        "| HTTP / in-process (median of rounds; min-max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| HTTP / in-process (median of rounds; min-max) | CPU ms a request, in-process / HTTP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for ip, ht in zip(r["in_process"], r["http"], strict=True):
             lines.append(
                 f"| {r['name']} | {ip['concurrency']} | {ip['per_s']} | {ip['p50_ms']} | {ip['p99_ms']} | "
                 f"{ht['per_s']} | {ht['p50_ms']} | {ht['p99_ms']} | {ht['ratio_to_in_process']} "
-                f"({ht['ratio_min_max'][0]}-{ht['ratio_min_max'][1]}) |"
+                f"({ht['ratio_min_max'][0]}-{ht['ratio_min_max'][1]}) | "
+                f"{ip.get('cpu_ms_per_request', '-')} / {ht.get('cpu_ms_per_request', '-')} |"
             )
     (args.out / "bench_service.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")

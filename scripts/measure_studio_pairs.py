@@ -56,7 +56,10 @@ def measure_model(model: Path, dataset: Path, seen: set[str]) -> dict[str, Any]:
     q, t, s = (embed_rows(embedder, dataset, rows) for rows in (val, train, iconic))
     qskus, tskus, iskus = ([r["sku"] for r in rows] for rows in (val, train, iconic))
     part = np.asarray([sku in seen for sku in qskus])
-    pick = lambda m: ([sk for sk, keep in zip(qskus, m, strict=True) if keep])  # noqa: E731
+
+    def pick(mask: np.ndarray) -> list[str]:
+        return [sku for sku, keep in zip(qskus, mask, strict=True) if keep]
+
     return {
         "model": model.name,
         "train_catalogue": _recall(q, qskus, t, tskus),
