@@ -284,22 +284,19 @@ class SearchEngine:
             self.check_category(params.category, self.delta)
         if params.filter is not None:
             self.compile_filter(params.filter)
-        with expecting(self.embedder, len(images)):
-            t0 = time.perf_counter()
-            decoded: list[np.ndarray | ServiceError] = []
-            for data in images:
-                try:
-                    decoded.append(self.embedder.preprocess(self.decode(data, warnings, params.region)))
-                except Overloaded:
-                    raise  # the process is out of decode memory: the whole batch is refused (503, retry)
-                except ServiceError as exc:
-                    decoded.append(exc)
-            t1 = time.perf_counter()
-            good = [d for d in decoded if isinstance(d, np.ndarray)]
-            vectors: list[np.ndarray] = (
-                list(self.checked(self.embedder.embed(np.stack(good)), len(good))) if good else []
-            )
-            t2 = time.perf_counter()
+        t0 = time.perf_counter()
+        decoded: list[np.ndarray | ServiceError] = []
+        for data in images:
+            try:
+                decoded.append(self.embedder.preprocess(self.decode(data, warnings, params.region)))
+            except Overloaded:
+                raise  # the process is out of decode memory: the whole batch is refused (503, retry)
+            except ServiceError as exc:
+                decoded.append(exc)
+        t1 = time.perf_counter()
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        vectors: list[np.ndarray] = list(self.checked(self.embedder.embed(np.stack(good)), len(good))) if good else []
+        t2 = time.perf_counter()
         shared = {"decode": (t1 - t0) / max(1, len(images)), "embed": (t2 - t1) / max(1, len(good))}
         found = iter(vectors)
         out: list[SearchOutcome | ServiceError] = []

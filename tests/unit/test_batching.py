@@ -4,6 +4,7 @@ reach every caller of the batch, and answers over real HTTP are the unbatched on
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,11 +14,14 @@ import pytest
 
 from app.engine.batching import MicroBatcher
 from app.engine.embedding import Embedder, OnnxEmbedder
-from app.engine.search import SearchEngine
+from app.engine.imaging import Collected
+from app.engine.search import SearchEngine, SearchOutcome, SearchParams
+from app.errors import InternalError
 from app.service.app import create_app
 from app.service.config import Settings
 from app.service.engines import load_engine
-from tests.helpers import SKUS, DelegatingEmbedder, encode, live_server, product_image
+from app.service.state import AppState
+from tests.helpers import SKUS, DelegatingEmbedder, GatedEngine, encode, live_server, product_image
 
 LONG = 60.0  # a window no test may wait out: a thread still blocked after JOIN_S has waited for it
 JOIN_S = 20.0
@@ -30,11 +34,13 @@ class CountingEmbedder(DelegatingEmbedder):
         super().__init__(real)
         self.calls: list[int] = []
         self.fail = False
+        self.delay_s = 0.0
         self.lock = threading.Lock()
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         with self.lock:
             self.calls.append(len(batch))
+        time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("inference failed")
         return self._real.embed(batch)
@@ -130,7 +136,32 @@ def test_an_inference_error_reaches_every_caller_of_the_batch(counting: Counting
     counting.fail = True
     out = _run_all(MicroBatcher(counting, LONG, max_rows=8), _inputs(counting, 3))
     assert counting.calls == [3]
-    assert all(isinstance(o, RuntimeError) for o in out)
+    assert all(isinstance(o, InternalError) and isinstance(o.__cause__, RuntimeError) for o in out)
+    assert len({id(o) for o in out}) == 3  # one exception per caller, not one shared across threads
+
+
+def test_a_thread_never_waits_for_its_own_images(counting: CountingEmbedder) -> None:
+    """Two images announced, one decoded: its embed must not wait for the other (the thread's own)."""
+    batcher = MicroBatcher(counting, LONG, max_rows=8)
+    (x,) = _inputs(counting, 1)
+    result: list[np.ndarray] = []
+
+    def one() -> None:
+        with batcher.expect(2):
+            result.append(batcher.embed(x))
+
+    t = threading.Thread(target=one)
+    t.start()
+    t.join(JOIN_S)
+    assert not t.is_alive() and len(result) == 1
+
+
+def test_calls_of_several_images_go_straight_through(counting: CountingEmbedder) -> None:
+    batcher = MicroBatcher(counting, LONG, max_rows=2)
+    batch = np.concatenate(_inputs(counting, 5))
+    with batcher.expect(5):
+        out = batcher.embed(batch)
+    assert out.shape == (5, counting.dim) and counting.calls == [5]
 
 
 def test_the_setting_wraps_the_model(faiss_index: Path, tiny_model: Path) -> None:
@@ -139,23 +170,51 @@ def test_the_setting_wraps_the_model(faiss_index: Path, tiny_model: Path) -> Non
     assert isinstance(on.embedder, MicroBatcher) and isinstance(off.embedder, OnnxEmbedder)
 
 
+class AnnouncedGatedEngine(GatedEngine):
+    def search_image(self, data: bytes, params: SearchParams, warnings: Collected | None = None) -> SearchOutcome:
+        assert isinstance(self.embedder, MicroBatcher)
+        with self.embedder.expect(1):
+            return super().search_image(data, params, warnings)
+
+
 def test_batched_answers_over_http_are_the_unbatched_ones(
     faiss_index: Path, tiny_model: Path, counting: CountingEmbedder
 ) -> None:
-    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, pool_threads=4, max_inflight=8, warmup_queries=0)
-    batcher = MicroBatcher(counting, 0.5, max_rows=8)
+    """4 requests held at a gate on 4 pool threads, each announced, then let go together: they meet at the
+    batcher (announced before the gate: threads woken together still start one GIL switch interval apart)."""
+    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, pool_threads=4, warmup_queries=0)
+    batcher = MicroBatcher(counting, 5.0, max_rows=8)
+    gate = threading.Event()
 
     def loader(s: Settings, _: Embedder | None = None) -> SearchEngine:
-        return load_engine(s, batcher)
+        e = load_engine(s, batcher)
+        return AnnouncedGatedEngine(
+            gate,
+            embedder=batcher,
+            router=e.router,
+            shards=e.shards,
+            items=e.items,
+            manifest=e.manifest,
+            max_image_pixels=e.max_image_pixels,
+            overfetch=e.overfetch,
+        )
 
-    queries = [encode(product_image(sku, v)) for sku in ("red-apple", "blue-milk") for v in range(4)]
+    queries = [encode(product_image(sku, v)) for sku, v in (("red-apple", 1), ("blue-milk", 2), ("green-apple", 3))]
+    queries.append(queries[0])
     with live_server(create_app(settings)) as base:
         want = [httpx.post(f"{base}/search?k=3", content=q).json()["results"] for q in queries]
-    with live_server(create_app(settings, loader=loader)) as base, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda q: httpx.post(f"{base}/search?k=3", content=q, timeout=30), queries))
+    app = create_app(settings, loader=loader)
+    with live_server(app) as base, ThreadPoolExecutor(4) as pool:
+        sent = [pool.submit(httpx.post, f"{base}/search?k=3", content=q, timeout=30) for q in queries]
+        state: AppState = app.state.vps
+        deadline = time.monotonic() + JOIN_S
+        while state.runner.inflight < len(queries) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        answers = [f.result() for f in sent]
     assert [a.status_code for a in answers] == [200] * len(queries)
     for a, w in zip(answers, want, strict=True):
         got = a.json()["results"]
         assert [r["sku"] for r in got] == [r["sku"] for r in w]
         np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in w], atol=1e-4)
-    assert sum(counting.calls) == len(queries)
+    assert sum(counting.calls) == len(queries) and max(counting.calls) >= 2
