@@ -44,13 +44,13 @@ DEMO = Path("examples/grocery")
 
 
 def closed_loop(
-    call: Callable[[bytes], None], payloads: list[bytes], concurrency: int, seconds: float
+    call: Callable[[bytes], None], payloads: list[bytes], concurrency: int, seconds: float, *, warm_up: bool = True
 ) -> dict[str, Any]:
     """`concurrency` threads each calling back to back for `seconds`: latencies (ms) and the elapsed time."""
     lat: list[float] = []
     lock = threading.Lock()
-    for p in payloads[:4]:
-        call(p)  # warm-up
+    for p in payloads[:4] if warm_up else []:
+        call(p)
     stop = time.perf_counter() + seconds
 
     def worker(k: int) -> None:
@@ -102,9 +102,12 @@ def process_cpu_s(proc: psutil.Process) -> float:
 def cpu_round(
     cpu: Callable[[], float], call: Callable[[bytes], None], payloads: list[bytes], concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    """A closed-loop round with the CPU seconds `cpu` counts over it."""
+    """A closed-loop round with the CPU seconds `cpu` counts over it (after the warm-up calls, which it does not
+    count as requests)."""
+    for p in payloads[:4]:
+        call(p)
     c0 = cpu()
-    out = closed_loop(call, payloads, concurrency, seconds)
+    out = closed_loop(call, payloads, concurrency, seconds, warm_up=False)
     out["cpu_s"] = cpu() - c0
     return out
 

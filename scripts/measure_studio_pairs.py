@@ -8,9 +8,10 @@
 `split` draws half the SKUs (seeded) and writes their studio shots to `studio_seen.csv`, the others' to
 `studio_unseen.csv`. `measure` searches the whole studio catalogue (every SKU's shot) with the val photos, exactly,
 and reports recall separately for the val photos whose SKU's shot was trained on ("seen") and the rest
-("unseen"): the unseen half is a new product arriving with one studio shot, which is what the studio catalogue
-stands for, and the only honest figure for a model trained on studio shots. The train-photo catalogue is reported
-too (all val photos). Writes <out>/studio_pairs.json and .md.
+("unseen"): studio shots the model never saw, of SKUs whose shelf photos it did see (as for the model trained
+without pairs). It is the nearest this dataset comes to a new product's one studio shot, and the only honest
+studio figure for a model trained on studio shots. The split is seeded; it is not recorded in the model. The
+train-photo catalogue is reported too (all val photos). Writes <out>/studio_pairs.json and .md.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def write_report(results: list[dict[str, Any]], out: Path, command: str) -> None
         "",
         f"`{command}`. Val photos as queries, exact search; recall@1 / @5. The studio catalogue holds every SKU's "
         f'shot; "seen" are the {n_seen} val photos whose SKU\'s shot was in `--studio-pairs`, "unseen" the other '
-        f"{n_unseen}: a new product arriving with one studio shot.",
+        f"{n_unseen}: studio shots never trained on (their SKUs' shelf photos were, as for every model here).",
         "",
         "| model | train catalogue | studio catalogue, all | studio, seen SKUs | studio, unseen SKUs |",
         "|---|---|---|---|---|",

@@ -2,7 +2,7 @@
 flatter the router's measurement, and what the router gives on photos the model never saw.
 
     python scripts/record_training_images.py --dataset ../shared/datasets/grocery-store \
-        --model models/grocery-lite0-ms512 [--train-split train] [--unseen-split val]
+        --model models/grocery-lite0-ms512 [--train-split train] [--unseen-split val] [--also-trained-on CSV ...]
 
 Writes <model>/training_images.sha256 (the sha256 of every training photo's bytes, sorted, one per line) and sets
 the card's `training_images`; embeds both splits and records `evaluation.router_unseen`: the top-1 accuracy on the
@@ -12,6 +12,7 @@ unseen photos of the router an index build fits on the training photos by defaul
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import sys
@@ -35,10 +36,19 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--unseen-split", default="val")
+    ap.add_argument(
+        "--also-trained-on",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="catalogue CSVs of more training photos (vps train --studio-pairs), paths relative to --dataset",
+    )
     args = ap.parse_args()
 
     train = split_rows(args.dataset, args.train_split)
-    digests = sorted({hashlib.sha256((args.dataset / r["image"]).read_bytes()).hexdigest() for r in train})
+    extra = [row["image"] for path in args.also_trained_on for row in csv.DictReader(path.open(encoding="utf-8"))]
+    photos = [r["image"] for r in train] + extra
+    digests = sorted({hashlib.sha256((args.dataset / image).read_bytes()).hexdigest() for image in photos})
     (args.model / FINGERPRINT).write_text("\n".join(digests) + "\n")
 
     embedder = OnnxEmbedder(args.model, intra_op_threads=2)

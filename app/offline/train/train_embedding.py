@@ -348,6 +348,13 @@ def _load_data(cfg: TrainConfig) -> _TrainData:
     anchors, pairs = read_pairs(cfg.hard_negatives, {r.sku: r.category for r in rows}, sku_id)
     anchor_root = cfg.pairs_root or cfg.images_root
     studio_shots = read_studio_pairs(cfg.studio_pairs, {r.sku: r.category for r in rows})
+    shared = {r.image for r in studio_shots} & {r.image for r in studio_rows}
+    if shared:
+        log.warning(
+            "studio recall is measured partly on shots the model trains on (--studio-pairs and --studio-catalogue "
+            "share images): scripts/measure_studio_pairs.py reports the unseen ones apart",
+            extra={"shared_images": len(shared)},
+        )
     train_rows = rows + anchors + studio_shots
     train_images = (
         images
