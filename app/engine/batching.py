@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -27,16 +26,10 @@ from app.engine.embedding import Embedder, ModelCard
 from app.errors import InternalError
 
 
-@runtime_checkable
-class Announced(Protocol):
-    """An embedder that wants to know which images are on their way (a `MicroBatcher`)."""
-
-    def expect(self, n: int) -> AbstractContextManager[None]: ...
-
-
 def expecting(embedder: object, n: int) -> AbstractContextManager[None]:
-    """`embedder.expect(n)` for an embedder that batches, else nothing."""
-    return embedder.expect(n) if isinstance(embedder, Announced) else nullcontext()
+    """`embedder.expect(n)` for an embedder that batches, else nothing. (A class check: an isinstance against a
+    runtime-checkable Protocol cost 0.06 ms a request, measured with yappi.)"""
+    return embedder.expect(n) if isinstance(embedder, MicroBatcher) else nullcontext()
 
 
 class _Batch:
