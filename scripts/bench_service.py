@@ -208,6 +208,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     ap.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
     ap.add_argument("--per-round", action="store_true", help="also record each round's requests/s and ratio")
+    ap.add_argument(
+        "--models", nargs="*", default=None, help="instead of the configurations: these models, pool 3, intra-op 1"
+    )
     args = ap.parse_args()
     rows = read_catalogue(DEMO / "queries.csv")[0] + read_catalogue(DEMO / "calibration.csv")[0]
     payloads = [(DEMO / "images" / r.image).read_bytes() for r in rows]
@@ -223,6 +226,8 @@ def main() -> None:
     ]
     if args.only is not None:
         configs = [c for c in configs if c["name"] in args.only]
+    if args.models:
+        configs = [{"name": m, "model": m, "intra": 1, "pool": 3} for m in args.models]
     results = []
     for cfg in configs:
         result = run_config(cfg, payloads, args)

@@ -167,6 +167,8 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, name: str, version: str
                 "brightness/contrast/saturation +-30 %, Gaussian blur",
                 "catalogue": Path(cfg["catalogue"]).name,
                 "val_queries": Path(cfg["val_queries"]).name if cfg["val_queries"] else None,
+                "studio_pairs": Path(cfg["studio_pairs"]).name if cfg.get("studio_pairs") else None,
+                "hard_negatives": Path(cfg["hard_negatives"]).name if cfg.get("hard_negatives") else None,
             },
             "trained_on": "GroceryStoreDataset train split (2,640 shelf photos, 81 SKUs); MIT licence",
             "evaluation": {
