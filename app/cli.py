@@ -614,6 +614,10 @@ def train(
         hard_share=hard_share,
         studio_pairs=studio_pairs,
     )
+    try:
+        cfg = cfg.resolved()  # a bad combination of options is a usage error (exit 2), before any photo is read
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     best = run_training(cfg)["best"] or {}
     typer.echo("best: " + " ".join(f"{key}={fmt(v)}" for key, v in best.items() if isinstance(v, int | float)))
 

@@ -174,3 +174,15 @@ def test_the_router_option_chooses_the_router_kind(
     version = resolve_current(out)
     assert read_manifest(version).router_report["kind"] == router
     assert load_router(version / "router.npz").kind == router
+
+
+def test_train_options_that_do_not_fit_the_backbone_are_a_usage_error(catalogue: Path, tmp_path: Path) -> None:
+    """Checked before any photo is decoded."""
+    pytest.importorskip("torch", reason="the train extra (torch) is not installed")
+    result = vps(
+        "train", "--catalogue", catalogue, "--images-root", catalogue.parent, "--out", tmp_path / "run",
+        "--backbone", "lite0", "--freeze-blocks", "17",
+    )  # fmt: skip
+    assert result.exit_code == EXIT_USAGE
+    assert "freeze_blocks: lite0 has 16 MBConv blocks, not 17" in result.stderr
+    assert not (tmp_path / "run").exists()

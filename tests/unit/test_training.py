@@ -11,6 +11,7 @@ from PIL import Image
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
 
 from app.engine.embedding import OnnxEmbedder  # noqa: E402
+from app.errors import CatalogueError  # noqa: E402
 from app.offline.train.augment import shelf_augment  # noqa: E402
 from app.offline.train.lite_input import BACKBONES  # noqa: E402
 from app.offline.train.train_embedding import (  # noqa: E402
@@ -114,12 +115,12 @@ def test_hard_pair_batches_put_confused_skus_together() -> None:
 def test_read_pairs_names_the_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("anchor,sku,negative_sku\nq/1.jpg,a,b\nq/2.jpg,b,a\nq/3.jpg,a,zz\n")
-    with pytest.raises(ValueError, match=r"pairs.csv:4: SKU 'zz' is not in the training catalogue"):
+    with pytest.raises(CatalogueError, match=r"pairs.csv:4: SKU 'zz' is not in the training catalogue"):
         read_pairs(path, {"a": "x", "b": "x"}, {"a": 0, "b": 1})
-    path.write_text("anchor,sku,negative_sku\nq/1.jpg,a,b\nq/2.jpg,b,a\n")
-    anchors, pairs = read_pairs(path, {"a": "x", "b": "y"}, {"a": 0, "b": 1})
+    path.write_text("anchor,sku,negative_sku\nq/1.jpg,a,b\nq/2.jpg,b,a\nq/1.jpg,a,c\n")
+    anchors, pairs = read_pairs(path, {"a": "x", "b": "y", "c": "y"}, {"a": 0, "b": 1, "c": 2})
     assert [(r.sku, r.category, r.image) for r in anchors] == [("a", "x", "q/1.jpg"), ("b", "y", "q/2.jpg")]
-    assert pairs.tolist() == [[0, 1]]
+    assert pairs.tolist() == [[0, 1], [0, 2]]  # q/1.jpg confused with b and with c: one anchor, two pairs
 
 
 def test_pair_studio_puts_one_studio_shot_beside_each_skus_shelf_photos() -> None:
@@ -143,7 +144,7 @@ def test_read_studio_pairs_takes_the_training_category_and_names_unknown_skus(tm
     path.write_text("sku,category,image\na,whatever,s/a.jpg\n")
     assert [(r.sku, r.category) for r in read_studio_pairs(path, {"a": "x"})] == [("a", "x")]
     path.write_text("sku,category,image\na,x,s/a.jpg\nzz,x,s/zz.jpg\n")
-    with pytest.raises(ValueError, match=r"studio.csv:3: SKU 'zz' is not in the training catalogue"):
+    with pytest.raises(CatalogueError, match=r"studio.csv:3: SKU 'zz' is not in the training catalogue"):
         read_studio_pairs(path, {"a": "x"})
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from app.engine.embedding import ModelInput, preprocess
+from app.errors import CatalogueError
 from app.offline.datasets.catalogue import CatalogueRow, read_catalogue
 from app.offline.datasets.images import decode_photo, read_photo
 from app.offline.evaluate.metrics import sku_recall
@@ -328,7 +329,7 @@ class _TrainData:
 def _load_data(cfg: TrainConfig) -> _TrainData:
     rows, problems = read_catalogue(cfg.catalogue)
     if problems:
-        raise ValueError(f"{cfg.catalogue}: {len(problems)} bad rows (first: line {problems[0].line})")
+        raise CatalogueError(f"{cfg.catalogue}: {len(problems)} bad rows (first: line {problems[0].line})")
     skus = sorted({r.sku for r in rows})
     sku_id = {s: i for i, s in enumerate(skus)}
     t0 = time.perf_counter()
@@ -384,24 +385,31 @@ def read_pairs(
     path: Path | None, sku_category: dict[str, str], sku_id: dict[str, int]
 ) -> tuple[list[CatalogueRow], np.ndarray]:
     """A pairs CSV (anchor, sku, negative_sku) -> the anchors as training rows of their SKU, and the confused SKU
-    pairs by id (each once). Both SKUs must be in the training catalogue: a ValueError names the line."""
+    pairs by id (each once; an anchor listed twice trains once). Both SKUs must be in the training catalogue: a
+    CatalogueError names the line."""
     if path is None:
         return [], np.empty((0, 2), dtype=np.int64)
     anchors: list[CatalogueRow] = []
+    listed: set[tuple[str, str]] = set()  # (anchor, sku): a photo confused with two SKUs is one training photo
     pairs: set[tuple[int, int]] = set()
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = {"anchor", "sku", "negative_sku"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: no {', '.join(sorted(missing))} column (a `vps label import --as pairs` file)")
+            raise CatalogueError(
+                f"{path}: no {', '.join(sorted(missing))} column (a `vps label import --as pairs` file)"
+            )
         for line, r in enumerate(reader, start=2):
             sku, negative = r["sku"].strip(), r["negative_sku"].strip()
             for name in (sku, negative):
                 if name not in sku_id:
-                    raise ValueError(f"{path}:{line}: SKU {name!r} is not in the training catalogue")
+                    raise CatalogueError(f"{path}:{line}: SKU {name!r} is not in the training catalogue")
             if sku == negative:
-                raise ValueError(f"{path}:{line}: the negative SKU is the anchor's own")
-            anchors.append(CatalogueRow(line=line, sku=sku, category=sku_category[sku], image=r["anchor"].strip()))
+                raise CatalogueError(f"{path}:{line}: the negative SKU is the anchor's own")
+            image = r["anchor"].strip()
+            if (image, sku) not in listed:
+                listed.add((image, sku))
+                anchors.append(CatalogueRow(line=line, sku=sku, category=sku_category[sku], image=image))
             a, b = sku_id[sku], sku_id[negative]
             pairs.add((min(a, b), max(a, b)))
     return anchors, np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
@@ -409,15 +417,15 @@ def read_pairs(
 
 def read_studio_pairs(path: Path | None, sku_category: dict[str, str]) -> list[CatalogueRow]:
     """A catalogue CSV of studio shots to pair with shelf photos; each SKU must be in the training catalogue (a
-    ValueError names the line), and its category is the training catalogue's."""
+    CatalogueError names the line), and its category is the training catalogue's."""
     if path is None:
         return []
     rows, problems = read_catalogue(path)
     if problems:
-        raise ValueError(f"{path}: {len(problems)} bad rows (first: line {problems[0].line})")
+        raise CatalogueError(f"{path}: {len(problems)} bad rows (first: line {problems[0].line})")
     for r in rows:
         if r.sku not in sku_category:
-            raise ValueError(f"{path}:{r.line}: SKU {r.sku!r} is not in the training catalogue")
+            raise CatalogueError(f"{path}:{r.line}: SKU {r.sku!r} is not in the training catalogue")
     return [replace(r, category=sku_category[r.sku]) for r in rows]
 
 
