@@ -159,7 +159,8 @@ def add_views(
             views = stored.get(img.sha256)
             if views is None:
                 views = _embed_views(img.sha256, img.ref, n, store, embedder, images_root)
-                if views is None:
+                if views is None:  # its image itself is reported (and counted) by the build; only its views go
+                    log.warning("catalogue views skipped: image unreadable", extra={"sku": p.sku, "sha256": img.sha256})
                     continue
                 store.put_embedding(img.sha256, key, views)
             row = _image_row(p, img)
@@ -196,8 +197,14 @@ def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: Bui
         and (live.backend, b.M, b.ef_construction, b.ef_search)
         == (options.backend, options.M, options.ef_construction, options.ef_search)
         and live.router_report.get("kind") == options.router
-        and (b.catalogue_views, b.views_max_images) == (options.catalogue_views or 0, options.views_max_images)
+        and _same_views(b.catalogue_views, b.views_max_images, options)
     )
+
+
+def _same_views(live_views: int, live_max_images: int, options: BuildOptions) -> bool:
+    """Same catalogue views: both without (whatever the image limit says), or the same count and limit."""
+    n = options.catalogue_views or 0
+    return live_views == n == 0 or (live_views, live_max_images) == (n, options.views_max_images)
 
 
 def prune(out_dir: Path, keep: int) -> list[str]:
