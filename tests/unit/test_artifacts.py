@@ -196,3 +196,16 @@ def test_an_unwritable_record_location_still_loads(
     engine = load_engine(settings_for(index, verify_cache_dir=blocker / "verified"))
     assert engine.manifest.n_items == 18
     assert any(r.getMessage() == "verification not remembered" for r in caplog.records)
+
+
+def test_item_rows_are_parsed_once_and_handed_out_as_copies(tmp_path: Path) -> None:
+    from app.artifacts.items import ItemTable
+
+    rows = [{"sku": f"s{i}", "category": "c", "attributes": {"n": i}} for i in range(5)]
+    ItemTable.write(rows, tmp_path / "items.jsonl", tmp_path / "offsets.npy")
+    table = ItemTable.load(tmp_path / "items.jsonl", tmp_path / "offsets.npy")
+    first = table.get(3)
+    first["sku"] = "changed by a caller"
+    assert table.get(3) == rows[3]  # the cached row is not the caller's dict
+    small = ItemTable.load(tmp_path / "items.jsonl", tmp_path / "offsets.npy", cached_rows=2)  # restarts often
+    assert [small.get(i) for i in (0, 1, 2, 3, 4, 0, 4)] == [rows[i] for i in (0, 1, 2, 3, 4, 0, 4)]
