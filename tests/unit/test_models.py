@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from app.engine.embedding import OnnxEmbedder
         ("grocery-lite0-ms512-cat", 512),
         ("grocery-lite1-ms512", 512),
         ("grocery-lite1-ms512-int8", 512),
+        ("grocery-lite1-ms512-sp", 512),
+        ("grocery-lite1-ms512-sp-int8", 512),
     ],
 )
 def test_committed_models_match_their_cards(name: str, dim: int) -> None:
@@ -34,3 +37,10 @@ def test_the_default_model_is_the_trained_one() -> None:
     from app.service.config import Settings
 
     assert Settings().model_dir.name == "grocery-lite0-ms512"
+
+
+def test_int8_cards_keep_the_fp32_figures_apart() -> None:
+    """An int8 card's own figures are its own measurements; what it was quantised from is under fp32_model."""
+    for card in (Path(__file__).resolve().parents[2] / "models").glob("*-int8/model.json"):
+        evaluation = json.loads(card.read_text())["evaluation"]
+        assert "train_catalogue" not in evaluation and "fp32_model" in evaluation, card

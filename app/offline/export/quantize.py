@@ -113,6 +113,9 @@ def quantize_model(
     data = card.model_dump()
     data.update(
         name=f"{card.name}-int8",
+        # The fp32 model's figures are not this model's: kept apart until this one is measured
+        # (scripts/compare_models.py --record, scripts/record_training_images.py).
+        evaluation={"fp32_model": card.evaluation} if card.evaluation else {},
         sha256=sha256_file(out_dir / "model.onnx"),
         quantization={
             "method": f"ONNX Runtime static, QDQ, per-channel int8 weights, uint8 activations, {method} calibration"
