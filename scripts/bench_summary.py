@@ -414,25 +414,18 @@ def part_service(run: Runner, size: dict[str, Any]) -> list[Figure]:
                 noise_from=f"{rounds}, of each round's ratio (the figure: their median)",
                 **common,
             ),
-            Figure(
-                key=f"service.c{c}.http_per_s",
-                label=f"{what}: HTTP requests/s",
-                value=ht["per_s"],
-                noise=spread(ht["per_s_rounds"]),
-                unit="/s",
-                kind="absolute",
-                noise_from=rounds,
-                **common,
-            ),
-            Figure(
-                key=f"service.c{c}.in_process_per_s",
-                label=f"{what}: in-process searches/s",
-                value=ip["per_s"],
-                noise=spread(ip["per_s_rounds"]),
-                unit="/s",
-                kind="absolute",
-                noise_from=rounds,
-                **common,
+            *(
+                Figure(
+                    key=f"service.c{c}.{side}_per_s",
+                    label=f"{what}: {name}",
+                    value=row["per_s"],
+                    noise=spread(row["per_s_rounds"]),
+                    unit="/s",
+                    kind="absolute",
+                    noise_from=rounds,
+                    **common,
+                )
+                for side, row, name in (("http", ht, "HTTP requests/s"), ("in_process", ip, "in-process searches/s"))
             ),
         ]
     return figures

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compare_models import embed_rows  # the same decoding and batching as the model comparison
 
 from app.engine.embedding import OnnxEmbedder
 from app.offline.datasets.grocery import split_rows
@@ -50,8 +51,6 @@ def _recall(q: np.ndarray, qskus: list[str], c: np.ndarray, cskus: list[str]) ->
 
 
 def measure_model(model: Path, dataset: Path, seen: set[str]) -> dict[str, Any]:
-    from compare_models import embed_rows  # the same decoding and batching as the model comparison
-
     embedder = OnnxEmbedder(model, intra_op_threads=2)
     train, val, iconic = (split_rows(dataset, s) for s in ("train", "val", "iconic"))
     q, t, s = (embed_rows(embedder, dataset, rows) for rows in (val, train, iconic))

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -70,7 +71,7 @@ def profile(seconds: float, concurrency: int) -> tuple[Counter[str], int, dict[s
     rows = read_catalogue(DEMO / "queries.csv")[0] + read_catalogue(DEMO / "calibration.csv")[0]
     payloads = [(DEMO / "images" / r.image).read_bytes() for r in rows]
     model = Path("models/grocery-lite0-ms512")
-    index = demo_index(model, Path("/tmp/vps-bench-service"))  # noqa: S108 (the bench scripts' shared cache)
+    index = demo_index(model, Path(tempfile.gettempdir()) / "vps-bench-service")  # bench_service.py's cache
     app = create_app(Settings(index_dir=index, model_dir=model, max_inflight=64, log_level="WARNING"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -12,7 +12,6 @@ unseen photos of the router an index build fits on the training photos by defaul
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from app.engine.embedding import OnnxEmbedder
+from app.offline.datasets.catalogue import read_catalogue
 from app.offline.datasets.grocery import split_rows
 from app.offline.routing.fit import fit_router
 
@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     train = split_rows(args.dataset, args.train_split)
-    extra = [row["image"] for path in args.also_trained_on for row in csv.DictReader(path.open(encoding="utf-8"))]
+    extra = [row.image for path in args.also_trained_on for row in read_catalogue(path)[0]]
     photos = [r["image"] for r in train] + extra
     digests = sorted({hashlib.sha256((args.dataset / image).read_bytes()).hexdigest() for image in photos})
     (args.model / FINGERPRINT).write_text("\n".join(digests) + "\n")

@@ -170,12 +170,15 @@ class GatedEngine(SearchEngine):
         return super().search_image(data, params, warnings)
 
 
-def gated_loader(gate: threading.Event) -> EngineLoader:
-    """An engine loader (create_app's port) whose engines wait for `gate` before every search."""
+def gated_loader(
+    gate: threading.Event, *, embedder: Embedder | None = None, engine: type[GatedEngine] = GatedEngine
+) -> EngineLoader:
+    """An engine loader (create_app's port) whose engines (`engine`, a GatedEngine) wait for `gate` before every
+    search; with `embedder`, they embed with it instead of the model the settings name."""
 
-    def load(settings: Settings, embedder: Embedder | None = None) -> SearchEngine:
-        e = load_engine(settings, embedder)
-        return GatedEngine(
+    def load(settings: Settings, reused: Embedder | None = None) -> SearchEngine:
+        e = load_engine(settings, embedder or reused)
+        return engine(
             gate,
             embedder=e.embedder,
             router=e.router,

@@ -17,8 +17,8 @@ import numpy as np
 from app.errors import ArtifactError
 
 # Rows kept parsed: grouping reads every hit's row until k SKUs are found (about 30 rows a search at k=10), and
-# parsing them was 0.33 ms of CPU a search (scripts/profile_service.py). 16,384 small rows are a few MB a worker;
-# when full the cache starts again, so it never grows past that and popular rows return at once.
+# parsing them was 0.33 ms of CPU a search (scripts/profile_service.py). At most CACHED_ROWS rows a worker: when
+# full the cache starts again, so it stays bounded and popular rows return at once.
 CACHED_ROWS = 16384
 
 

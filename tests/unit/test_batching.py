@@ -15,13 +15,13 @@ import pytest
 from app.engine.batching import MicroBatcher
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.imaging import Collected
-from app.engine.search import SearchEngine, SearchOutcome, SearchParams
+from app.engine.search import SearchOutcome, SearchParams
 from app.errors import InternalError
 from app.service.app import create_app
 from app.service.config import Settings
 from app.service.engines import load_engine
 from app.service.state import AppState
-from tests.helpers import SKUS, DelegatingEmbedder, GatedEngine, encode, live_server, product_image
+from tests.helpers import SKUS, DelegatingEmbedder, GatedEngine, encode, gated_loader, live_server, product_image
 
 LONG = 60.0  # a window no test may wait out: a thread still blocked after JOIN_S has waited for it
 JOIN_S = 20.0
@@ -186,24 +186,11 @@ def test_batched_answers_over_http_are_the_unbatched_ones(
     batcher = MicroBatcher(counting, 5.0, max_rows=8)
     gate = threading.Event()
 
-    def loader(s: Settings, _: Embedder | None = None) -> SearchEngine:
-        e = load_engine(s, batcher)
-        return AnnouncedGatedEngine(
-            gate,
-            embedder=batcher,
-            router=e.router,
-            shards=e.shards,
-            items=e.items,
-            manifest=e.manifest,
-            max_image_pixels=e.max_image_pixels,
-            overfetch=e.overfetch,
-        )
-
     queries = [encode(product_image(sku, v)) for sku, v in (("red-apple", 1), ("blue-milk", 2), ("green-apple", 3))]
     queries.append(queries[0])
     with live_server(create_app(settings)) as base:
         want = [httpx.post(f"{base}/search?k=3", content=q).json()["results"] for q in queries]
-    app = create_app(settings, loader=loader)
+    app = create_app(settings, loader=gated_loader(gate, embedder=batcher, engine=AnnouncedGatedEngine))
     with live_server(app) as base, ThreadPoolExecutor(4) as pool:
         sent = [pool.submit(httpx.post, f"{base}/search?k=3", content=q, timeout=30) for q in queries]
         state: AppState = app.state.vps

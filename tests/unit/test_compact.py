@@ -19,7 +19,7 @@ from app.artifacts.manifest import earlier_versions, read_manifest, resolve_curr
 from app.catalogue.store import CatalogueStore, NewImage, sha256_of
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.engine.search import resolve_params
-from app.offline.build.build_index import BuildOptions, embed_calibration, read_calibration
+from app.offline.build.build_index import BuildOptions, BuildResult, embed_calibration, read_calibration
 from app.offline.build.compact import compact, import_catalogue, prune, views_key
 from app.service.config import Settings
 from app.service.engines import load_engine
@@ -164,18 +164,25 @@ def test_compaction_calibrates_on_the_builds_query_photos_again(
     assert read_calibration(resolve_current(out), "another-model") is None
 
 
+def _imported(
+    catalogue: Path, out: Path, store: CatalogueStore, embedder: CountingEmbedder, options: BuildOptions
+) -> BuildResult:
+    """The catalogue imported and built once with `options`."""
+    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, options)
+    assert first.built is not None
+    return first.built
+
+
 def test_catalogue_views_are_stored_once_and_kept_by_a_scheduled_compaction(
     catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
 ) -> None:
-    out = tmp_path / "index"
-    with_views = BuildOptions(M=8, ef_construction=40, progress=False, catalogue_views=4, views_max_images=3)
-    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, with_views)
-    assert first.built is not None
-    manifest = first.built.manifest
+    out, with_views = tmp_path / "index", replace(OPTIONS, catalogue_views=4, views_max_images=3)
+    first = _imported(catalogue, out, store, embedder, with_views)
+    manifest = first.manifest
     assert (manifest.build.catalogue_views, manifest.build.views_max_images) == (4, 3)
-    assert manifest.n_items == 18 * 5 and first.built.coverage.images_indexed == 18  # views are not images
+    assert manifest.n_items == 18 * 5 and first.coverage.images_indexed == 18  # views are not images
     assert embedder.images == 18 + 18 * 4
-    items = ItemTable.load(first.built.version_dir / "items.jsonl", first.built.version_dir / "items.offsets.npy")
+    items = ItemTable.load(first.version_dir / "items.jsonl", first.version_dir / "items.offsets.npy")
     counts = Counter(items.get(i)["image"] for i in range(90))
     assert len(counts) == 18 and set(counts.values()) == {5}  # each view is its image's row again
 
@@ -197,15 +204,13 @@ def test_catalogue_views_are_stored_once_and_kept_by_a_scheduled_compaction(
 def test_a_scheduled_compaction_keeps_views_and_builds_nothing_when_nothing_changed(
     catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
 ) -> None:
-    out = tmp_path / "index"
-    with_views = BuildOptions(M=8, ef_construction=40, progress=False, catalogue_views=2, views_max_images=3)
-    first = import_catalogue(catalogue, catalogue.parent, out, store, embedder, with_views)
-    assert first.built is not None
+    out, with_views = tmp_path / "index", replace(OPTIONS, catalogue_views=2, views_max_images=3)
+    first = _imported(catalogue, out, store, embedder, with_views)
     scheduled = compact(store, out, embedder, replace(OPTIONS, catalogue_views=None))
-    assert scheduled.built is None and scheduled.live_version == first.built.manifest.version
+    assert scheduled.built is None and scheduled.live_version == first.manifest.version
     # The router is fitted on images only (a view of a held-out photo in the fit set would flatter it): the same
     # router and report as a version without views.
     plain = compact(store, out, embedder, OPTIONS, force=True)
     assert plain.built is not None and plain.built.manifest.n_items == 18
-    assert plain.built.manifest.router_report == first.built.manifest.router_report
-    assert sha256_file(plain.built.version_dir / "router.npz") == sha256_file(first.built.version_dir / "router.npz")
+    assert plain.built.manifest.router_report == first.manifest.router_report
+    assert sha256_file(plain.built.version_dir / "router.npz") == sha256_file(first.version_dir / "router.npz")

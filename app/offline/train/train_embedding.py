@@ -326,10 +326,16 @@ class _TrainData:
     studio_rows: dict[int, np.ndarray]  # SKU id -> row indices of its studio shots
 
 
-def _load_data(cfg: TrainConfig) -> _TrainData:
-    rows, problems = read_catalogue(cfg.catalogue)
+def _clean_rows(path: Path) -> list[CatalogueRow]:
+    """Every row of a catalogue CSV; a CatalogueError when any is bad (training takes no partial catalogue)."""
+    rows, problems = read_catalogue(path)
     if problems:
-        raise CatalogueError(f"{cfg.catalogue}: {len(problems)} bad rows (first: line {problems[0].line})")
+        raise CatalogueError(f"{path}: {len(problems)} bad rows (first: line {problems[0].line})")
+    return rows
+
+
+def _load_data(cfg: TrainConfig) -> _TrainData:
+    rows = _clean_rows(cfg.catalogue)
     skus = sorted({r.sku for r in rows})
     sku_id = {s: i for i, s in enumerate(skus)}
     t0 = time.perf_counter()
@@ -420,9 +426,7 @@ def read_studio_pairs(path: Path | None, sku_category: dict[str, str]) -> list[C
     CatalogueError names the line), and its category is the training catalogue's."""
     if path is None:
         return []
-    rows, problems = read_catalogue(path)
-    if problems:
-        raise CatalogueError(f"{path}: {len(problems)} bad rows (first: line {problems[0].line})")
+    rows = _clean_rows(path)
     for r in rows:
         if r.sku not in sku_category:
             raise CatalogueError(f"{path}:{r.line}: SKU {r.sku!r} is not in the training catalogue")
