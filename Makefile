@@ -21,7 +21,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 
 # Tests need the dev tools and the train extra (export test); torch==2.13.0 installs from local disk.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,train]'
+	$(BIN)/pip install -q -e '.[dev,train,ray]'
 	touch $@ $(VENV)/.serve-installed
 
 # The demo index is rebuilt when the catalogue or the model changes.

@@ -19,7 +19,14 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from app.errors import ArtifactError, BuildRefused, CatalogueError, CatalogueUnavailable, ModelNotFound
+from app.errors import (
+    ArtifactError,
+    BuildRefused,
+    CatalogueError,
+    CatalogueUnavailable,
+    EngineFailed,
+    ModelNotFound,
+)
 from app.service.config import SHIPPED_MODEL_DIR, Settings, catalogue_database_url
 from app.service.logs import configure_logging
 
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from app.engine.embedding import OnnxEmbedder
     from app.offline.build.build_index import BuildResult, Limit
     from app.offline.build.compact import CompactResult
+    from app.offline.build.engines import EngineRunner
     from app.offline.datasets.catalogue import RowProblem
 
 # Exit codes; 2 is also click's own for a bad option or usage.
@@ -37,6 +45,7 @@ EXIT_INPUT = 3  # bad input data: a catalogue or query CSV, images that give not
 EXIT_ARTIFACT = 4  # a model or index artifact missing or failing verification
 EXIT_REFUSED = 5  # the build would lose products: nothing published, CURRENT unchanged
 EXIT_DATABASE = 6  # the catalogue database cannot be reached
+EXIT_ENGINE = 7  # the build engine failed (Ray cluster unreachable, workers lost): nothing published
 _DEBUG = "vps.debug"
 FIGURES = 3  # decimals of every figure the CLI prints
 
@@ -49,6 +58,8 @@ def describe_error(exc: Exception) -> tuple[int, str]:
         return EXIT_ARTIFACT, _one_line(str(exc))
     if isinstance(exc, BuildRefused):
         return EXIT_REFUSED, _one_line(str(exc))
+    if isinstance(exc, EngineFailed):
+        return EXIT_ENGINE, _one_line(str(exc))
     if isinstance(exc, CatalogueUnavailable):
         return EXIT_DATABASE, "the catalogue database cannot be reached (--catalogue-url / VPS_CATALOGUE_URL)"
     if isinstance(exc, ValidationError):
@@ -214,6 +225,30 @@ class RouterName(StrEnum):
     linear = "linear"
 
 
+class EngineName(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+_EngineOpt = Annotated[
+    EngineName,
+    typer.Option(
+        case_sensitive=False,
+        help="Where images are embedded and shards built: this process, or a Ray cluster (the `ray` extra; "
+        "docs/scaling.md)",
+    ),
+]
+_RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (ray://HOST:10001 or HOST:6379); default: a local cluster for this build"),
+]
+_RayWorkers = Annotated[int, typer.Option(min=1, max=4096, help="Ray embedding actors")]
+_RayThreads = Annotated[int, typer.Option(min=1, max=64, help="CPUs (decode and ONNX Runtime threads) per Ray actor")]
+_RayRetries = Annotated[
+    int, typer.Option(min=0, max=100, help="Restarts of a dead Ray actor or task before the build fails (exit 7)")
+]
+
+
 # build-index's options, declared here so that the command reads as what it does.
 _CatalogueCsv = Annotated[
     Path, typer.Option(exists=True, dir_okay=False, help="Catalogue CSV: sku,category,image[,title,...]")
@@ -282,6 +317,7 @@ _MaxLostSkus = Annotated[
 ]
 
 
+# long: one typer option a line (build, router, losses, views, engine), passed straight into BuildOptions
 @cli.command("build-index")
 def build_index_cmd(
     catalogue: _CatalogueCsv,
@@ -305,6 +341,11 @@ def build_index_cmd(
     max_lost_skus: _MaxLostSkus = "0",
     catalogue_views: _CatalogueViews = None,
     views_max_images: _ViewsMaxImages = 2,
+    engine: _EngineOpt = EngineName.local,
+    ray_address: _RayAddress = None,
+    ray_workers: _RayWorkers = 2,
+    ray_threads: _RayThreads = 1,
+    ray_retries: _RayRetries = 3,
 ) -> None:
     """Embed a catalogue and publish a new index version. Nothing is published (exit 5, CURRENT unchanged) when a
     SKU would lose every image or more images fail than --max-failed-images."""
@@ -333,12 +374,36 @@ def build_index_cmd(
         views_max_images=views_max_images,
     )
     embedder = _embedder(model_dir, threads)
-    calibration = None
-    if calibration_queries is not None:
-        calibration = embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
     store = _store(catalogue_url, out)
-    result = import_catalogue(catalogue, images_root, out, store, embedder, options, full=full, calibration=calibration)
+    runner = _build_engine(engine, model_dir, ray_address, ray_workers, ray_threads, ray_retries)
+    with runner.connected():
+        calibration = None
+        if calibration_queries is not None:
+            root = calibration_root or images_root
+            calibration = embed_calibration(calibration_queries, root, embedder, options, runner.engine)
+        result = import_catalogue(
+            catalogue, images_root, out, store, embedder, options,
+            full=full, calibration=calibration, engine=runner.engine,
+        )  # fmt: skip
     _print_compact(result, store)
+
+
+def _build_engine(
+    name: EngineName, model_dir: Path, address: str | None, workers: int, threads: int, retries: int
+) -> EngineRunner:
+    """The engine for --engine, and the session it runs in (one Ray connection for the whole command)."""
+    from app.offline.build.engines import EngineRunner, LocalEngine
+
+    if name is EngineName.local:
+        if address is not None:
+            raise typer.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+        return EngineRunner(LocalEngine())
+    from app.offline.build.ray_engine import RayEngine, RayOptions
+
+    ray_engine = RayEngine(
+        model_dir, RayOptions(address=address, workers=workers, threads=threads, max_retries=retries)
+    )
+    return EngineRunner(ray_engine, ray_engine.connected)
 
 
 def _embedder(model_dir: Path, threads: int) -> OnnxEmbedder:
@@ -417,6 +482,11 @@ def compact(
     force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
     catalogue_views: _CatalogueViews = None,
     views_max_images: _ViewsMaxImages = 2,
+    engine: _EngineOpt = EngineName.local,
+    ray_address: _RayAddress = None,
+    ray_workers: _RayWorkers = 2,
+    ray_threads: _RayThreads = 1,
+    ray_retries: _RayRetries = 3,
 ) -> None:
     """Fold the catalogue database's changes into a new index version (stored vectors are reused) and point
     CURRENT at it; services reload it (VPS_INDEX_WATCH_S or POST /admin/reload) and apply later changes on top."""
@@ -434,9 +504,13 @@ def compact(
         views_max_images=views_max_images,
     )
     store = _store(catalogue_url, out)
-    _print_compact(
-        run_compact(store, out, _embedder(model_dir, threads), options, images_root=images_root, force=force), store
-    )
+    runner = _build_engine(engine, model_dir, ray_address, ray_workers, ray_threads, ray_retries)
+    with runner.connected():
+        result = run_compact(
+            store, out, _embedder(model_dir, threads), options, images_root=images_root, force=force,
+            engine=runner.engine,
+        )  # fmt: skip
+    _print_compact(result, store)
 
 
 @cli.command()
@@ -595,8 +669,8 @@ def train(
         out_dir=out,
         val_queries=val_queries,
         studio_catalogue=studio_catalogue,
-        loss=loss.value,  # type: ignore[arg-type]
-        backbone=backbone.value,  # type: ignore[arg-type]
+        loss=loss.value,
+        backbone=backbone.value,
         epochs=epochs,
         P=p,
         K=k,
@@ -644,7 +718,7 @@ def quantize_model_cmd(
         images_root,
         out,
         n_images=n_images,
-        method=method.value,  # type: ignore[arg-type]
+        method=method.value,
         float_blocks=float_blocks,
     )
     typer.echo(f"quantised {out / 'model.onnx'} sha256={card.sha256}")
@@ -769,7 +843,7 @@ def label_import(
     for source in (catalogue, into if as_ is not ImportKind.pairs and into.exists() else None):
         if source is not None:
             categories.update({r.sku: r.category for r in read_catalogue(source)[0]})
-    n = import_labels(queue, as_.value, into, categories)  # type: ignore[arg-type]
+    n = import_labels(queue, as_.value, into, categories)
     typer.echo(f"appended {n} labelled rows to {into}")
 
 

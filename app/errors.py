@@ -174,3 +174,8 @@ class BuildRefused(Exception):
         super().__init__(message)
         self.lost_skus = lost_skus
         self.report = report
+
+
+class EngineFailed(Exception):
+    """A build engine failed: its cluster cannot be reached, or its workers kept dying past their retries.
+    Nothing was published and CURRENT is unchanged. `vps` exits 7."""

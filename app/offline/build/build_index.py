@@ -13,8 +13,7 @@ import logging
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +36,11 @@ from app.artifacts.manifest import (
     publish_current,
     write_manifest,
 )
-from app.artifacts.shards import SHARD_SUFFIX, Backend, build_shard
-from app.engine.embedding import Embedder, OnnxEmbedder, decode_side
-from app.errors import BuildRefused, CatalogueError, ServiceError
+from app.artifacts.shards import SHARD_SUFFIX, Backend
+from app.engine.embedding import Embedder, OnnxEmbedder
+from app.errors import BuildRefused, CatalogueError
+from app.offline.build.engines import BuildEngine, ImageJob, LocalEngine, ShardJob, StageOptions
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
-from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
-from app.offline.progress import Progress, progress
 from app.offline.routing.calibrate import (
     EXHAUSTIVE_BELOW_VECTORS,
     NEAR_DUPLICATE_COSINE,
@@ -154,6 +152,16 @@ class BuildOptions:
     catalogue_views: int | None = 0
     views_max_images: int = 2
 
+    def stages(self) -> StageOptions:
+        return StageOptions(
+            batch_size=self.batch_size,
+            threads=self.threads,
+            backend=self.backend,
+            M=self.M,
+            ef_construction=self.ef_construction,
+            progress=self.progress,
+        )
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -168,47 +176,29 @@ class BuildResult:
 
 
 def embed_catalogue(
-    rows: Sequence[CatalogueRow], images_root: Path, embedder: Embedder, options: BuildOptions
+    rows: Sequence[CatalogueRow],
+    images_root: Path,
+    embedder: Embedder,
+    options: BuildOptions,
+    engine: BuildEngine | None = None,
 ) -> tuple[np.ndarray, list[CatalogueRow], list[RowProblem]]:
-    """Embed every row's image. Returns vectors for the rows that worked, those rows (with their images' sha256),
-    and the problems."""
-    root = images_root.resolve()
-    size = decode_side(embedder.card.input)
-
-    def load(row: CatalogueRow) -> tuple[np.ndarray, str] | RowProblem:
-        try:
-            data = read_photo(root, row.image)
-            array = embedder.preprocess(decode_photo(data, size))
-        except PhotoProblem as exc:
-            return RowProblem(row.line, row.image, exc.reason, row.sku)
-        except ServiceError as exc:
-            return RowProblem(row.line, row.image, exc.code, row.sku)
-        return array, hashlib.sha256(data).hexdigest()
-
+    """Embed every row's image (on `engine`, default this process). Returns vectors for the rows that worked,
+    those rows (with their images' sha256), and the problems."""
+    outcomes = (engine or LocalEngine()).embed_images(
+        [ImageJob(r.image) for r in rows], images_root, embedder, options.stages()
+    )
     vectors: list[np.ndarray] = []
     kept: list[CatalogueRow] = []
     problems: list[RowProblem] = []
-    bar: Progress[None] = progress(None, total=len(rows), desc="embedding", unit="img", enabled=options.progress)
-    with ThreadPoolExecutor(max_workers=options.threads) as pool, bar:
-        for batch_rows in _chunks(rows, options.batch_size):
-            arrays: list[np.ndarray] = []
-            for row, result in zip(batch_rows, pool.map(load, batch_rows), strict=True):
-                if isinstance(result, RowProblem):
-                    problems.append(result)
-                    log.warning("image skipped", extra={"image": row.image, "line": row.line, "reason": result.reason})
-                else:
-                    arrays.append(result[0])
-                    kept.append(replace(row, sha256=result[1]))
-            if arrays:
-                vectors.append(embedder.embed(np.stack(arrays)))
-            bar.update(len(batch_rows))
-    dim = embedder.dim
-    return (np.vstack(vectors) if vectors else np.empty((0, dim), np.float32)), kept, problems
-
-
-def _chunks(rows: Sequence[CatalogueRow], n: int) -> Iterator[Sequence[CatalogueRow]]:
-    for i in range(0, len(rows), n):
-        yield rows[i : i + n]
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if isinstance(outcome, str):
+            problems.append(RowProblem(row.line, row.image, outcome, row.sku))
+            log.warning("image skipped", extra={"image": row.image, "line": row.line, "reason": outcome})
+        else:
+            vectors.append(outcome.vector)
+            kept.append(replace(row, sha256=outcome.sha256))
+    empty = np.empty((0, embedder.dim), np.float32)
+    return (np.stack(vectors).astype(np.float32, copy=False) if vectors else empty), kept, problems
 
 
 def assign_clusters(vectors: np.ndarray, rows: list[CatalogueRow]) -> tuple[list[CatalogueRow], int]:
@@ -287,6 +277,7 @@ def build_index(
     embedder: Embedder | None = None,
     calibration_queries: Path | None = None,
     calibration_root: Path | None = None,
+    engine: BuildEngine | None = None,
 ) -> BuildResult:
     """Build and publish a version. `calibration_queries` (a CSV of real query photos of catalogue SKUs, images
     under `calibration_root`, default `images_root`) makes the router's temperature, probe_mass and open-set
@@ -297,13 +288,13 @@ def build_index(
         log.warning("catalogue row skipped", extra={"line": p.line, "reason": p.reason})
     if embedder is None:
         embedder = OnnxEmbedder(model_dir, intra_op_threads=options.threads)
-    vectors, kept, embed_problems = embed_catalogue(rows, images_root, embedder, options)
+    vectors, kept, embed_problems = embed_catalogue(rows, images_root, embedder, options, engine)
     problems = problems + embed_problems
     coverage = coverage_of(rows, kept, problems, total=len(rows) + n_unreadable_rows)
     check_coverage(coverage, problems, options, out_dir, catalogue, images_root)
     calibration = None
     if calibration_queries is not None:
-        calibration = embed_calibration(calibration_queries, calibration_root or images_root, embedder, options)
+        calibration = embed_calibration(calibration_queries, calibration_root or images_root, embedder, options, engine)
 
     result = publish_vectors(
         vectors,
@@ -316,6 +307,7 @@ def build_index(
         lost_skus=coverage.lost_skus,
         calibration=calibration,
         training_digests=embedder.card.training_digests(model_dir),
+        engine=engine,
     )
     (out_dir / REFUSED_REPORT).unlink(missing_ok=True)  # an earlier refusal no longer describes the index
     report = result.router_report
@@ -329,10 +321,10 @@ def build_index(
 
 
 def embed_calibration(
-    queries: Path, root: Path, embedder: Embedder, options: BuildOptions
+    queries: Path, root: Path, embedder: Embedder, options: BuildOptions, engine: BuildEngine | None = None
 ) -> tuple[np.ndarray, list[CatalogueRow]]:
     cal_rows, cal_problems = read_catalogue(queries)
-    cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(cal_rows, root, embedder, options)
+    cal_vectors, cal_kept, cal_embed_problems = embed_catalogue(cal_rows, root, embedder, options, engine)
     for p in cal_problems + cal_embed_problems:
         log.warning("calibration query skipped", extra={"image": p.image, "reason": p.reason})
     return cal_vectors, cal_kept
@@ -424,6 +416,7 @@ def publish_vectors(
     catalogue_seq: int | None = None,
     catalogue_id: str | None = None,
     n_views: int = 0,
+    engine: BuildEngine | None = None,
 ) -> BuildResult:
     """Write a version from embedded rows (`embedder` gives the model identity), then publish it: for
     build_index, compaction (`catalogue_seq`: the database's sequence number the rows hold; `n_views` rows are
@@ -442,6 +435,7 @@ def publish_vectors(
         manifest = _write_version(
             staging, vectors, rows, problems, embedder, options,
             coverage=coverage, calibration=calibration, training_digests=training_digests, n_views=n_views,
+            engine=engine or LocalEngine(),
         )  # fmt: skip
         if catalogue_seq is not None:
             manifest = manifest.model_copy(update={"catalogue_seq": catalogue_seq, "catalogue_id": catalogue_id})
@@ -489,10 +483,11 @@ def _write_version(
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     training_digests: frozenset[str] = frozenset(),
     n_views: int = 0,
+    engine: BuildEngine | None = None,
 ) -> Manifest:
     """categories -> shards -> router -> item table and build report -> manifest."""
     grouped = _group_by_category(vectors, rows)
-    entries = _write_shards(vdir, grouped, options)
+    entries = _write_shards(vdir, grouped, options, engine or LocalEngine())
     report = _write_router(vdir, grouped, embedder, options, calibration, training_digests, n_views)
     if calibration is not None:
         write_calibration(vdir / CALIBRATION_FILE, calibration, embedder.card.sha256)
@@ -569,26 +564,26 @@ def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Groupe
     )
 
 
-def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions) -> list[CategoryEntry]:
+def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions, engine: BuildEngine) -> list[CategoryEntry]:
+    members = [np.flatnonzero(g.labels == ci) for ci in range(len(g.categories))]
+    rels = [f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}" for ci, name in enumerate(g.categories)]
+    engine.build_shards(
+        [ShardJob(g.vectors[m], vdir / rel) for m, rel in zip(members, rels, strict=True)], options.stages()
+    )
     entries: list[CategoryEntry] = []
     offset = 0
-    for ci, name in enumerate(progress(g.categories, desc="shards", unit="shard", enabled=options.progress)):
-        members = np.flatnonzero(g.labels == ci)
-        rel = f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}"
-        build_shard(
-            options.backend, g.vectors[members], vdir / rel, M=options.M, ef_construction=options.ef_construction
-        )
+    for name, rel, m in zip(g.categories, rels, members, strict=True):
         entries.append(
             CategoryEntry(
                 name=name,
                 shard=rel,
-                n_vectors=len(members),
-                n_skus=len({g.rows[i].sku for i in members}),
+                n_vectors=len(m),
+                n_skus=len({g.rows[i].sku for i in m}),
                 offset=offset,
                 sha256=sha256_file(vdir / rel),
             )
         )
-        offset += len(members)
+        offset += len(m)
     return entries
 
 

@@ -39,11 +39,15 @@ from app.offline.build.build_index import (
     publish_vectors,
     read_calibration,
 )
+from app.offline.build.engines import BuildEngine, Embedded, ImageJob, LocalEngine, chunks
 from app.offline.build.views import catalogue_views
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
 
 log = logging.getLogger(__name__)
+# Images re-embedded per engine call after a model change: bounds the database blobs held at once (API uploads
+# travel with their job); each call costs a Ray engine its actor pool's start (seconds), small against 50k images.
+MISSING_PER_CALL = 50_000
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class CompactResult:
     imported: ImportResult | None = None
     coverage: Coverage | None = None  # of the imported CSV
     problems: tuple[RowProblem, ...] = ()
+    embedded: int = 0  # images of the imported CSV embedded (the rest had a stored vector for this model)
 
 
 def import_catalogue(
@@ -68,16 +73,17 @@ def import_catalogue(
     *,
     full: bool = False,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
+    engine: BuildEngine | None = None,
 ) -> CompactResult:
-    """CSV -> (embed what is new) -> database -> compact. Refuses (BuildRefused) before the database is touched
-    when products would be lost, as a build does."""
+    """CSV -> (embed what is new, on `engine`) -> database -> compact. Refuses (BuildRefused) before the database
+    is touched when products would be lost, as a build does."""
     rows, problems = read_catalogue(catalogue)
     n_unreadable = len(problems)
     model = embedder.card.sha256
     hashed, hash_problems = _hash_rows(rows, images_root, options.threads)
     stored = store.stored_vectors(sorted({r.sha256 for r in hashed}), model)
     fresh = [r for r in hashed if r.sha256 not in stored]
-    vectors, embedded, embed_problems = embed_catalogue(fresh, images_root, embedder, options)
+    vectors, embedded, embed_problems = embed_catalogue(fresh, images_root, embedder, options, engine)
     new_vectors = dict(zip((r.sha256 for r in embedded), vectors, strict=True))
     problems = problems + hash_problems + embed_problems
     usable = [r for r in hashed if r.sha256 in stored or r.sha256 in new_vectors]
@@ -86,8 +92,8 @@ def import_catalogue(
     log.info("catalogue embedded", extra={"reused": len(hashed) - len(fresh), "embedded": len(embedded)})
     imported = store.import_products(_products(usable, new_vectors), model, full=full)
     (out_dir / REFUSED_REPORT).unlink(missing_ok=True)  # an earlier refusal no longer describes the catalogue
-    result = compact(store, out_dir, embedder, options, images_root=images_root, calibration=calibration)
-    return replace(result, imported=imported, coverage=coverage, problems=tuple(problems))
+    result = compact(store, out_dir, embedder, options, images_root=images_root, calibration=calibration, engine=engine)
+    return replace(result, imported=imported, coverage=coverage, problems=tuple(problems), embedded=len(embedded))
 
 
 def compact(
@@ -99,7 +105,9 @@ def compact(
     images_root: Path | None = None,
     calibration: tuple[np.ndarray, list[CatalogueRow]] | None = None,
     force: bool = False,
+    engine: BuildEngine | None = None,
 ) -> CompactResult:
+    engine = engine or LocalEngine()
     model = embedder.card.sha256
     live = _live_manifest(out_dir)
     options = _with_live_choices(options, live)
@@ -110,13 +118,13 @@ def compact(
         # A scheduled or automatic compaction has no query photos: the build's, kept in the live version.
         calibration = read_calibration(resolve_current(out_dir), model)
     seq, products = store.snapshot(model)
-    rows, vectors = _rows_and_vectors(products, store, embedder, images_root)
+    rows, vectors = _rows_and_vectors(products, store, embedder, options, images_root, engine)
     if not rows:
         raise CatalogueError(f"{store.url.split('@')[-1]}: the catalogue database holds no product with an image")
     view_rows, view_vectors = add_views(products, store, embedder, options, images_root)
     built = publish_vectors(
         np.vstack(vectors + view_vectors), rows + view_rows, out_dir, embedder, options, calibration=calibration,
-        catalogue_seq=seq, catalogue_id=store.catalogue_id(), n_views=len(view_rows),
+        catalogue_seq=seq, catalogue_id=store.catalogue_id(), n_views=len(view_rows), engine=engine,
     )  # fmt: skip
     return CompactResult(seq, built, built.manifest.version)
 
@@ -248,24 +256,29 @@ def _products(rows: Sequence[CatalogueRow], new_vectors: dict[str, np.ndarray]) 
 
 
 def _rows_and_vectors(
-    products: list[ProductState], store: CatalogueStore, embedder: Embedder, images_root: Path | None
+    products: list[ProductState],
+    store: CatalogueStore,
+    embedder: Embedder,
+    options: BuildOptions,
+    images_root: Path | None,
+    engine: BuildEngine,
 ) -> tuple[list[CatalogueRow], list[np.ndarray]]:
+    """Every image's row and vector: stored for this model, else (a model change) embedded on `engine` from the
+    stored bytes or the images root, and stored."""
+    pairs = [(p, img) for p in products for img in p.images]
+    missing = [(p, img) for p, img in pairs if img.vector is None]
+    fresh = _embed_missing(missing, store, embedder, options, images_root, engine)
     rows: list[CatalogueRow] = []
     vectors: list[np.ndarray] = []
-    for p in products:
-        for img in p.images:
-            vector = (
-                img.vector
-                if img.vector is not None
-                else _embed_missing(img.sha256, img.ref, store, embedder, images_root)
+    for p, img in pairs:
+        vector = img.vector if img.vector is not None else fresh.get(img.image_id)
+        if vector is None:
+            log.warning(
+                "catalogue image left out: no vector and no bytes", extra={"sku": p.sku, "image_id": img.image_id}
             )
-            if vector is None:
-                log.warning(
-                    "catalogue image left out: no vector and no bytes", extra={"sku": p.sku, "image_id": img.image_id}
-                )
-                continue
-            rows.append(_image_row(p, img))
-            vectors.append(vector[None])
+            continue
+        rows.append(_image_row(p, img))
+        vectors.append(vector[None])
     return rows, vectors
 
 
@@ -294,20 +307,26 @@ def _image_bytes(sha256: str, ref: str | None, store: CatalogueStore, images_roo
 
 
 def _embed_missing(
-    sha256: str, ref: str | None, store: CatalogueStore, embedder: Embedder, images_root: Path | None
-) -> np.ndarray | None:
-    """A vector this model has not stored (a model change): from the stored bytes, else the images root."""
-    data = _image_bytes(sha256, ref, store, images_root)
-    if data is None:
-        return None
-    try:
-        vector: np.ndarray = embedder.embed(
-            embedder.preprocess(decode_photo(data, decode_side(embedder.card.input)))[None]
-        )[0]
-    except (PhotoProblem, ServiceError):
-        return None
-    store.put_embedding(sha256, embedder.card.sha256, vector)
-    return vector
+    missing: list[tuple[ProductState, ImageState]],
+    store: CatalogueStore,
+    embedder: Embedder,
+    options: BuildOptions,
+    images_root: Path | None,
+    engine: BuildEngine,
+) -> dict[str, np.ndarray]:
+    """Vectors this model has not stored (a model change), by image id: database bytes travel with the job, CSV
+    imports are read from the images root where the engine runs. Stored as they come back."""
+    out: dict[str, np.ndarray] = {}
+    for part in chunks(missing, MISSING_PER_CALL):
+        jobs = [ImageJob(img.ref or "", store.blob(img.sha256)) for _, img in part]
+        runnable = [(img, job) for (_, img), job in zip(part, jobs, strict=True) if job.data is not None or job.image]
+        outcomes = engine.embed_images([j for _, j in runnable], images_root, embedder, options.stages())
+        for (img, _), outcome in zip(runnable, outcomes, strict=True):
+            # The bytes must still be the ones imported: a file changed under the images root is not this image.
+            if isinstance(outcome, Embedded) and outcome.sha256 == img.sha256:
+                store.put_embedding(img.sha256, embedder.card.sha256, outcome.vector)
+                out[img.image_id] = outcome.vector
+    return out
 
 
 def _live_manifest(out_dir: Path) -> Manifest | None:

@@ -1,0 +1,261 @@
+"""`vps build-index --engine ray`: a build's expensive stages on a Ray cluster (the `ray` extra; never imported by
+the service).
+
+- Embedding: Ray Data `map_batches` over an actor pool. Each actor holds one ONNX Runtime session with its
+  threads set explicitly, and reads, decodes and embeds its batches with the same code as the local engine
+  (`load_image`), so a bad image is reported the same way.
+- Shards: one Ray task per category; each returns the shard's bytes and the driver writes them into the staging
+  version, so workers need not share the index volume.
+- The model travels through the object store (its card checked against the driver's on every actor). Images are
+  read where the actor runs: `images_root` must be mounted at the same path on every node (a shared volume);
+  database blobs travel with their job.
+
+Fault tolerance is Ray's: a dead actor is restarted and its batch retried, `max_retries` times; past that the
+build fails with one message and nothing is published (the driver writes the version only after every stage
+returned)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from ray.exceptions import RayError
+from ray.util.annotations import RayDeprecationWarning
+
+from app.artifacts.shards import Backend
+from app.engine.embedding import Embedder, OnnxEmbedder
+from app.errors import ArtifactError, EngineFailed
+from app.offline.build.engines import (
+    Embedded,
+    ImageJob,
+    Outcome,
+    ShardJob,
+    StageOptions,
+    build_shard_bytes,
+    embed_loaded,
+)
+from app.offline.progress import Progress, progress
+
+log = logging.getLogger(__name__)
+MODEL_FILES = ("model.json",)  # plus the card's model file
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local cluster for this build (and stop it after)
+    workers: int = 2  # embedding actors (each with `threads` CPUs)
+    threads: int = 1  # per actor: decode threads and ONNX Runtime intra-op threads
+    max_retries: int = 3  # restarts of a dead actor, and retries of its batch
+    object_store_bytes: int | None = None  # a local cluster's object store (None: Ray's default)
+
+
+@dataclass
+class RayEngine:
+    """A `BuildEngine` on Ray. `model_dir` is the driver's model, shipped to every actor."""
+
+    model_dir: Path
+    ray_options: RayOptions = field(default_factory=RayOptions)
+    name: str = "ray"
+
+    def embed_images(
+        self, jobs: Sequence[ImageJob], images_root: Path | None, embedder: Embedder, options: StageOptions
+    ) -> list[Outcome]:
+        if not jobs:
+            return []
+        with _cluster(self.ray_options):
+            model = _model_ref(self.model_dir, embedder)
+            return _embed_on_ray(jobs, images_root, model, embedder.dim, options, self.ray_options)
+
+    def build_shards(self, jobs: Sequence[ShardJob], options: StageOptions) -> None:
+        if not jobs:
+            return
+        with _cluster(self.ray_options):
+            _shards_on_ray(jobs, options, self.ray_options)
+
+    def connected(self) -> AbstractContextManager[None]:
+        """One connection (or local cluster) for every stage inside the block."""
+        return _cluster(self.ray_options)
+
+
+@contextmanager
+def _cluster(options: RayOptions) -> Iterator[None]:
+    """Connect to the cluster (or start a local one) unless this process already is; disconnect only what this
+    call connected."""
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {
+        "address": options.address,
+        "include_dashboard": False,
+        "log_to_driver": False,  # workers' output stays in Ray's session logs
+        "configure_logging": False,  # Ray's loggers go through ours (_capture_ray_logs)
+    }
+    if options.address is None:
+        kwargs |= {"num_cpus": options.workers * options.threads, "_node_ip_address": "127.0.0.1"}
+        if options.object_store_bytes:
+            kwargs["object_store_memory"] = options.object_store_bytes
+    # Ray Data's actors always hold constructor arguments in the object store, and Ray's C++ core says so on
+    # stderr at error level for every actor: raw lines outside our JSON logs. Errors that matter come back as
+    # Python exceptions (reported below) and stay in the session's log files.
+    # (Setting it costs one line of its own at start.)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    _capture_ray_logs()
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RayError, ValueError) as exc:
+        where = options.address or "(local)"
+        raise EngineFailed(f"Ray cluster {where} cannot be reached: {_first_line(exc)}") from exc
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar (or log lines) counts the images
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _capture_ray_logs() -> None:
+    """Ray's Python loggers print through their own handlers; send warnings and errors through ours (one JSON
+    line each) and drop Ray's progress chatter."""
+    for name in ("ray", "ray.data", "ray.data._internal"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+
+
+def _model_ref(model_dir: Path, embedder: Embedder) -> Any:
+    """The model's files in the object store; the driver's card must be the one loaded here."""
+    card = embedder.card
+    files = {name: (model_dir / name).read_bytes() for name in (*MODEL_FILES, card.file)}
+    return ray.put({"files": files, "sha256": card.sha256})
+
+
+class _EmbedActor:
+    """One ONNX Runtime session per actor, from the model shipped by the driver (hash checked by OnnxEmbedder)."""
+
+    def __init__(self, model: Any, threads: int, images_root: str | None) -> None:
+        model = ray.get(model)  # an ObjectRef nested in the constructor's arguments is not resolved by Ray
+        self._dir = Path(tempfile.mkdtemp(prefix="vps-model-"))
+        for name, data in model["files"].items():
+            (self._dir / name).write_bytes(data)
+        self._embedder = OnnxEmbedder(self._dir, intra_op_threads=threads)
+        if self._embedder.card.sha256 != model["sha256"]:
+            raise ArtifactError("the model shipped to a Ray actor is not the driver's")
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+        self._root = Path(images_root).resolve() if images_root else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        jobs = [
+            ImageJob(str(image), bytes(data) if has else None)
+            for image, data, has in zip(batch["image"], batch["data"], batch["has_data"], strict=True)
+        ]
+        outcomes = embed_loaded(jobs, self._root, self._embedder, self._pool)
+        dim = self._embedder.dim
+        vectors = np.zeros((len(jobs), dim), np.float32)
+        for i, o in enumerate(outcomes):
+            if isinstance(o, Embedded):
+                vectors[i] = o.vector
+        return {
+            "i": batch["i"],
+            "vector": vectors,
+            "sha256": np.asarray([o.sha256 if isinstance(o, Embedded) else "" for o in outcomes], dtype=object),
+            "problem": np.asarray(["" if isinstance(o, Embedded) else o for o in outcomes], dtype=object),
+        }
+
+
+def _embed_on_ray(
+    jobs: Sequence[ImageJob],
+    images_root: Path | None,
+    model: Any,
+    dim: int,
+    options: StageOptions,
+    ray_options: RayOptions,
+) -> list[Outcome]:
+    items = [
+        {"i": i, "image": j.image, "data": j.data or b"", "has_data": j.data is not None} for i, j in enumerate(jobs)
+    ]
+    # A few blocks an actor keeps every actor busy; no more actors than blocks (an idle one only costs start-up).
+    blocks = max(1, min(-(-len(items) // options.batch_size), ray_options.workers * 8))
+    actors = min(ray_options.workers, blocks)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_restarts / max_task_retries here but offers no other way to bound them;
+        # unbounded (Ray Data's default), an image that crashes its worker would be retried for ever.
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            _EmbedActor,
+            fn_constructor_kwargs={
+                "model": model,
+                "threads": ray_options.threads,
+                "images_root": str(images_root) if images_root is not None else None,
+            },
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=ray_options.threads,
+            max_restarts=ray_options.max_retries,
+            max_task_retries=ray_options.max_retries,
+        )
+    out: list[Outcome | None] = [None] * len(jobs)
+    bar: Progress[None] = progress(None, total=len(jobs), desc="embedding (ray)", unit="img", enabled=options.progress)
+    try:
+        with bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i, vector, digest, problem in zip(
+                    batch["i"], batch["vector"], batch["sha256"], batch["problem"], strict=True
+                ):
+                    out[int(i)] = str(problem) if problem else Embedded(np.asarray(vector, np.float32), str(digest))
+                bar.update(len(batch["i"]))
+    except RayError as exc:
+        raise EngineFailed(f"Ray embedding failed after {ray_options.max_retries} retries: {_first_line(exc)}") from exc
+    missing = [i for i, o in enumerate(out) if o is None]
+    if missing:  # never a silent gap: every job comes back or the build fails
+        raise EngineFailed(f"Ray embedding returned no outcome for {len(missing)} of {len(jobs)} images")
+    return [o for o in out if o is not None]
+
+
+@ray.remote
+def _shard_task(backend: Backend, vectors: np.ndarray, M: int, ef_construction: int, threads: int) -> bytes:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="vps-shard-") as scratch:
+        return build_shard_bytes(backend, vectors, M, ef_construction, Path(scratch))
+
+
+def _shards_on_ray(jobs: Sequence[ShardJob], options: StageOptions, ray_options: RayOptions) -> None:
+    task = _shard_task.options(num_cpus=ray_options.threads, max_retries=ray_options.max_retries)
+    refs = [
+        task.remote(options.backend, job.vectors, options.M, options.ef_construction, ray_options.threads)
+        for job in jobs
+    ]
+    paths = {ref: job.path for ref, job in zip(refs, jobs, strict=True)}
+    pending = list(refs)
+    bar: Progress[None] = progress(None, total=len(jobs), desc="shards (ray)", unit="shard", enabled=options.progress)
+    try:
+        with bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                paths[done[0]].write_bytes(ray.get(done[0]))
+                bar.update(1)
+    except RayError as exc:
+        raise EngineFailed(
+            f"Ray shard build failed after {ray_options.max_retries} retries: {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
