@@ -64,7 +64,7 @@ def dataset_dir() -> Path:
 
 
 # Every test carries the marker of its tier, the folder it lives in (`pytest -m unit`, `make test-quick`).
-TIERS = ("unit", "http", "process", "browser", "deploy", "data")
+TIERS = ("unit", "http", "process", "browser", "deploy", "data", "ray")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
