@@ -19,6 +19,16 @@ COPY examples/grocery ./examples/grocery
 COPY deploy/docker/build-demo-index.sh ./deploy/docker/build-demo-index.sh
 RUN ["sh", "deploy/docker/build-demo-index.sh", "/opt/vps", "/src", "/srv/index_data"]
 
+# --- ray-build: index builds on a KubeRay cluster (docker build --target ray-build; overlays/ray-build) ----------
+# Ray's own image (the ray CLI, the probes' tools, user ray 1000:100) with the app and the `ray` extra.
+FROM rayproject/ray:2.60.0-py311-cpu AS ray-build
+COPY --chown=1000:100 pyproject.toml README.md /home/ray/vps-src/
+COPY --chown=1000:100 app /home/ray/vps-src/app
+COPY models/grocery-lite0-ms512 /srv/models/grocery-lite0-ms512
+RUN pip install --no-cache-dir --disable-pip-version-check --quiet "/home/ray/vps-src[ray]" \
+ && vps --help > /dev/null
+ENV OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
+
 # --- runtime ----------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 vps \
