@@ -45,6 +45,7 @@ NOT_SETTINGS = {
     # Tests on PostgreSQL: where the server is, and (CI) fail instead of skipping when it cannot be reached.
     "VPS_TEST_POSTGRES_URL": "tests/conftest.py",
     "VPS_REQUIRE_POSTGRES": "tests/conftest.py",
+    "VPS_REQUIRE_RAY": "tests/ray/test_ray_build.py",
 }
 
 
