@@ -4,6 +4,7 @@ image's environment and probed with the image's HEALTHCHECK command."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -40,6 +41,15 @@ def _instructions() -> list[tuple[str, str]]:
     return out
 
 
+def _stage(instructions: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """One build stage's instructions: from its `FROM ... AS name` to the next FROM."""
+    starts = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"] + [len(instructions)]
+    for begin, end in itertools.pairwise(starts):
+        if instructions[begin][1].lower().endswith(f" as {name}"):
+            return instructions[begin:end]
+    raise AssertionError(f"no stage {name!r} in the Dockerfile")
+
+
 def _context(dest: Path) -> Path:
     """The build context as .dockerignore leaves it (allow-list)."""
     allowed = [
@@ -63,11 +73,14 @@ def test_dockerfile_steps_install_bake_and_serve(tmp_path: Path) -> None:
     runs = [json.loads(rest) for kw, rest in instructions if kw == "RUN" and rest.startswith("[")]
     scripts = [r for r in runs if r[0] == "sh"]
     assert [Path(r[1]).name for r in scripts] == ["install-app.sh", "build-demo-index.sh"]
-    env_line = next(rest for kw, rest in instructions if kw == "ENV")
+    # The image that ships is the last stage, `runtime`; other stages (ray-build) have their own ENV.
+    runtime = _stage(instructions, "runtime")
+    assert instructions[-len(runtime) :] == runtime, "runtime must be the Dockerfile's last (default) stage"
+    env_line = next(rest for kw, rest in runtime if kw == "ENV")
     image_env = dict(re.findall(r"(\w+)=(\S+)", env_line))
-    healthcheck = json.loads(next(rest for kw, rest in instructions if kw == "HEALTHCHECK").split("CMD", 1)[1])
-    command = json.loads(next(rest for kw, rest in instructions if kw == "CMD"))
-    entrypoint = json.loads(next(rest for kw, rest in instructions if kw == "ENTRYPOINT"))
+    healthcheck = json.loads(next(rest for kw, rest in runtime if kw == "HEALTHCHECK").split("CMD", 1)[1])
+    command = json.loads(next(rest for kw, rest in runtime if kw == "CMD"))
+    entrypoint = json.loads(next(rest for kw, rest in runtime if kw == "ENTRYPOINT"))
 
     # Map the image's paths (/opt/vps, /src, /srv/...) into tmp_path and run the same scripts.
     context = _context(tmp_path / "src")
