@@ -565,26 +565,25 @@ def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Groupe
 
 
 def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions, engine: BuildEngine) -> list[CategoryEntry]:
-    members = [np.flatnonzero(g.labels == ci) for ci in range(len(g.categories))]
+    # Rows are grouped by category (sorted labels), so each shard's vectors are one contiguous slice: a view,
+    # not a copy of the catalogue's vectors.
+    ends = np.searchsorted(g.labels, np.arange(len(g.categories)), side="right")
+    spans = list(zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True))
     rels = [f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}" for ci, name in enumerate(g.categories)]
     engine.build_shards(
-        [ShardJob(g.vectors[m], vdir / rel) for m, rel in zip(members, rels, strict=True)], options.stages()
+        [ShardJob(g.vectors[a:b], vdir / rel) for (a, b), rel in zip(spans, rels, strict=True)], options.stages()
     )
-    entries: list[CategoryEntry] = []
-    offset = 0
-    for name, rel, m in zip(g.categories, rels, members, strict=True):
-        entries.append(
-            CategoryEntry(
-                name=name,
-                shard=rel,
-                n_vectors=len(m),
-                n_skus=len({g.rows[i].sku for i in m}),
-                offset=offset,
-                sha256=sha256_file(vdir / rel),
-            )
+    return [
+        CategoryEntry(
+            name=name,
+            shard=rel,
+            n_vectors=b - a,
+            n_skus=len({g.rows[i].sku for i in range(a, b)}),
+            offset=a,
+            sha256=sha256_file(vdir / rel),
         )
-        offset += len(m)
-    return entries
+        for name, rel, (a, b) in zip(g.categories, rels, spans, strict=True)
+    ]
 
 
 def _write_router(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,15 +39,18 @@ from app.offline.build.build_index import (
     publish_vectors,
     read_calibration,
 )
-from app.offline.build.engines import BuildEngine, Embedded, ImageJob, LocalEngine, chunks
+from app.offline.build.engines import BuildEngine, Embedded, ImageJob, LocalEngine
 from app.offline.build.views import catalogue_views
 from app.offline.datasets.catalogue import CatalogueRow, RowProblem, read_catalogue
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
 
 log = logging.getLogger(__name__)
-# Images re-embedded per engine call after a model change: bounds the database blobs held at once (API uploads
-# travel with their job); each call costs a Ray engine its actor pool's start (seconds), small against 50k images.
+# One engine call re-embeds at most this many images, or this many bytes of database blobs (API uploads travel
+# with their job; CSV imports are read where the engine runs), after a model change: what bounds the blobs held
+# in memory at once. Each call costs a Ray engine its actor pool's start (measured 4-5 s on this machine,
+# docs/bench/bench_ray_build.md), against minutes of embedding for a full call.
 MISSING_PER_CALL = 50_000
+MISSING_BYTES_PER_CALL = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -267,14 +270,15 @@ def _rows_and_vectors(
     stored bytes or the images root, and stored."""
     pairs = [(p, img) for p in products for img in p.images]
     missing = [(p, img) for p, img in pairs if img.vector is None]
-    fresh = _embed_missing(missing, store, embedder, options, images_root, engine)
+    fresh, why = _embed_missing(missing, store, embedder, options, images_root, engine)
     rows: list[CatalogueRow] = []
     vectors: list[np.ndarray] = []
     for p, img in pairs:
         vector = img.vector if img.vector is not None else fresh.get(img.image_id)
         if vector is None:
             log.warning(
-                "catalogue image left out: no vector and no bytes", extra={"sku": p.sku, "image_id": img.image_id}
+                "catalogue image left out: no vector for this model",
+                extra={"sku": p.sku, "image_id": img.image_id, "reason": why.get(img.image_id, "unknown")},
             )
             continue
         rows.append(_image_row(p, img))
@@ -313,20 +317,43 @@ def _embed_missing(
     options: BuildOptions,
     images_root: Path | None,
     engine: BuildEngine,
-) -> dict[str, np.ndarray]:
-    """Vectors this model has not stored (a model change), by image id: database bytes travel with the job, CSV
-    imports are read from the images root where the engine runs. Stored as they come back."""
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Vectors this model has not stored (a model change), by image id, and why the others have none. Stored as
+    they come back."""
     out: dict[str, np.ndarray] = {}
-    for part in chunks(missing, MISSING_PER_CALL):
-        jobs = [ImageJob(img.ref or "", store.blob(img.sha256)) for _, img in part]
-        runnable = [(img, job) for (_, img), job in zip(part, jobs, strict=True) if job.data is not None or job.image]
-        outcomes = engine.embed_images([j for _, j in runnable], images_root, embedder, options.stages())
-        for (img, _), outcome in zip(runnable, outcomes, strict=True):
-            # The bytes must still be the ones imported: a file changed under the images root is not this image.
-            if isinstance(outcome, Embedded) and outcome.sha256 == img.sha256:
+    why: dict[str, str] = {}
+    for part in _missing_parts(missing, store, why):
+        outcomes = engine.embed_images([j for _, j in part], images_root, embedder, options.stages())
+        for (img, _), outcome in zip(part, outcomes, strict=True):
+            if not isinstance(outcome, Embedded):
+                why[img.image_id] = outcome
+            elif outcome.sha256 != img.sha256:  # a file changed under the images root is not the imported image
+                why[img.image_id] = "changed_since_import"
+            else:
                 store.put_embedding(img.sha256, embedder.card.sha256, outcome.vector)
                 out[img.image_id] = outcome.vector
-    return out
+    return out, why
+
+
+def _missing_parts(
+    missing: list[tuple[ProductState, ImageState]], store: CatalogueStore, why: dict[str, str]
+) -> Iterator[list[tuple[ImageState, ImageJob]]]:
+    """The images to re-embed as engine calls, each within MISSING_PER_CALL images and MISSING_BYTES_PER_CALL
+    bytes of blobs, read from the database as the parts are made (not all at once)."""
+    part: list[tuple[ImageState, ImageJob]] = []
+    held = 0
+    for _, img in missing:
+        job = ImageJob(img.ref or "", store.blob(img.sha256))
+        if job.data is None and not job.image:
+            why[img.image_id] = "no_bytes"
+            continue
+        part.append((img, job))
+        held += len(job.data or b"")
+        if len(part) >= MISSING_PER_CALL or held >= MISSING_BYTES_PER_CALL:
+            yield part
+            part, held = [], 0
+    if part:
+        yield part
 
 
 def _live_manifest(out_dir: Path) -> Manifest | None:

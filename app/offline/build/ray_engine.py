@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError, WorkerCrashedError
 from ray.util.annotations import RayDeprecationWarning
 
 from app.artifacts.shards import Backend
@@ -91,49 +91,71 @@ class RayEngine:
 @contextmanager
 def _cluster(options: RayOptions) -> Iterator[None]:
     """Connect to the cluster (or start a local one) unless this process already is; disconnect only what this
-    call connected."""
+    call connected, and put back the environment and loggers it changed."""
     if ray.is_initialized():
         yield
         return
     kwargs: dict[str, Any] = {
-        "address": options.address,
+        # "local" starts a cluster for this build even when one runs on the host (None would join it, and then
+        # refuse num_cpus).
+        "address": options.address or "local",
         "include_dashboard": False,
         "log_to_driver": False,  # workers' output stays in Ray's session logs
-        "configure_logging": False,  # Ray's loggers go through ours (_capture_ray_logs)
+        "configure_logging": False,  # Ray's loggers go through ours (_captured_ray_logs)
     }
     if options.address is None:
         kwargs |= {"num_cpus": options.workers * options.threads, "_node_ip_address": "127.0.0.1"}
         if options.object_store_bytes:
             kwargs["object_store_memory"] = options.object_store_bytes
-    # Ray Data's actors always hold constructor arguments in the object store, and Ray's C++ core says so on
-    # stderr at error level for every actor: raw lines outside our JSON logs. Errors that matter come back as
-    # Python exceptions (reported below) and stay in the session's log files.
-    # (Setting it costs one line of its own at start.)
+    with _quiet_ray_core(), _captured_ray_logs():
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RayError, RuntimeError, ValueError) as exc:  # RuntimeError: a version mismatch
+            where = options.address or "(local)"
+            raise EngineFailed(f"Ray cluster {where} cannot be reached: {_first_line(exc)}") from exc
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # our own bar (or log lines) counts the images
+        ctx.print_on_execution_start = False
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def _quiet_ray_core() -> Iterator[None]:
+    """Ray Data's actors always hold constructor arguments in the object store, and Ray's C++ core says so on
+    stderr at error level for every actor: raw lines outside our JSON logs. Errors that matter come back as
+    Python exceptions (reported as EngineFailed) and stay in the session's log files. Read when Ray starts its
+    processes, so set for the cluster's lifetime (a cluster we only join keeps its own level)."""
+    before = os.environ.get("RAY_BACKEND_LOG_LEVEL")
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    _capture_ray_logs()
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RayError, ValueError) as exc:
-        where = options.address or "(local)"
-        raise EngineFailed(f"Ray cluster {where} cannot be reached: {_first_line(exc)}") from exc
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own bar (or log lines) counts the images
-    ctx.print_on_execution_start = False
     try:
         yield
     finally:
-        ray.shutdown()
+        if before is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
 
 
-def _capture_ray_logs() -> None:
+@contextmanager
+def _captured_ray_logs() -> Iterator[None]:
     """Ray's Python loggers print through their own handlers; send warnings and errors through ours (one JSON
-    line each) and drop Ray's progress chatter."""
-    for name in ("ray", "ray.data", "ray.data._internal"):
+    line each) and drop Ray's progress chatter ("progress bars disabled": ours counts)."""
+    levels = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+    saved = []
+    for name, level in levels.items():
         logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate, logger.level))
         logger.handlers.clear()
         logger.propagate = True
-        logger.setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate, level in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+            logger.setLevel(level)
 
 
 def _model_ref(model_dir: Path, embedder: Embedder) -> Any:
@@ -148,14 +170,16 @@ class _EmbedActor:
 
     def __init__(self, model: Any, threads: int, images_root: str | None) -> None:
         model = ray.get(model)  # an ObjectRef nested in the constructor's arguments is not resolved by Ray
-        self._dir = Path(tempfile.mkdtemp(prefix="vps-model-"))
-        for name, data in model["files"].items():
-            (self._dir / name).write_bytes(data)
-        self._embedder = OnnxEmbedder(self._dir, intra_op_threads=threads)
+        # The session reads the files while it is made; the copy goes with the block (a killed actor runs no
+        # finaliser, so nothing may be left for later).
+        with tempfile.TemporaryDirectory(prefix="vps-model-") as scratch:
+            for name, data in model["files"].items():
+                (Path(scratch) / name).write_bytes(data)
+            self._embedder = OnnxEmbedder(Path(scratch), intra_op_threads=threads)
         if self._embedder.card.sha256 != model["sha256"]:
             raise ArtifactError("the model shipped to a Ray actor is not the driver's")
         self._pool = ThreadPoolExecutor(max_workers=threads)
-        self._root = Path(images_root).resolve() if images_root else None
+        self._root = Path(images_root) if images_root else None  # absolute: resolved on the driver
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         jobs = [
@@ -187,19 +211,21 @@ def _embed_on_ray(
     items = [
         {"i": i, "image": j.image, "data": j.data or b"", "has_data": j.data is not None} for i, j in enumerate(jobs)
     ]
-    # A few blocks an actor keeps every actor busy; no more actors than blocks (an idle one only costs start-up).
+    # Up to 8 blocks an actor, so a restarted actor redoes one block, not an eighth of the build; no more actors
+    # than blocks (an idle one only costs start-up).
     blocks = max(1, min(-(-len(items) // options.batch_size), ray_options.workers * 8))
     actors = min(ray_options.workers, blocks)
     with warnings.catch_warnings():
-        # Ray 2.60 deprecates passing max_restarts / max_task_retries here but offers no other way to bound them;
-        # unbounded (Ray Data's default), an image that crashes its worker would be retried for ever.
+        # Ray 2.60 deprecates map_batches' **ray_remote_args, yet its named parameters (and ActorPoolStrategy's)
+        # have no max_restarts / max_task_retries; left to Ray Data's default (-1, unbounded), an image that
+        # crashes its worker would be retried for ever.
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             _EmbedActor,
             fn_constructor_kwargs={
                 "model": model,
                 "threads": ray_options.threads,
-                "images_root": str(images_root) if images_root is not None else None,
+                "images_root": str(images_root.resolve()) if images_root is not None else None,
             },
             batch_size=options.batch_size,
             batch_format="numpy",
@@ -218,8 +244,8 @@ def _embed_on_ray(
                 ):
                     out[int(i)] = str(problem) if problem else Embedded(np.asarray(vector, np.float32), str(digest))
                 bar.update(len(batch["i"]))
-    except RayError as exc:
-        raise EngineFailed(f"Ray embedding failed after {ray_options.max_retries} retries: {_first_line(exc)}") from exc
+    except (RayError, RuntimeError) as exc:  # Ray Data raises its own errors (a timeout, a plan) as RuntimeError
+        raise EngineFailed(f"Ray embedding failed{_retried(exc, ray_options)}: {_first_line(exc)}") from exc
     missing = [i for i, o in enumerate(out) if o is None]
     if missing:  # never a silent gap: every job comes back or the build fails
         raise EngineFailed(f"Ray embedding returned no outcome for {len(missing)} of {len(jobs)} images")
@@ -251,9 +277,24 @@ def _shards_on_ray(jobs: Sequence[ShardJob], options: StageOptions, ray_options:
                 paths[done[0]].write_bytes(ray.get(done[0]))
                 bar.update(1)
     except RayError as exc:
-        raise EngineFailed(
-            f"Ray shard build failed after {ray_options.max_retries} retries: {_first_line(exc)}"
-        ) from exc
+        for ref in pending:  # the build is over: free the cluster for whoever runs next
+            ray.cancel(ref, force=True)
+        raise EngineFailed(f"Ray shard build failed{_retried(exc, ray_options)}: {_first_line(exc)}") from exc
+
+
+def _retried(exc: BaseException, options: RayOptions) -> str:
+    """The words ' after N retries' where Ray retried (a dead worker or actor); other errors are not retried."""
+    died = isinstance(exc, RayActorError | WorkerCrashedError) or any(
+        isinstance(e, RayActorError | WorkerCrashedError) for e in _causes(exc)
+    )
+    return f" after {options.max_retries} retries" if died else ""
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def _first_line(exc: BaseException) -> str:
