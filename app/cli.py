@@ -13,12 +13,13 @@ import tempfile
 import traceback
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
+from app.artifacts.manifest import DEFAULT_RESCORE_FACTOR, Backend
 from app.errors import (
     ArtifactError,
     BuildRefused,
@@ -218,6 +219,7 @@ def serve(
 class BackendName(StrEnum):
     faiss = "faiss"
     hnswlib = "hnswlib"
+    faiss_sq8 = "faiss-sq8"
 
 
 class RouterName(StrEnum):
@@ -259,7 +261,20 @@ _ModelOpt = Annotated[
     Path | None,
     typer.Option(help="Model directory (default: VPS_MODEL_DIR, else the shipped models/grocery-lite0-ms512)"),
 ]
-_BackendOpt = Annotated[BackendName, typer.Option(case_sensitive=False, help="Shard index library")]
+_BackendOpt = Annotated[
+    BackendName,
+    typer.Option(
+        case_sensitive=False,
+        help="Shard index: faiss (HNSW, float vectors), faiss-sq8 (HNSW over 8-bit codes, re-scored from float "
+        "vectors: 10M vectors on one node, docs/scaling.md), hnswlib",
+    ),
+]
+_RescoreFactor = Annotated[
+    int,
+    typer.Option(
+        min=1, max=64, help="faiss-sq8: candidates re-scored exactly per result wanted (k x this, from the graph)"
+    ),
+]
 _M = Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M: graph links per vector")]
 _EfConstruction = Annotated[int, typer.Option(min=8, max=4096, help="HNSW efConstruction: build-time candidates")]
 _EfSearch = Annotated[int, typer.Option(min=8, max=4096, help="HNSW efSearch recorded for queries (VPS_EF_SEARCH)")]
@@ -325,6 +340,7 @@ def build_index_cmd(
     out: _IndexOut = Path("index_data"),
     model: _ModelOpt = None,
     backend: _BackendOpt = BackendName.faiss,
+    rescore_factor: _RescoreFactor = DEFAULT_RESCORE_FACTOR,
     m: _M = 32,
     ef_construction: _EfConstruction = 200,
     ef_search: _EfSearch = 64,
@@ -357,9 +373,9 @@ def build_index_cmd(
     configure_logging("INFO")
     model_dir, source = resolve_model_dir(model)
     typer.echo(model_line(model_dir, source))
-    chosen: Literal["faiss", "hnswlib"] = "faiss" if backend is BackendName.faiss else "hnswlib"
     options = BuildOptions(
-        backend=chosen,
+        backend=_backend(backend),
+        rescore_factor=rescore_factor,
         M=m,
         ef_construction=ef_construction,
         ef_search=ef_search,
@@ -386,6 +402,15 @@ def build_index_cmd(
             full=full, calibration=calibration, engine=runner.engine,
         )  # fmt: skip
     _print_compact(result, store)
+
+
+def _backend(name: BackendName) -> Backend:
+    backends: dict[BackendName, Backend] = {
+        BackendName.faiss: "faiss",
+        BackendName.hnswlib: "hnswlib",
+        BackendName.faiss_sq8: "faiss-sq8",
+    }
+    return backends[name]
 
 
 def _build_engine(
@@ -477,6 +502,7 @@ def compact(
         Path | None, typer.Option(help="Root of imported images, to embed them again after a model change")
     ] = None,
     backend: _BackendOpt = BackendName.faiss,
+    rescore_factor: _RescoreFactor = DEFAULT_RESCORE_FACTOR,
     router: _RouterOpt = RouterName.prototype,
     threads: _Threads = 2,
     force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
@@ -497,7 +523,8 @@ def compact(
     model_dir, source = resolve_model_dir(model)
     typer.echo(model_line(model_dir, source))
     options = BuildOptions(
-        backend="faiss" if backend is BackendName.faiss else "hnswlib",
+        backend=_backend(backend),
+        rescore_factor=rescore_factor,
         threads=threads,
         router="linear" if router is RouterName.linear else "prototype",
         catalogue_views=catalogue_views,

@@ -44,6 +44,11 @@ def hnswlib_index(tmp_path_factory: pytest.TempPathFactory, catalogue: Path, tin
     return _build(tmp_path_factory.mktemp("idx"), catalogue, tiny_model, "hnswlib")
 
 
+@pytest.fixture(scope="session")
+def sq8_index(tmp_path_factory: pytest.TempPathFactory, catalogue: Path, tiny_model: Path) -> Path:
+    return _build(tmp_path_factory.mktemp("idx"), catalogue, tiny_model, "faiss-sq8")
+
+
 @pytest.fixture
 def settings_for(tiny_model: Path):  # type: ignore[no-untyped-def]
     def make(index_dir: Path, **overrides: object) -> Settings:

@@ -18,6 +18,9 @@ from app.artifacts.verified import FileIdentity, VerifiedFiles
 from app.errors import ArtifactError
 
 FORMAT_VERSION = 1
+# Shard index kinds (app/artifacts/shards.py), named here so that reading a manifest needs no index library.
+Backend = Literal["faiss", "hnswlib", "faiss-sq8"]
+DEFAULT_RESCORE_FACTOR = 4  # faiss-sq8: candidates re-scored per result (docs/bench/bench_compressed.md)
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -57,6 +60,7 @@ class BuildParams(BaseModel):
     n_clusters: int | None = Field(None, description="k chosen by the build when the catalogue had no categories")
     catalogue_views: int = Field(0, description="augmented views stored per image of a SKU with few images")
     views_max_images: int = Field(2, description="a SKU with at most this many images gets catalogue views")
+    rescore_factor: int | None = Field(None, description="faiss-sq8: candidates re-scored exactly per result")
 
 
 class Manifest(BaseModel):
@@ -66,7 +70,7 @@ class Manifest(BaseModel):
     created: str
     model: ModelRef
     metric: Literal["cosine"] = "cosine"
-    backend: Literal["faiss", "hnswlib"]
+    backend: Backend
     dim: int = Field(gt=0)
     n_items: int = Field(ge=0)
     categories: list[CategoryEntry]

@@ -1,19 +1,22 @@
 """Shard backends behind one port. faiss is the serving default because it memory-maps; hnswlib is in-RAM and
-mutable, kept for small live segments and for benchmarks."""
+mutable, kept for small live segments and for benchmarks. faiss-sq8 is the compressed one: the graph walks 8-bit
+scalar-quantised codes (a quarter of the float bytes, the part a search touches all over) and the best
+`rescore_factor * k` candidates are re-scored exactly from float vectors kept in the same memory-mapped file
+(faiss IndexRefineFlat), of which a search reads only those few rows (docs/scaling.md, "Compress")."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
 import faiss
 import hnswlib
 import numpy as np
 
+from app.artifacts.manifest import DEFAULT_RESCORE_FACTOR, Backend
 from app.errors import ArtifactError
 
-Backend = Literal["faiss", "hnswlib"]
-SHARD_SUFFIX: dict[str, str] = {"faiss": ".faiss", "hnswlib": ".hnsw"}
+SHARD_SUFFIX: dict[str, str] = {"faiss": ".faiss", "hnswlib": ".hnsw", "faiss-sq8": ".sq8.faiss"}
 
 
 class ShardIndex(Protocol):
@@ -118,6 +121,105 @@ class FaissHnswShard:
         return scores, ids
 
 
+class FaissHnswSq8Shard:
+    """HNSW over SQ8 codes, re-scored from the float vectors: faiss IndexRefineFlat(IndexHNSWSQ), one file."""
+
+    def __init__(self, index: faiss.IndexRefineFlat, ef_search: int) -> None:
+        self._index = index  # the owner of base and refine indexes (own_fields)
+        self._base = faiss.downcast_index(index.base_index)
+        self._refine = faiss.downcast_index(index.refine_index)
+        self._view: np.ndarray | None = None
+        self.set_ef_search(ef_search)
+
+    @classmethod
+    def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswSq8Shard:
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
+        if not isinstance(index, faiss.IndexRefineFlat):
+            raise ArtifactError(f"shard {path}: expected a re-scored SQ8 index, got {type(index).__name__}")
+        base = faiss.downcast_index(index.base_index)
+        if not isinstance(base, faiss.IndexHNSWSQ):
+            raise ArtifactError(f"shard {path}: expected HNSW over SQ8 codes, got {type(base).__name__}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT or base.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ArtifactError(f"shard {path}: metric expected inner product")
+        return cls(index, ef_search)
+
+    def set_ef_search(self, ef_search: int) -> None:
+        self._ef_search = ef_search
+        self._params = self._search_params(ef_search, None)
+
+    @property
+    def rescore_factor(self) -> int:
+        return int(self._index.k_factor)
+
+    def set_rescore_factor(self, factor: int) -> None:
+        self._index.k_factor = float(factor)
+        self._params = self._search_params(self._ef_search, None)
+
+    def _search_params(self, ef_search: int, selector: Any) -> Any:
+        # The walk must be at least as wide as the candidates it hands to the re-scoring.
+        base = faiss.SearchParametersHNSW(efSearch=ef_search, sel=selector)  # type: ignore[attr-defined]
+        return faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
+            k_factor=float(self._index.k_factor), base_index_params=base, sel=selector
+        )
+
+    @staticmethod
+    def build(
+        vectors: np.ndarray, path: Path, *, M: int, ef_construction: int, rescore_factor: int = DEFAULT_RESCORE_FACTOR
+    ) -> None:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        base = faiss.IndexHNSWSQ(x.shape[1], faiss.ScalarQuantizer.QT_8bit, M, faiss.METRIC_INNER_PRODUCT)  # type: ignore[arg-type]
+        base.hnsw.efConstruction = ef_construction
+        index = faiss.IndexRefineFlat(base)
+        index.k_factor = float(rescore_factor)
+        index.train(x)  # the quantiser's per-dimension range
+        index.add(x)
+        faiss.write_index(index, str(path))
+        del index, base  # the refine index owns nothing it did not make: base goes after it
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params)
+        return scores, ids
+
+    def vectors(self) -> np.ndarray:
+        return np.array(self._stored())
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._stored()[ids]
+        return out
+
+    def _stored(self) -> np.ndarray:
+        """The float vectors as a read-only view of the (memory-mapped) refine index, owned by this object."""
+        view = self._view
+        if view is None:
+            n, d = self.ntotal, self.dim
+            view = faiss.rev_swig_ptr(self._refine.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
+            view.setflags(write=False)
+            self._view = view
+        return view
+
+    def search_subset(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
+        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        params = self._search_params(max(ef_search, k), selector)
+        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        del bits
+        return scores, ids
+
+
 class HnswlibShard:
     def __init__(self, index: hnswlib.Index, dim: int) -> None:
         self._index = index
@@ -189,15 +291,29 @@ class HnswlibShard:
         return scores, ids
 
 
-def build_shard(backend: Backend, vectors: np.ndarray, path: Path, *, M: int, ef_construction: int) -> None:
-    builder = FaissHnswShard.build if backend == "faiss" else HnswlibShard.build
-    builder(vectors, path, M=M, ef_construction=ef_construction)
+def build_shard(
+    backend: Backend,
+    vectors: np.ndarray,
+    path: Path,
+    *,
+    M: int,
+    ef_construction: int,
+    rescore_factor: int = DEFAULT_RESCORE_FACTOR,
+) -> None:
+    if backend == "faiss":
+        FaissHnswShard.build(vectors, path, M=M, ef_construction=ef_construction)
+    elif backend == "faiss-sq8":
+        FaissHnswSq8Shard.build(vectors, path, M=M, ef_construction=ef_construction, rescore_factor=rescore_factor)
+    else:
+        HnswlibShard.build(vectors, path, M=M, ef_construction=ef_construction)
 
 
 def load_shard(backend: Backend, path: Path, *, dim: int, ef_search: int) -> ShardIndex:
     shard: ShardIndex
     if backend == "faiss":
         shard = FaissHnswShard.load(path, ef_search=ef_search)
+    elif backend == "faiss-sq8":
+        shard = FaissHnswSq8Shard.load(path, ef_search=ef_search)
     else:
         shard = HnswlibShard.load(path, dim=dim, ef_search=ef_search)
     if shard.dim != dim:

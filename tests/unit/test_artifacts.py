@@ -31,7 +31,7 @@ def _a_shard(version_dir: Path) -> Path:
     return version_dir / read_manifest(version_dir).categories[0].shard
 
 
-@pytest.mark.parametrize("backend_index", ["faiss_index", "hnswlib_index"])
+@pytest.mark.parametrize("backend_index", ["faiss_index", "hnswlib_index", "sq8_index"])
 def test_a_good_index_loads(backend_index: str, request: pytest.FixtureRequest, settings_for) -> None:  # type: ignore[no-untyped-def]
     engine = load_engine(settings_for(request.getfixturevalue(backend_index)))
     assert len(engine.shards) == 3 and engine.manifest.n_items == 18

@@ -61,10 +61,10 @@ def test_debug_shows_the_traceback(tiny_model: Path, tmp_path: Path) -> None:
 def test_a_bad_backend_lists_the_choices(catalogue: Path, tiny_model: Path, tmp_path: Path) -> None:
     result = vps("build-index", "--catalogue", catalogue, "--images-root", catalogue.parent, "--backend", "annoy")
     assert result.exit_code == EXIT_USAGE
-    assert "'--backend'" in result.stderr and "'faiss', 'hnswlib'" in result.stderr
+    assert "'--backend'" in result.stderr and "'faiss', 'hnswlib', 'faiss-sq8'" in result.stderr
     assert "Traceback" not in result.output
     help_text = vps("build-index", "--help").stdout
-    assert "--backend <faiss|hnswlib>" in help_text and "--max-lost-skus" in help_text
+    assert "--backend <faiss|hnswlib|faiss-sq8>" in help_text and "--max-lost-skus" in help_text
 
 
 def test_a_bad_limit_names_its_option(catalogue: Path, tmp_path: Path) -> None:

@@ -26,7 +26,9 @@ from app.artifacts.attributes import AttributeIndex
 from app.artifacts.hashing import sha256_file
 from app.artifacts.items import ItemTable
 from app.artifacts.manifest import (
+    DEFAULT_RESCORE_FACTOR,
     FORMAT_VERSION,
+    Backend,
     BuildParams,
     CategoryEntry,
     FileEntry,
@@ -36,7 +38,7 @@ from app.artifacts.manifest import (
     publish_current,
     write_manifest,
 )
-from app.artifacts.shards import SHARD_SUFFIX, Backend
+from app.artifacts.shards import SHARD_SUFFIX
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.errors import BuildRefused, CatalogueError
 from app.offline.build.engines import BuildEngine, ImageJob, LocalEngine, ShardJob, StageOptions
@@ -128,6 +130,7 @@ class Coverage:
 @dataclass(frozen=True)
 class BuildOptions:
     backend: Backend = "faiss"
+    rescore_factor: int = DEFAULT_RESCORE_FACTOR  # faiss-sq8 only
     M: int = 32
     ef_construction: int = 200
     ef_search: int = 64
@@ -159,6 +162,7 @@ class BuildOptions:
             backend=self.backend,
             M=self.M,
             ef_construction=self.ef_construction,
+            rescore_factor=self.rescore_factor,
             progress=self.progress,
         )
 
@@ -665,6 +669,7 @@ def _manifest(
             n_clusters=g.n_clusters,
             catalogue_views=options.catalogue_views or 0,
             views_max_images=options.views_max_images,
+            rescore_factor=options.rescore_factor if options.backend == "faiss-sq8" else None,
         ),
         files=files,
     )

@@ -17,7 +17,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from app.artifacts.shards import Backend, build_shard
+from app.artifacts.manifest import DEFAULT_RESCORE_FACTOR, Backend
+from app.artifacts.shards import build_shard
 from app.engine.embedding import Embedder, decode_side
 from app.errors import ServiceError
 from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
@@ -61,6 +62,7 @@ class StageOptions:
     backend: Backend = "faiss"
     M: int = 32
     ef_construction: int = 200
+    rescore_factor: int = DEFAULT_RESCORE_FACTOR
     progress: bool = True
 
 
@@ -137,7 +139,14 @@ class LocalEngine:
 
     def build_shards(self, jobs: Sequence[ShardJob], options: StageOptions) -> None:
         for job in progress(jobs, desc="shards", unit="shard", enabled=options.progress):
-            build_shard(options.backend, job.vectors, job.path, M=options.M, ef_construction=options.ef_construction)
+            build_shard(
+                options.backend,
+                job.vectors,
+                job.path,
+                M=options.M,
+                ef_construction=options.ef_construction,
+                rescore_factor=options.rescore_factor,
+            )
 
 
 @dataclass(frozen=True)
@@ -148,11 +157,18 @@ class EngineRunner:
     connected: Callable[[], AbstractContextManager[None]] = nullcontext
 
 
-def build_shard_bytes(backend: Backend, vectors: np.ndarray, M: int, ef_construction: int, scratch: Path) -> bytes:
+def build_shard_bytes(vectors: np.ndarray, options: StageOptions, scratch: Path) -> bytes:
     """A shard built into a scratch file and returned as bytes (for an engine whose workers do not share the
     driver's disk)."""
     path = scratch / f"shard-{hashlib.sha256(vectors.tobytes()).hexdigest()[:16]}"
-    build_shard(backend, vectors, path, M=M, ef_construction=ef_construction)
+    build_shard(
+        options.backend,
+        vectors,
+        path,
+        M=options.M,
+        ef_construction=options.ef_construction,
+        rescore_factor=options.rescore_factor,
+    )
     try:
         return path.read_bytes()
     finally:

@@ -33,7 +33,6 @@ import ray.data
 from ray.exceptions import RayActorError, RayError, WorkerCrashedError
 from ray.util.annotations import RayDeprecationWarning
 
-from app.artifacts.shards import Backend
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.errors import ArtifactError, EngineFailed
 from app.offline.build.engines import (
@@ -253,20 +252,17 @@ def _embed_on_ray(
 
 
 @ray.remote
-def _shard_task(backend: Backend, vectors: np.ndarray, M: int, ef_construction: int, threads: int) -> bytes:
+def _shard_task(vectors: np.ndarray, options: StageOptions, threads: int) -> bytes:
     import faiss
 
     faiss.omp_set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="vps-shard-") as scratch:
-        return build_shard_bytes(backend, vectors, M, ef_construction, Path(scratch))
+        return build_shard_bytes(vectors, options, Path(scratch))
 
 
 def _shards_on_ray(jobs: Sequence[ShardJob], options: StageOptions, ray_options: RayOptions) -> None:
     task = _shard_task.options(num_cpus=ray_options.threads, max_retries=ray_options.max_retries)
-    refs = [
-        task.remote(options.backend, job.vectors, options.M, options.ef_construction, ray_options.threads)
-        for job in jobs
-    ]
+    refs = [task.remote(job.vectors, options, ray_options.threads) for job in jobs]
     paths = {ref: job.path for ref, job in zip(refs, jobs, strict=True)}
     pending = list(refs)
     bar: Progress[None] = progress(None, total=len(jobs), desc="shards (ray)", unit="shard", enabled=options.progress)
