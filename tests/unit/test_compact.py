@@ -214,3 +214,22 @@ def test_a_scheduled_compaction_keeps_views_and_builds_nothing_when_nothing_chan
     assert plain.built is not None and plain.built.manifest.n_items == 18
     assert plain.built.manifest.router_report == first.manifest.router_report
     assert sha256_file(plain.built.version_dir / "router.npz") == sha256_file(first.version_dir / "router.npz")
+
+
+def test_compaction_to_compressed_shards_builds_once_and_then_holds(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    """Switching the backend (or its rescore factor) is a change the live version does not hold; the same
+    choice again is not."""
+    out = tmp_path / "index"
+    first = _imported(catalogue, out, store, embedder, OPTIONS)
+    sq8 = replace(OPTIONS, backend="faiss-sq8", rescore_factor=3)
+    switched = compact(store, out, embedder, sq8)
+    assert switched.built is not None and switched.built.manifest.version != first.manifest.version
+    assert (switched.built.manifest.backend, switched.built.manifest.build.rescore_factor) == ("faiss-sq8", 3)
+    assert embedder.images == 18  # the stored vectors, not the images again
+    again = compact(store, out, embedder, sq8)
+    assert again.built is None and again.live_version == switched.built.manifest.version
+    other_factor = compact(store, out, embedder, replace(sq8, rescore_factor=5))
+    assert other_factor.built is not None and other_factor.built.manifest.build.rescore_factor == 5
+    assert first.manifest.build.rescore_factor is None  # float shards record none

@@ -205,11 +205,16 @@ def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: Bui
         live.catalogue_id == catalogue_id
         and live.catalogue_seq == seq
         and live.model.sha256 == model
-        and (live.backend, b.M, b.ef_construction, b.ef_search)
-        == (options.backend, options.M, options.ef_construction, options.ef_search)
+        and (live.backend, b.M, b.ef_construction, b.ef_search, b.rescore_factor)
+        == (options.backend, options.M, options.ef_construction, options.ef_search, _rescore_factor(options))
         and live.router_report.get("kind") == options.router
         and _same_views(b.catalogue_views, b.views_max_images, options)
     )
+
+
+def _rescore_factor(options: BuildOptions) -> int | None:
+    """As the manifest records it: only compressed shards re-score."""
+    return options.rescore_factor if options.backend == "faiss-sq8" else None
 
 
 def _same_views(live_views: int, live_max_images: int, options: BuildOptions) -> bool:
