@@ -105,3 +105,25 @@ def test_the_shard_is_memory_mapped(data: tuple[np.ndarray, np.ndarray, Path, Pa
     assert not stored.flags.writeable and not stored.flags.owndata
     index = faiss.read_index(str(sq8_path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     assert isinstance(index, faiss.IndexRefineFlat)
+    # The floats' pages are the shard file's, mapped by faiss with MADV_RANDOM (smaps VmFlags "rr": no
+    # read-around), so a re-scored row not in the page cache costs its own page, not a read-ahead window:
+    # the cold figures of docs/bench/bench_compressed.md rely on it.
+    mapping = _mapping_of(stored.__array_interface__["data"][0])
+    assert mapping["path"] == str(sq8_path.resolve())
+    assert "rr" in mapping["VmFlags"].split(), mapping
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps entry holding `address`: its path and fields."""
+    entry: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            entry = {"path": head[5] if len(head) > 5 else ""} if lo <= address < hi else None
+        elif entry is not None:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+            if key == "VmFlags":
+                return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
