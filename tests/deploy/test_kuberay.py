@@ -1,8 +1,13 @@
-"""deploy/kubernetes/overlays/ray-build: the KubeRay RayJob renders, its fields are the RayJob CRD's (ray.io/v1,
-the part these manifests use), each pod template validates strictly as a Kubernetes 1.34 PodTemplate, and it
-agrees with the build Job and the CLI: the entrypoint is a `vps build-index --engine ray` the CLI accepts, the
-head writes the build Job's index claim, every node reads the images at the same path, the database comes from
-the one Secret, every pod passes the restricted standard, and the image target it names exists."""
+"""deploy/kubernetes/overlays/ray-build: the KubeRay RayJob renders and validates against RAYJOB_SCHEMA, each pod
+template validates strictly as a Kubernetes 1.34 PodTemplate, and it agrees with the build Job and the CLI: the
+entrypoint is a `vps build-index --engine ray` the CLI accepts, the head writes the build Job's index claim, every
+node reads the images at the same path, the database comes from the one Secret, every pod passes the restricted
+standard, and the image target it names exists.
+
+RAYJOB_SCHEMA is not the RayJob CRD's schema (ray.io/v1): it is a hand-written subset, only the fields this
+overlay uses, written alongside it rather than generated from the CRD. It checks that the overlay sticks to those
+fields with those types; it cannot tell whether the real CRD of a given KubeRay release accepts them, and the
+RayJob has never been applied to a real cluster with the operator."""
 
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ from kubernetes_validate.utils import validate
 from app.cli import EngineName, cli
 from tests.deploy.test_kubernetes import CATALOGUE_SECRET, KUBERNETES_VERSION, ROOT, env_of, one, render
 
+# Hand-written, not the CRD's schema: the part of RayJob's spec the overlay uses. spec, rayClusterSpec and the
+# group specs are closed (additionalProperties: false), so a field not listed here fails; pod templates are
+# checked below as PodTemplates. Never checked against a KubeRay operator or a real cluster (docs/scaling.md,
+# "0. Build on Ray").
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
 _GROUP = {"rayStartParams": _STRINGS, "template": {"type": "object"}}
 RAYJOB_SCHEMA: dict[str, Any] = {

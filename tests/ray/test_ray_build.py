@@ -1,9 +1,12 @@
 """`vps build-index --engine ray` on a real local Ray cluster (`ray start --head` on 127.0.0.1, started here): the
-same index as the local engine, stored vectors reused, a killed worker retried, and a build whose workers keep
-dying failing with one line and publishing nothing."""
+same index as the local engine (faiss and hnswlib shards, and `vps compact` after a model change), stored vectors
+reused, a killed worker restarted and its work retried, a build whose workers keep dying failing with one line
+and publishing nothing, an unreachable cluster failing with one line, and --ray-address refused without --engine
+ray."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,28 @@ import numpy as np
 import pytest
 
 from app.artifacts.manifest import read_manifest, resolve_current
-from app.artifacts.shards import FaissHnswShard
+from app.artifacts.shards import load_shard
 from app.offline.datasets.catalogue import write_catalogue
 from tests.helpers import encode, free_port, make_catalogue, make_tiny_model, product_image
 
 VPS = [sys.executable, "-m", "app.cli"]
 ACTOR_TITLE = "_EmbedActor"  # Ray names an actor's process ray::MapWorker(MapBatches(_EmbedActor))
 BUILD_TIMEOUT_S = 300
+RAY_WORKERS = 2  # embedding actors of a Ray build here, 1 CPU each: the cluster's 2 CPUs
+# Ray 2.60's driver, given an address where nothing listens, tries 20 times (RAY_NUM_REDIS_GET_RETRIES) and each
+# try waits 5 s for a channel, 5 s for the pubsub channel and 30 s for the cluster id (~41 s a try: ~14 min in
+# all). These bound it to one try of about 10 s.
+UNREACHABLE_ENV = {
+    "RAY_gcs_server_port_wait_time_s": "1",  # tries (one a second) in ray._private.node.Node._init_gcs_client
+    "RAY_py_gcs_connect_timeout_s": "5",  # the wait for the cluster id, per try
+    "RAY_gcs_rpc_server_connect_timeout_s": "2",  # the wait for each gRPC channel, per try
+}
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # 127.0.0.1:PORT, for --ray-address
+    pid: int  # the `ray start --head --block` process: every process of the cluster descends from it
 
 
 def _require_ray() -> None:
@@ -42,33 +61,47 @@ def _require_ray() -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A one-node Ray cluster on 127.0.0.1 (2 CPUs, a small object store), stopped with its processes after."""
+def ray_cluster() -> Iterator[RayCluster]:
+    """A one-node Ray cluster on 127.0.0.1 (2 CPUs, a small object store), stopped with its processes after,
+    even when it fails to start."""
     _require_ray()
     port = free_port()
     temp = tempfile.mkdtemp(prefix="vps-ray-", dir="/tmp")  # Ray's socket paths must stay short
     ray_bin = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=150000000", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _port_open(port):
-        if head.poll() is not None:
-            pytest.fail(f"ray start exited with {head.returncode}")
-        time.sleep(0.2)
-    if not _port_open(port):
-        pytest.fail("the Ray head did not open its port in 60 s")
-    yield f"127.0.0.1:{port}"
-    os.killpg(head.pid, signal.SIGTERM)
+    head: subprocess.Popen[bytes] | None = None
     try:
+        head = subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=150000000", f"--temp-dir={temp}",
+             "--disable-usage-stats"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            # No drain on SIGTERM: once a job has run, Ray 2.60's head waits out its 30 s drain timeout.
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _port_open(port):
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}")
+            time.sleep(0.2)
+        if not _port_open(port):
+            pytest.fail("the Ray head did not open its port in 60 s")
+        yield RayCluster(f"127.0.0.1:{port}", head.pid)
+    finally:
+        if head is not None:
+            _stop_group(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_group(head: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the head alone (it stops its own processes in order; a SIGTERM to the whole group would stop the GCS
+    under it, and the head then waits 30 s for the dead GCS), then SIGKILL whatever is left in its process group
+    (its own session): the head if it did not stop in 30 s, and anything that outlived it."""
+    head.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
-    shutil.rmtree(temp, ignore_errors=True)
+    head.wait(timeout=30)
 
 
 def _port_open(port: int) -> bool:
@@ -77,18 +110,32 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _build(catalogue: Path, model: Path, out: Path, *extra: str, address: str | None = None) -> subprocess.Popen[str]:
-    args = [*VPS, "build-index", "--catalogue", str(catalogue), "--images-root", str(catalogue.parent),
+def _vps(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.Popen([*VPS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _build(
+    catalogue: Path, model: Path, out: Path, *extra: str, address: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    args = ["build-index", "--catalogue", str(catalogue), "--images-root", str(catalogue.parent),
             "--out", str(out), "--model", str(model), "--batch-size", "4", "--M", "8",
             "--ef-construction", "40"]  # fmt: skip
     if address is not None:
-        args += ["--engine", "ray", "--ray-address", address, "--ray-workers", "2", "--ray-threads", "1"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        args += ["--engine", "ray", "--ray-address", address, "--ray-workers", str(RAY_WORKERS), "--ray-threads", "1"]
+    return _vps([*args, *extra], env)
 
 
-def _run(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+def _run(proc: subprocess.Popen[str], timeout_s: float = BUILD_TIMEOUT_S) -> tuple[int, str, str]:
+    """The command's exit code, stdout and stderr; killed, and the test failed, when it outlasts `timeout_s`."""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        tail = "\n".join(err.splitlines()[-30:])
+        command = " ".join(map(str, proc.args)) if isinstance(proc.args, list) else str(proc.args)
+        pytest.fail(f"{command} did not end in {timeout_s} s (killed); stderr's tail:\n{tail}")
     return proc.returncode, out, err
 
 
@@ -102,19 +149,25 @@ def _comparable(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def assert_same_index(a: Path, b: Path) -> None:
+    """The same manifest (but names, times, hashes), items, build report and shard vectors (either backend)."""
     va, vb = resolve_current(a), resolve_current(b)
     ma, mb = read_manifest(va), read_manifest(vb)
     assert _comparable(ma.model_dump(mode="json")) == _comparable(mb.model_dump(mode="json"))
     assert (va / "items.jsonl").read_bytes() == (vb / "items.jsonl").read_bytes()
     assert (va / "build_report.json").read_text() == (vb / "build_report.json").read_text()
     for ca, cb in zip(ma.categories, mb.categories, strict=True):
-        xa = FaissHnswShard.load(va / ca.shard, ef_search=16).vectors()
-        xb = FaissHnswShard.load(vb / cb.shard, ef_search=16).vectors()
+        xa = load_shard(ma.backend, va / ca.shard, dim=ma.dim, ef_search=16).vectors()
+        xb = load_shard(mb.backend, vb / cb.shard, dim=mb.dim, ef_search=16).vectors()
+        assert len(xa) == ca.n_vectors
         np.testing.assert_allclose(xa, xb, atol=1e-5)
 
 
 def _raw_tracebacks(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("Traceback")]
+
+
+def _errors(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
 
 
 def _logged(stderr: str, msg: str) -> list[dict[str, Any]]:
@@ -125,6 +178,13 @@ def _logged(stderr: str, msg: str) -> list[dict[str, Any]]:
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def _published(out_dir: Path) -> list[str]:
+    """What a build leaves in its --out directory but the catalogue database (CURRENT, versions, staging)."""
+    return (
+        sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("catalogue.db")) if out_dir.exists() else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +209,12 @@ def flawed_catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ray_build_equals_the_local_build_and_reports_bad_images_alike(
-    ray_address: str, flawed_catalogue: Path, model: Path, tmp_path: Path
+    ray_cluster: RayCluster, flawed_catalogue: Path, model: Path, tmp_path: Path
 ) -> None:
     code, _, local_err = _run(_build(flawed_catalogue, model, tmp_path / "local", "--max-failed-images", "0.5"))
     assert code == 0, local_err
     code, out, err = _run(
-        _build(flawed_catalogue, model, tmp_path / "ray", "--max-failed-images", "0.5", address=ray_address)
+        _build(flawed_catalogue, model, tmp_path / "ray", "--max-failed-images", "0.5", address=ray_cluster.address)
     )
     assert code == 0, err
     assert_same_index(tmp_path / "local", tmp_path / "ray")
@@ -166,20 +226,89 @@ def test_ray_build_equals_the_local_build_and_reports_bad_images_alike(
     assert not _raw_tracebacks(err)
 
 
-def test_a_ray_rebuild_embeds_only_new_images(ray_address: str, tmp_path: Path, model: Path) -> None:
+def test_a_ray_rebuild_embeds_only_new_images(ray_cluster: RayCluster, tmp_path: Path, model: Path) -> None:
     root = tmp_path / "cat"
     catalogue = make_catalogue(root, per_sku=2)
-    code, _, err = _run(_build(catalogue, model, tmp_path / "idx", address=ray_address))
+    code, _, err = _run(_build(catalogue, model, tmp_path / "idx", address=ray_cluster.address))
     assert code == 0, err
     first = _logged(err, "catalogue embedded")
     assert first and first[0]["reused"] == 0 and first[0]["embedded"] == 12
     rows = _rows(catalogue)
     (root / "img" / "extra.jpg").write_bytes(encode(product_image(rows[0]["sku"], 9)))
     write_catalogue(catalogue, [*rows, {**rows[0], "image": "img/extra.jpg"}])
-    code, _, err = _run(_build(catalogue, model, tmp_path / "idx", address=ray_address))
+    code, _, err = _run(_build(catalogue, model, tmp_path / "idx", address=ray_cluster.address))
     assert code == 0, err
     again = _logged(err, "catalogue embedded")
     assert again and again[0]["reused"] == 12 and again[0]["embedded"] == 1
+
+
+def test_hnswlib_shards_built_on_ray_equal_the_local_ones(ray_cluster: RayCluster, tmp_path: Path, model: Path) -> None:
+    catalogue = make_catalogue(tmp_path / "cat", per_sku=2)
+    code, _, err = _run(_build(catalogue, model, tmp_path / "local", "--backend", "hnswlib"))
+    assert code == 0, err
+    build = _build(catalogue, model, tmp_path / "ray", "--backend", "hnswlib", address=ray_cluster.address)
+    actors = _watch_actors(build, ray_cluster)
+    code, _, err = _run(build)
+    assert code == 0, err
+    assert actors, "no embedding actor ran on the cluster"
+    assert read_manifest(resolve_current(tmp_path / "ray")).backend == "hnswlib"
+    assert_same_index(tmp_path / "local", tmp_path / "ray")
+
+
+def test_compact_after_a_model_change_on_ray_equals_the_local_compact(
+    ray_cluster: RayCluster, tmp_path: Path, model: Path
+) -> None:
+    """A catalogue imported (into the SQLite database beside the index) with one model, then `vps compact` with
+    another: every stored vector is embedded again, from the images root, on Ray as locally."""
+    catalogue = make_catalogue(tmp_path / "cat", per_sku=2)
+    imported = tmp_path / "imported"
+    code, _, err = _run(_build(catalogue, model, imported))
+    assert code == 0, err
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    compact = ["compact", "--model", str(other), "--images-root", str(catalogue.parent)]
+    for name in ("local", "ray"):
+        shutil.copytree(imported, tmp_path / name)  # the same database and live version for both
+    code, _, err = _run(_vps([*compact, "--out", str(tmp_path / "local")]))
+    assert code == 0, err
+    ray_args = ["--engine", "ray", "--ray-address", ray_cluster.address, "--ray-workers", str(RAY_WORKERS)]
+    build = _vps([*compact, "--out", str(tmp_path / "ray"), *ray_args])
+    actors = _watch_actors(build, ray_cluster)
+    code, out, err = _run(build)
+    assert code == 0, err
+    assert actors, "no embedding actor ran on the cluster"
+    assert out.count("built ") == 1 and not _raw_tracebacks(err)
+    manifest = read_manifest(resolve_current(tmp_path / "ray"))
+    assert manifest.model.sha256 == json.loads((other / "model.json").read_text())["sha256"]
+    assert manifest.n_items == 12 and resolve_current(tmp_path / "ray") != resolve_current(imported)
+    assert_same_index(tmp_path / "local", tmp_path / "ray")
+
+
+def test_an_unreachable_ray_cluster_fails_the_build_with_one_line_and_publishes_nothing(
+    tmp_path: Path, model: Path
+) -> None:
+    """Nothing listens at the address: exit 7 (EngineFailed), one `error:` line, nothing published. Ray's own
+    connection attempts are bounded by UNREACHABLE_ENV (its default is ~14 minutes)."""
+    _require_ray()
+    catalogue = make_catalogue(tmp_path / "cat", per_sku=1)
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code, out, err = _run(_build(catalogue, model, tmp_path / "idx", address=address, env=UNREACHABLE_ENV), 120)
+    assert code == 7, (out, err)
+    errors = _errors(err)
+    assert len(errors) == 1 and "cannot be reached" in errors[0], err
+    assert not _raw_tracebacks(err)
+    assert _published(tmp_path / "idx") == []
+    assert time.monotonic() - started < 90
+
+
+def test_ray_address_without_the_ray_engine_is_a_usage_error(tmp_path: Path, model: Path) -> None:
+    """No cluster needed: the option is refused (exit 2) before any engine starts."""
+    catalogue = make_catalogue(tmp_path / "cat", per_sku=1)
+    code, out, err = _run(_build(catalogue, model, tmp_path / "idx", "--ray-address", "127.0.0.1:1"), 60)
+    assert code == 2, (out, err)
+    assert "--ray-address" in err and "--engine ray" in err, err
+    assert not _raw_tracebacks(err)
+    assert _published(tmp_path / "idx") == []
 
 
 def _slow_catalogue(root: Path, n: int = 300) -> Path:
@@ -205,56 +334,88 @@ def slow_catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _slow_catalogue(tmp_path_factory.mktemp("slow"))
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(cluster: RayCluster) -> set[int]:
+    """Embedding actors of this test's cluster (descendants of its head process), not any on the host."""
     import psutil
 
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
+    try:
+        descendants = psutil.Process(cluster.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    pids = set()
+    for p in descendants:
         try:
-            if any(ACTOR_TITLE in part for part in p.info["cmdline"] or []):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(ACTOR_TITLE in part for part in p.cmdline()):
+                pids.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return pids
 
 
-def _kill_actors(build: subprocess.Popen[str], *, once: bool, settle_s: float = 2.0) -> int:
-    """SIGKILL embedding actors while the build runs: the first one seen alive for `settle_s` (past its start),
-    or (once=False) every one that appears. Returns how many were killed; bounded by the build's timeout."""
-    killed = 0
+def _watch_actors(build: subprocess.Popen[str], cluster: RayCluster, seen: set[int] | None = None) -> set[int]:
+    """The embedding actors seen while the build runs (bounded by the build's timeout)."""
+    seen = set() if seen is None else seen
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while build.poll() is None and time.monotonic() < deadline:
+        seen |= _actor_pids(cluster)
+        time.sleep(0.1)
+    return seen
+
+
+def _kill_first_actor(
+    build: subprocess.Popen[str], cluster: RayCluster, pool: int = RAY_WORKERS, settle_s: float = 2.0
+) -> set[int]:
+    """SIGKILL an embedding actor while the build runs, once the whole pool (`pool` actors) is up and one of them
+    has been alive for `settle_s` (past its start): any actor process seen after that is a restarted one. Returns
+    the actors seen up to the kill (empty: the build ended before one could be killed)."""
     seen: dict[int, float] = {}
     deadline = time.monotonic() + BUILD_TIMEOUT_S
     while build.poll() is None and time.monotonic() < deadline:
         now = time.monotonic()
-        for pid in _actor_pids():
+        alive = _actor_pids(cluster)
+        for pid in alive:
             seen.setdefault(pid, now)
-            if now - seen[pid] >= (settle_s if once else 0.0):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
-                killed += 1
-                if once:
-                    return killed
+        settled = [pid for pid in alive if now - seen[pid] >= settle_s]
+        if len(alive) >= pool and settled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(settled[0], signal.SIGKILL)
+                return set(seen) | _actor_pids(cluster)
+        time.sleep(0.1)
+    return set()
+
+
+def _kill_every_actor(build: subprocess.Popen[str], cluster: RayCluster) -> int:
+    """SIGKILL every embedding actor as it appears while the build runs. Returns how many were killed."""
+    killed = 0
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while build.poll() is None and time.monotonic() < deadline:
+        for pid in _actor_pids(cluster):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed += 1
         time.sleep(0.1)
     return killed
 
 
-def test_a_killed_ray_worker_is_retried_and_the_build_completes(
-    ray_address: str, slow_catalogue: Path, model: Path, tmp_path: Path
+def test_a_killed_ray_worker_is_restarted_and_the_build_completes(
+    ray_cluster: RayCluster, slow_catalogue: Path, model: Path, tmp_path: Path
 ) -> None:
-    build = _build(slow_catalogue, model, tmp_path / "ray", address=ray_address)
-    killed = _kill_actors(build, once=True)
+    build = _build(slow_catalogue, model, tmp_path / "ray", address=ray_cluster.address)
+    before = _kill_first_actor(build, ray_cluster)
+    assert before, "the build ended before a worker could be killed: make the catalogue slower"
+    after = _watch_actors(build, ray_cluster)
     code, _, err = _run(build)
-    assert killed == 1, "the build ended before a worker could be killed: make the catalogue slower"
     assert code == 0, err
+    assert after - before, f"no new actor process after the kill (before {sorted(before)}, after {sorted(after)})"
     code, _, err = _run(_build(slow_catalogue, model, tmp_path / "local"))
     assert code == 0, err
     assert_same_index(tmp_path / "local", tmp_path / "ray")
 
 
 def test_workers_dying_past_their_retries_fail_the_build_with_one_line_and_publish_nothing(
-    ray_address: str, slow_catalogue: Path, model: Path, tmp_path: Path
+    ray_cluster: RayCluster, slow_catalogue: Path, model: Path, tmp_path: Path
 ) -> None:
     out_dir = tmp_path / "idx"
     code, _, err = _run(_build(slow_catalogue, model, out_dir))
@@ -262,12 +423,12 @@ def test_workers_dying_past_their_retries_fail_the_build_with_one_line_and_publi
     current = (out_dir / "CURRENT").read_text()
     versions = sorted(p.name for p in out_dir.iterdir())
     other = make_tiny_model(tmp_path / "other", seed=1)  # no stored vectors: every image is embedded again
-    build = _build(slow_catalogue, other, out_dir, "--ray-retries", "0", address=ray_address)
-    killed = _kill_actors(build, once=False)
+    build = _build(slow_catalogue, other, out_dir, "--ray-retries", "0", address=ray_cluster.address)
+    killed = _kill_every_actor(build, ray_cluster)
     code, out, err = _run(build)
     assert killed >= 1
     assert code == 7, (out, err)
-    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    errors = _errors(err)
     assert len(errors) == 1 and "Ray embedding failed" in errors[0], err
     assert not _raw_tracebacks(err)  # Ray's own (logged at error level) travel inside one JSON line each
     assert (out_dir / "CURRENT").read_text() == current
