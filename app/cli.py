@@ -129,7 +129,8 @@ def options(
     debug: Annotated[bool, typer.Option("--debug", help="Print a failure's traceback (or set VPS_DEBUG=1)")] = False,
 ) -> None:
     """Visual product search. Exit codes: 1 unexpected, 2 bad option or setting, 3 bad input data (catalogue,
-    queries), 4 model or index artifact problem, 5 build refused because products would be lost."""
+    queries), 4 model or index artifact problem, 5 build refused because products would be lost, 6 catalogue
+    database unreachable, 7 build engine failed (Ray)."""
     ctx.meta[_DEBUG] = debug
 
 
@@ -389,9 +390,10 @@ def build_index_cmd(
         catalogue_views=catalogue_views,
         views_max_images=views_max_images,
     )
+    # The engine first: a refused option must not leave --out and its database behind.
+    runner = _build_engine(engine, model_dir, ray_address, ray_workers, ray_threads, ray_retries)
     embedder = _embedder(model_dir, threads)
     store = _store(catalogue_url, out)
-    runner = _build_engine(engine, model_dir, ray_address, ray_workers, ray_threads, ray_retries)
     with runner.connected():
         calibration = None
         if calibration_queries is not None:
@@ -530,8 +532,9 @@ def compact(
         catalogue_views=catalogue_views,
         views_max_images=views_max_images,
     )
-    store = _store(catalogue_url, out)
+    # The engine first: a refused option must not leave --out and its database behind.
     runner = _build_engine(engine, model_dir, ray_address, ray_workers, ray_threads, ray_retries)
+    store = _store(catalogue_url, out)
     with runner.connected():
         result = run_compact(
             store, out, _embedder(model_dir, threads), options, images_root=images_root, force=force,

@@ -28,10 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-import ray.data
-from ray.exceptions import RayActorError, RayError, WorkerCrashedError
-from ray.util.annotations import RayDeprecationWarning
 
 from app.engine.embedding import Embedder, OnnxEmbedder
 from app.errors import ArtifactError, EngineFailed
@@ -45,6 +41,22 @@ from app.offline.build.engines import (
     embed_loaded,
 )
 from app.offline.progress import Progress, progress
+
+# An address where nothing listens: Ray 2.60's driver retries for about 14 minutes by default (20 tries of about
+# 41 s, measured); these bound it to about 30 s before exit 7. Its core reads them when it loads, so they are set
+# before `import ray`; values already in the environment win.
+RAY_CONNECT_ENV = {
+    "RAY_gcs_server_port_wait_time_s": "1",
+    "RAY_py_gcs_connect_timeout_s": "20",
+    "RAY_gcs_rpc_server_connect_timeout_s": "5",
+}
+for _name, _value in RAY_CONNECT_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+from ray.exceptions import RayActorError, RayError, WorkerCrashedError  # noqa: E402
+from ray.util.annotations import RayDeprecationWarning  # noqa: E402
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ("model.json",)  # plus the card's model file
