@@ -262,18 +262,22 @@ _ModelOpt = Annotated[
     Path | None,
     typer.Option(help="Model directory (default: VPS_MODEL_DIR, else the shipped models/grocery-lite0-ms512)"),
 ]
-_BackendOpt = Annotated[
-    BackendName,
-    typer.Option(
-        case_sensitive=False,
-        help="Shard index: faiss (HNSW, float vectors), faiss-sq8 (HNSW over 8-bit codes, re-scored from float "
-        "vectors: 10M vectors on one node, docs/scaling.md), hnswlib",
-    ),
+_BACKEND_HELP = (
+    "Shard index: faiss (HNSW over float vectors), faiss-sq8 (HNSW over 8-bit codes, a quarter of the bytes a "
+    "search walks; docs/scaling.md), hnswlib"
+)
+_BackendOpt = Annotated[BackendName, typer.Option(case_sensitive=False, help=_BACKEND_HELP)]
+_CompactBackendOpt = Annotated[
+    BackendName | None,
+    typer.Option(case_sensitive=False, help=_BACKEND_HELP + "; default: as the live version was built"),
 ]
 _RescoreFactor = Annotated[
     int,
     typer.Option(
-        min=1, max=64, help="faiss-sq8: candidates re-scored exactly per result wanted (k x this, from the graph)"
+        min=0,
+        max=64,
+        help="faiss-sq8: k x this candidates re-scored exactly from the float vectors; 0: ranked and scored by "
+        "the codes alone, no float vector read",
     ),
 ]
 _M = Annotated[int, typer.Option("--M", min=4, max=128, help="HNSW M: graph links per vector")]
@@ -503,8 +507,10 @@ def compact(
     images_root: Annotated[
         Path | None, typer.Option(help="Root of imported images, to embed them again after a model change")
     ] = None,
-    backend: _BackendOpt = BackendName.faiss,
-    rescore_factor: _RescoreFactor = DEFAULT_RESCORE_FACTOR,
+    backend: _CompactBackendOpt = None,
+    rescore_factor: Annotated[
+        int | None, typer.Option(min=0, max=64, help="With --backend faiss-sq8: as build-index")
+    ] = None,
     router: _RouterOpt = RouterName.prototype,
     threads: _Threads = 2,
     force: Annotated[bool, typer.Option(help="Build a new version even when the live one holds the catalogue")] = False,
@@ -524,9 +530,12 @@ def compact(
     configure_logging("INFO")
     model_dir, source = resolve_model_dir(model)
     typer.echo(model_line(model_dir, source))
+    if rescore_factor is not None and backend is not BackendName.faiss_sq8:
+        raise typer.BadParameter("--rescore-factor needs --backend faiss-sq8", param_hint="--rescore-factor")
     options = BuildOptions(
-        backend=_backend(backend),
-        rescore_factor=rescore_factor,
+        backend=_backend(backend or BackendName.faiss),
+        rescore_factor=DEFAULT_RESCORE_FACTOR if rescore_factor is None else rescore_factor,
+        index_from_live=backend is None,  # a scheduled compaction keeps the live version's shard index
         threads=threads,
         router="linear" if router is RouterName.linear else "prototype",
         catalogue_views=catalogue_views,

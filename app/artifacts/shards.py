@@ -122,14 +122,19 @@ class FaissHnswShard:
 
 
 class FaissHnswSq8Shard:
-    """HNSW over SQ8 codes, re-scored from the float vectors: faiss IndexRefineFlat(IndexHNSWSQ), one file."""
+    """HNSW over SQ8 codes, re-scored from the float vectors: faiss IndexRefineFlat(IndexHNSWSQ), one file.
+
+    `rescore_factor` f: the graph hands f * k candidates to an exact re-scoring from the float rows; f = 0 ranks
+    and scores by the codes alone and reads no float row (a node whose memory holds only the graph and codes)."""
 
     def __init__(self, index: faiss.IndexRefineFlat, ef_search: int) -> None:
-        self._index = index  # the owner of base and refine indexes (own_fields)
-        self._base = faiss.downcast_index(index.base_index)
+        self._index = index  # the owner of the base and refine indexes (own_fields)
+        self._base = faiss.downcast_index(index.base_index)  # non-owning views, living no longer than _index
         self._refine = faiss.downcast_index(index.refine_index)
         self._view: np.ndarray | None = None
-        self.set_ef_search(ef_search)
+        self._factor = int(index.k_factor)  # as built
+        self._ef_search = ef_search
+        self._params: dict[int, Any] = {}  # search parameters by k, remade when a setting changes
 
     @classmethod
     def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswSq8Shard:
@@ -140,31 +145,43 @@ class FaissHnswSq8Shard:
             raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
         if not isinstance(index, faiss.IndexRefineFlat):
             raise ArtifactError(f"shard {path}: expected a re-scored SQ8 index, got {type(index).__name__}")
-        base = faiss.downcast_index(index.base_index)
+        base, refine = faiss.downcast_index(index.base_index), faiss.downcast_index(index.refine_index)
         if not isinstance(base, faiss.IndexHNSWSQ):
             raise ArtifactError(f"shard {path}: expected HNSW over SQ8 codes, got {type(base).__name__}")
-        if index.metric_type != faiss.METRIC_INNER_PRODUCT or base.metric_type != faiss.METRIC_INNER_PRODUCT:
+        if {index.metric_type, base.metric_type, refine.metric_type} != {faiss.METRIC_INNER_PRODUCT}:
             raise ArtifactError(f"shard {path}: metric expected inner product")
+        if not index.ntotal == base.ntotal == refine.ntotal:
+            raise ArtifactError(f"shard {path}: codes and float vectors differ in count")
         return cls(index, ef_search)
 
     def set_ef_search(self, ef_search: int) -> None:
         self._ef_search = ef_search
-        self._params = self._search_params(ef_search, None)
+        self._params = {}
 
     @property
     def rescore_factor(self) -> int:
-        return int(self._index.k_factor)
+        return self._factor
 
     def set_rescore_factor(self, factor: int) -> None:
-        self._index.k_factor = float(factor)
-        self._params = self._search_params(self._ef_search, None)
+        if factor < 0:
+            raise ValueError(f"rescore factor must be >= 0, got {factor}")
+        self._factor = factor
+        self._params = {}
 
-    def _search_params(self, ef_search: int, selector: Any) -> Any:
-        # The walk must be at least as wide as the candidates it hands to the re-scoring.
-        base = faiss.SearchParametersHNSW(efSearch=ef_search, sel=selector)  # type: ignore[attr-defined]
+    def _search_params(self, k: int, ef_search: int, selector: Any = None) -> Any:
+        # The walk is at least as wide as the candidates it hands to the re-scoring (faiss would stop at efSearch).
+        base = faiss.SearchParametersHNSW(efSearch=max(ef_search, k * max(self._factor, 1)), sel=selector)  # type: ignore[attr-defined]
+        if self._factor == 0:
+            return base
         return faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
-            k_factor=float(self._index.k_factor), base_index_params=base, sel=selector
+            k_factor=float(self._factor), base_index_params=base, sel=selector
         )
+
+    def _searched(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        index = self._base if self._factor == 0 else self._index
+        scores, ids = index.search(q, k, params=params)
+        return scores, ids
 
     @staticmethod
     def build(
@@ -173,12 +190,11 @@ class FaissHnswSq8Shard:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         base = faiss.IndexHNSWSQ(x.shape[1], faiss.ScalarQuantizer.QT_8bit, M, faiss.METRIC_INNER_PRODUCT)  # type: ignore[arg-type]
         base.hnsw.efConstruction = ef_construction
-        index = faiss.IndexRefineFlat(base)
+        index = faiss.IndexRefineFlat(base)  # its Python wrapper keeps `base` referenced
         index.k_factor = float(rescore_factor)
         index.train(x)  # the quantiser's per-dimension range
         index.add(x)
         faiss.write_index(index, str(path))
-        del index, base  # the refine index owns nothing it did not make: base goes after it
 
     @property
     def dim(self) -> int:
@@ -189,8 +205,11 @@ class FaissHnswSq8Shard:
         return int(self._index.ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=self._params)
-        return scores, ids
+        params = self._params.get(k)
+        if params is None:
+            params = self._search_params(k, self._ef_search)
+            self._params = {**self._params, k: params}  # a new dict: a concurrent search keeps reading the old
+        return self._searched(queries, k, params)
 
     def vectors(self) -> np.ndarray:
         return np.array(self._stored())
@@ -214,8 +233,7 @@ class FaissHnswSq8Shard:
     ) -> tuple[np.ndarray, np.ndarray]:
         bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
         selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-        params = self._search_params(max(ef_search, k), selector)
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        scores, ids = self._searched(queries, k, self._search_params(k, ef_search, selector))
         del bits
         return scores, ids
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from app.artifacts.manifest import read_manifest, resolve_current
-from app.artifacts.shards import load_shard
+from app.artifacts.shards import FaissHnswSq8Shard, load_shard
 from app.offline.datasets.catalogue import write_catalogue
 from tests.helpers import encode, free_port, make_catalogue, make_tiny_model, product_image
 
@@ -245,6 +245,28 @@ def test_hnswlib_shards_built_on_ray_equal_the_local_ones(ray_cluster: RayCluste
     assert actors, "no embedding actor ran on the cluster"
     assert read_manifest(resolve_current(tmp_path / "ray")).backend == "hnswlib"
     assert_same_index(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_build_on_its_own_ray_cluster_with_compressed_shards_equals_the_local_one(
+    tmp_path: Path, model: Path
+) -> None:
+    """No --ray-address: the build starts a cluster of its own (and stops it), and its shard tasks build the
+    compressed backend with the rescore factor asked for."""
+    _require_ray()
+    catalogue = make_catalogue(tmp_path / "cat", per_sku=2)
+    sq8 = ("--backend", "faiss-sq8", "--rescore-factor", "3")
+    code, _, err = _run(_build(catalogue, model, tmp_path / "local", *sq8))
+    assert code == 0, err
+    own = ("--engine", "ray", "--ray-workers", "1", "--ray-threads", "1")
+    code, _, err = _run(_build(catalogue, model, tmp_path / "ray", *sq8, *own))
+    assert code == 0, err
+    manifest = read_manifest(resolve_current(tmp_path / "ray"))
+    assert (manifest.backend, manifest.build.rescore_factor) == ("faiss-sq8", 3)
+    shard = load_shard(manifest.backend, resolve_current(tmp_path / "ray") / manifest.categories[0].shard,
+                       dim=manifest.dim, ef_search=16)  # fmt: skip
+    assert isinstance(shard, FaissHnswSq8Shard) and shard.rescore_factor == 3  # as built on the worker
+    assert_same_index(tmp_path / "local", tmp_path / "ray")
+    assert not _raw_tracebacks(err)
 
 
 def test_compact_after_a_model_change_on_ray_equals_the_local_compact(

@@ -233,3 +233,19 @@ def test_compaction_to_compressed_shards_builds_once_and_then_holds(
     other_factor = compact(store, out, embedder, replace(sq8, rescore_factor=5))
     assert other_factor.built is not None and other_factor.built.manifest.build.rescore_factor == 5
     assert first.manifest.build.rescore_factor is None  # float shards record none
+
+
+def test_a_compaction_that_names_no_index_keeps_the_live_versions(
+    catalogue: Path, store: CatalogueStore, embedder: CountingEmbedder, tmp_path: Path
+) -> None:
+    """`vps compact` without --backend (the service's automatic compaction, the CronJob): backend, graph and
+    rescore factor as the live version was built, not the defaults."""
+    out = tmp_path / "index"
+    first = _imported(catalogue, out, store, embedder, replace(OPTIONS, backend="faiss-sq8", rescore_factor=3))
+    scheduled = replace(BuildOptions(progress=False), index_from_live=True)  # defaults: faiss, M 32, factor 2
+    held = compact(store, out, embedder, scheduled)
+    assert held.built is None and held.live_version == first.manifest.version
+    rebuilt = compact(store, out, embedder, scheduled, force=True)
+    assert rebuilt.built is not None
+    m = rebuilt.built.manifest
+    assert (m.backend, m.build.M, m.build.ef_construction, m.build.rescore_factor) == ("faiss-sq8", 8, 40, 3)

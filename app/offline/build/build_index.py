@@ -131,6 +131,9 @@ class Coverage:
 class BuildOptions:
     backend: Backend = "faiss"
     rescore_factor: int = DEFAULT_RESCORE_FACTOR  # faiss-sq8 only
+    # Compaction: backend, M, efConstruction, efSearch and rescore factor as the live version was built (a
+    # scheduled or automatic `vps compact` names none of them).
+    index_from_live: bool = False
     M: int = 32
     ef_construction: int = 200
     ef_search: int = 64

@@ -133,7 +133,18 @@ def compact(
 
 
 def _with_live_choices(options: BuildOptions, live: Manifest | None) -> BuildOptions:
-    """Build choices left open (None) take the live version's, so a scheduled compaction keeps them."""
+    """Build choices left open (None, index_from_live) take the live version's, so a scheduled compaction keeps
+    them."""
+    if live is not None and options.index_from_live:
+        b = live.build
+        options = replace(
+            options,
+            backend=live.backend,
+            M=b.M,
+            ef_construction=b.ef_construction,
+            ef_search=b.ef_search,
+            rescore_factor=b.rescore_factor if b.rescore_factor is not None else options.rescore_factor,
+        )
     if options.catalogue_views is not None:
         return options
     if live is None:

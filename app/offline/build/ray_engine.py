@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,18 +43,25 @@ from app.offline.build.engines import (
 from app.offline.progress import Progress, progress
 
 # An address where nothing listens: Ray 2.60's driver retries for about 14 minutes by default (20 tries of about
-# 41 s, measured); these bound it to about 30 s before exit 7. Its core reads them when it loads, so they are set
-# before `import ray`; values already in the environment win.
-RAY_CONNECT_ENV = {
-    "RAY_gcs_server_port_wait_time_s": "1",
-    "RAY_py_gcs_connect_timeout_s": "20",
-    "RAY_gcs_rpc_server_connect_timeout_s": "5",
-}
-for _name, _value in RAY_CONNECT_ENV.items():
-    os.environ.setdefault(_name, _value)
+# 41 s, measured); with these it gives up after one try of about 30 s (31 s measured), exit 7. Values already in
+# the environment win. Ray's core reads the two timeouts when it loads, so they are set before `import ray`
+# (harmless to a cluster of our own: they bound waits for a GCS that answers at once); the number of tries is
+# read by ray.init itself, so it is set only while joining a given address (_cluster): a cluster we start keeps
+# Ray's own wait for its GCS to come up.
+CONNECT_TIMEOUTS = {"RAY_py_gcs_connect_timeout_s": "20", "RAY_gcs_rpc_server_connect_timeout_s": "5"}
+CONNECT_TRIES = ("RAY_gcs_server_port_wait_time_s", "1")
+
+
+def _bound_connect_timeouts() -> None:
+    for name, value in CONNECT_TIMEOUTS.items():
+        os.environ.setdefault(name, value)
+
+
+_bound_connect_timeouts()
 
 import ray  # noqa: E402
 import ray.data  # noqa: E402
+from ray.data.exceptions import ExecutionTimeoutError, SystemException  # noqa: E402
 from ray.exceptions import RayActorError, RayError, WorkerCrashedError  # noqa: E402
 from ray.util.annotations import RayDeprecationWarning  # noqa: E402
 
@@ -120,8 +127,10 @@ def _cluster(options: RayOptions) -> Iterator[None]:
             kwargs["object_store_memory"] = options.object_store_bytes
     with _quiet_ray_core(), _captured_ray_logs():
         try:
-            ray.init(**kwargs)
+            with _env_default(*CONNECT_TRIES) if options.address else nullcontext():
+                ray.init(**kwargs)
         except (ConnectionError, RayError, RuntimeError, ValueError) as exc:  # RuntimeError: a version mismatch
+            ray.shutdown()  # whatever it started before failing
             where = options.address or "(local)"
             raise EngineFailed(f"Ray cluster {where} cannot be reached: {_first_line(exc)}") from exc
         ctx = ray.data.DataContext.get_current()
@@ -131,6 +140,19 @@ def _cluster(options: RayOptions) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+@contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """`name=value` in the environment for the block, unless it is set already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 @contextmanager
@@ -255,7 +277,7 @@ def _embed_on_ray(
                 ):
                     out[int(i)] = str(problem) if problem else Embedded(np.asarray(vector, np.float32), str(digest))
                 bar.update(len(batch["i"]))
-    except (RayError, RuntimeError) as exc:  # Ray Data raises its own errors (a timeout, a plan) as RuntimeError
+    except (RayError, ExecutionTimeoutError, SystemException) as exc:  # Ray Data's own failures beside Ray's
         raise EngineFailed(f"Ray embedding failed{_retried(exc, ray_options)}: {_first_line(exc)}") from exc
     missing = [i for i, o in enumerate(out) if o is None]
     if missing:  # never a silent gap: every job comes back or the build fails
@@ -285,9 +307,11 @@ def _shards_on_ray(jobs: Sequence[ShardJob], options: StageOptions, ray_options:
                 paths[done[0]].write_bytes(ray.get(done[0]))
                 bar.update(1)
     except RayError as exc:
-        for ref in pending:  # the build is over: free the cluster for whoever runs next
-            ray.cancel(ref, force=True)
         raise EngineFailed(f"Ray shard build failed{_retried(exc, ray_options)}: {_first_line(exc)}") from exc
+    finally:
+        for ref in pending:  # a build that stops early frees the cluster for whoever runs next
+            with suppress(Exception):  # best effort: the connection may be what failed
+                ray.cancel(ref, force=True)
 
 
 def _retried(exc: BaseException, options: RayOptions) -> str:
