@@ -17,7 +17,7 @@ def test_an_index_built_with_faiss_sq8_serves_the_float_index_answers(  # type: 
     sq8_index: Path, faiss_index: Path, settings_for
 ) -> None:
     manifest = read_manifest(resolve_current(sq8_index))
-    assert manifest.backend == "faiss-sq8" and manifest.build.rescore_factor == 2
+    assert manifest.backend == "faiss-sq8" and manifest.build.rescore_factor == 1
     assert all(c.shard.endswith(".sq8.faiss") for c in manifest.categories)
     assert len(load_engine(settings_for(sq8_index)).shards) == len(manifest.categories)
     answers = []

@@ -242,7 +242,7 @@ def test_a_compaction_that_names_no_index_keeps_the_live_versions(
     rescore factor as the live version was built, not the defaults."""
     out = tmp_path / "index"
     first = _imported(catalogue, out, store, embedder, replace(OPTIONS, backend="faiss-sq8", rescore_factor=3))
-    scheduled = replace(BuildOptions(progress=False), index_from_live=True)  # defaults: faiss, M 32, factor 2
+    scheduled = replace(BuildOptions(progress=False), index_from_live=True)  # defaults: faiss, M 32, factor 1
     held = compact(store, out, embedder, scheduled)
     assert held.built is None and held.live_version == first.manifest.version
     rebuilt = compact(store, out, embedder, scheduled, force=True)
