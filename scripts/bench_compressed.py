@@ -44,13 +44,15 @@ import faiss
 import numpy as np
 import psutil
 from bench_search import (  # scripts/ is on sys.path when a script runs
-    LEVELS,
+    Routed,
     _spectra_tag,
     _zipf_labels,
     cached_build,
     demo,
+    level_spread,
     measure,
 )
+from benchlib import write_report
 
 from app.artifacts.shards import FaissHnswShard, FaissHnswSq8Shard, build_shard
 from app.engine.routing import select_probes
@@ -72,16 +74,7 @@ def powerlaw_memmap(
     labels = _zipf_labels(n, n_cat)
     if not meta.exists():
         rng = np.random.default_rng(n)
-        scale, basis = {}, {}
-        for level in LEVELS:
-            p = np.arange(1, dim + 1, dtype=np.float64) ** -spectra[level]["exponent"]
-            scale[level] = np.sqrt(spectra[level]["variance"] * p / p.sum()).astype(np.float32)
-            basis[level] = np.linalg.qr(rng.normal(size=(dim, dim)))[0].astype(np.float32)
-
-        def spread(rows: int, level: str) -> np.ndarray:
-            out: np.ndarray = (rng.normal(size=(rows, dim)).astype(np.float32) * scale[level]) @ basis[level]
-            return out
-
+        spread = level_spread(rng, dim, spectra)
         mean = rng.normal(size=dim).astype(np.float32)
         mean *= spectra["mean_norm"] / np.linalg.norm(mean)
         cat_centres = mean + spread(n_cat, "category")
@@ -158,10 +151,11 @@ def float_region(path: Path, n: int, dim: int) -> tuple[int, int]:
     return size - 4 - length, length
 
 
-def warm(path: Path, upto: int) -> None:
-    """Read the first `upto` bytes of a file into the page cache (the graph and codes a search walks)."""
+def read_into_cache(path: Path, start: int, end: int) -> None:
+    """Read bytes [start, end) of a file, so that they sit in the page cache."""
     with path.open("rb") as fh:
-        while fh.tell() < upto and fh.read(min(1 << 24, upto - fh.tell())):
+        fh.seek(start)
+        while fh.tell() < end and fh.read(min(1 << 24, end - fh.tell())):
             pass
 
 
@@ -235,34 +229,13 @@ def bench_size(n: int, spectra: dict[str, Any], args: argparse.Namespace) -> dic
     return out
 
 
-class ServiceRouted:
-    """The service's search path without HTTP, decode or grouping: router -> probes -> each probed shard asked
-    for `fetch` hits (the service fetches max(k x overfetch, MIN_FETCH) images a shard, app/engine/search.py)
-    -> merged -> the top K ids."""
-
-    def __init__(self, router: Any, shards: list[Any], offsets: np.ndarray, fetch: int) -> None:
-        self.router, self.shards, self.offsets, self.fetch = router, shards, offsets, fetch
-
-    def __call__(self, query: np.ndarray) -> np.ndarray:
-        probes = select_probes(self.router.probabilities(query), probe_mass=0.9, max_probes=8)
-        scores, ids = [], []
-        for p in probes:
-            s, i = self.shards[p.category].search(query[None], self.fetch)
-            keep = i[0] >= 0
-            scores.append(s[0][keep])
-            ids.append(i[0][keep] + self.offsets[p.category])
-        all_s, all_i = np.concatenate(scores), np.concatenate(ids)
-        top: np.ndarray = all_i[np.argsort(-all_s)[:K]]
-        return top
-
-
 def bench_method(
     kind: str, x: np.ndarray, offsets: np.ndarray, q: np.ndarray, truth: np.ndarray, router: Any,
     out: dict[str, Any], args: argparse.Namespace, name: str,
 ) -> None:  # fmt: skip
     paths, build_s = built(kind, x, offsets, args, name)
     shards, method = loaded(kind, paths, offsets, x.shape, build_s)
-    routed = ServiceRouted(router, shards, offsets, args.fetch)
+    routed = Routed(router, shards, offsets, fetch=args.fetch)
     for ef in args.ef:
         for factor in args.rescore if kind == "sq8" else [None]:
             configure(shards, ef, factor)
@@ -346,12 +319,9 @@ def loaded(
         float_region(p, int(offsets[c + 1] - offsets[c]), dim)[0] if kind == "sq8" else 0 for c, p in enumerate(paths)
     ]
     for p, hot_end in zip(paths, ends, strict=True):  # every file's floats, then every file's hot part
-        with p.open("rb") as fh:
-            fh.seek(hot_end)
-            while fh.read(1 << 24):
-                pass
+        read_into_cache(p, hot_end, p.stat().st_size)
     for p, hot_end in zip(paths, ends, strict=True):
-        warm(p, hot_end)
+        read_into_cache(p, 0, hot_end)
     t0 = time.perf_counter()
     cls = FaissHnswSq8Shard if kind == "sq8" else FaissHnswShard
     shards: list[Any] = [cls.load(p, ef_search=64) for p in paths]
@@ -465,10 +435,7 @@ def main() -> None:
     results = []
     for n in args.n:
         results.append(bench_size(n, spectra, args))
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_compressed-{args.tag}" if args.tag else "bench_compressed"
-        (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(results, command))
+        write_report(args.out, "bench_compressed", args.tag, command, results, markdown(results, command))
     sys.stdout.write(markdown(results, command))
 
 

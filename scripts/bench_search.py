@@ -39,6 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 import psutil
+from benchlib import write_report  # scripts/ is on sys.path when a script runs
 from faiss.contrib.ivf_tools import add_preassigned
 
 from app.artifacts.hashing import sha256_file
@@ -115,13 +116,9 @@ def _participation(eigenvalues: np.ndarray) -> float:
     return round(float(eigenvalues.sum() ** 2 / (eigenvalues**2).sum()), 1)
 
 
-def synthetic_powerlaw(
-    n: int, n_cat: int, dim: int, n_queries: int, seed: int, spectra: dict[str, Any]
-) -> dict[str, Any]:
-    """Clustered like synthetic(), but each level spreads with the power-law spectrum and the variance measured
-    on the shipped model's real embeddings (embedding_spectra), each level along its own random orthonormal basis."""
-    rng = np.random.default_rng(seed)
-    labels = _zipf_labels(n, n_cat)
+def level_spread(rng: np.random.Generator, dim: int, spectra: dict[str, Any]) -> Callable[[int, str], np.ndarray]:
+    """`spread(rows, level)`: rows of a level's power-law noise (spectra as embedding_spectra measures them),
+    each level along its own random orthonormal basis, drawn from `rng` in order."""
     scale, basis = {}, {}
     for level in LEVELS:
         p = np.arange(1, dim + 1, dtype=np.float64) ** -spectra[level]["exponent"]
@@ -135,6 +132,17 @@ def synthetic_powerlaw(
             out[i : i + m] = (rng.normal(size=(m, dim)).astype(np.float32) * scale[level]) @ basis[level]
         return out
 
+    return spread
+
+
+def synthetic_powerlaw(
+    n: int, n_cat: int, dim: int, n_queries: int, seed: int, spectra: dict[str, Any]
+) -> dict[str, Any]:
+    """Clustered like synthetic(), but each level spreads with the power-law spectrum and the variance measured
+    on the shipped model's real embeddings (embedding_spectra), each level along its own random orthonormal basis."""
+    rng = np.random.default_rng(seed)
+    labels = _zipf_labels(n, n_cat)
+    spread = level_spread(rng, dim, spectra)
     mean = rng.normal(size=dim).astype(np.float32)
     mean *= spectra["mean_norm"] / np.linalg.norm(mean)
     cat_centres = mean + spread(n_cat, "category")
@@ -283,10 +291,12 @@ def disk_bytes(paths: list[Path]) -> int:
 
 
 class Routed:
-    """Router + per-category shards: the service's search path without HTTP, decode or grouping."""
+    """Router + per-category shards: the service's search path without HTTP, decode or grouping. Each probed
+    shard is asked for `fetch` hits (K here; the service asks max(k x overfetch, MIN_FETCH), which
+    bench_compressed.py uses), merged, top K."""
 
-    def __init__(self, router: LinearRouter, shards: list[Any], offsets: np.ndarray) -> None:
-        self.router, self.shards, self.offsets = router, shards, offsets
+    def __init__(self, router: LinearRouter, shards: list[Any], offsets: np.ndarray, fetch: int = K) -> None:
+        self.router, self.shards, self.offsets, self.fetch = router, shards, offsets, fetch
         self.probe_mass, self.max_probes = 0.9, 8
 
     def __call__(self, query: np.ndarray) -> np.ndarray:
@@ -294,7 +304,7 @@ class Routed:
         qs = query[None]
         scores, ids = [], []
         for p in probes:
-            s, i = self.shards[p.category].search(qs, K)
+            s, i = self.shards[p.category].search(qs, self.fetch)
             keep = i[0] >= 0
             scores.append(s[0][keep])
             ids.append(i[0][keep] + self.offsets[p.category])
@@ -588,10 +598,7 @@ def main() -> None:
     if args.build_only:
         return
     command = "python scripts/bench_search.py " + " ".join(sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_search-{args.tag}" if args.tag else "bench_search"
-    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results, command))
+    write_report(args.out, "bench_search", args.tag, command, results, markdown(results, command))
     sys.stdout.write(markdown(results, command))
 
 

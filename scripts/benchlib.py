@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -152,3 +153,11 @@ def synthetic_index(
     ]
     options = BuildOptions(M=M, ef_construction=ef_construction, progress=True)
     return publish_vectors(vectors, rows, out, embedder, options, calibration=(q, q_rows)).version_dir
+
+
+def write_report(out: Path, name: str, tag: str, command: str, results: list[Any], markdown: str) -> None:
+    """<out>/<name>[-<tag>].json ({"command", "results"}) and .md beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{tag}" if tag else name
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)

@@ -23,7 +23,7 @@ Backend = Literal["faiss", "hnswlib", "faiss-sq8"]
 # faiss-sq8: the candidates re-scored exactly, per hit a shard is asked for. Measured at 1M, as the service asks
 # (64 hits a shard; docs/bench/bench_compressed.md): 1 gives the float shards' recall@10 at the same efSearch
 # (0.969 against 0.969 at 128) and exact scores; 2 only widens the walk as a higher efSearch would; 0 reads no
-# float row (0.8 points lower at 128 and 256, scores within 0.001).
+# float row (0.8-0.9 points lower at 128 and 256, scores within 0.0011).
 DEFAULT_RESCORE_FACTOR = 1
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"

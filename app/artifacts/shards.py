@@ -46,6 +46,30 @@ class ShardIndex(Protocol):
         ...
 
 
+def _read_faiss(path: Path, mmap: bool) -> Any:
+    # MMAP_IFC + READ_ONLY: the graph and vectors stay file-backed pages, shared by every worker process.
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
+
+
+def _float_view(flat: Any, n: int, d: int) -> np.ndarray:
+    """A flat index's float vectors as a read-only view of its (memory-mapped) storage: no copy. The caller keeps
+    the index's owner alive as long as the view."""
+    view: np.ndarray = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
+    view.setflags(write=False)
+    return view
+
+
+def _bitmap_selector(allowed: np.ndarray) -> tuple[np.ndarray, Any]:
+    """A faiss selector over `allowed` (one bool a local id) and the bits it reads, which the caller keeps alive
+    through the search."""
+    bits = np.packbits(allowed, bitorder="little")
+    return bits, faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size in bytes
+
+
 class FaissHnswShard:
     def __init__(self, index: faiss.Index) -> None:
         self._index = index
@@ -53,12 +77,7 @@ class FaissHnswShard:
 
     @classmethod
     def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswShard:
-        # MMAP_IFC + READ_ONLY: the graph and vectors stay file-backed pages, shared by every worker process.
-        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
+        index = _read_faiss(path, mmap)
         # read_index returns the concrete class. (downcast_index would hand back a second, non-owning wrapper
         # while this one, the owner, is freed: a dangling pointer.)
         if not isinstance(index, faiss.IndexHNSW):
@@ -101,23 +120,18 @@ class FaissHnswShard:
     def _stored(self) -> np.ndarray:
         """The flat storage's vectors as a read-only view of the (memory-mapped) index: no copy. The view lives
         no longer than this object, which owns the index."""
-        view = self._view
-        if view is None:
+        if self._view is None:
             storage = faiss.downcast_index(self._index.storage)  # type: ignore[attr-defined]
-            n, d = self.ntotal, self.dim
-            view = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
-            view.setflags(write=False)
-            self._view = view
-        return view
+            self._view = _float_view(storage, self.ntotal, self.dim)
+        return self._view
 
     def search_subset(
         self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
-        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size in bytes
+        bits, selector = _bitmap_selector(allowed)
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search, k))  # type: ignore[attr-defined]
         scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        del bits
+        del bits  # faiss reads it, never owns it: alive until here
         return scores, ids
 
 
@@ -138,11 +152,7 @@ class FaissHnswSq8Shard:
 
     @classmethod
     def load(cls, path: Path, *, ef_search: int, mmap: bool = True) -> FaissHnswSq8Shard:
-        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            raise ArtifactError(f"shard {path}: faiss cannot read it") from exc
+        index = _read_faiss(path, mmap)
         if not isinstance(index, faiss.IndexRefineFlat):
             raise ArtifactError(f"shard {path}: expected a re-scored SQ8 index, got {type(index).__name__}")
         base, refine = faiss.downcast_index(index.base_index), faiss.downcast_index(index.refine_index)
@@ -220,21 +230,16 @@ class FaissHnswSq8Shard:
 
     def _stored(self) -> np.ndarray:
         """The float vectors as a read-only view of the (memory-mapped) refine index, owned by this object."""
-        view = self._view
-        if view is None:
-            n, d = self.ntotal, self.dim
-            view = faiss.rev_swig_ptr(self._refine.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
-            view.setflags(write=False)
-            self._view = view
-        return view
+        if self._view is None:
+            self._view = _float_view(self._refine, self.ntotal, self.dim)
+        return self._view
 
     def search_subset(
         self, queries: np.ndarray, k: int, allowed: np.ndarray, ef_search: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        bits = np.packbits(allowed, bitorder="little")  # faiss reads it, never owns it: kept alive below
-        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        bits, selector = _bitmap_selector(allowed)
         scores, ids = self._searched(queries, k, self._search_params(k, ef_search, selector))
-        del bits
+        del bits  # faiss reads it, never owns it: alive until here
         return scores, ids
 
 

@@ -158,6 +158,10 @@ class BuildOptions:
     catalogue_views: int | None = 0
     views_max_images: int = 2
 
+    def recorded_rescore_factor(self) -> int | None:
+        """As the manifest records it: only compressed shards re-score."""
+        return self.rescore_factor if self.backend == "faiss-sq8" else None
+
     def stages(self) -> StageOptions:
         return StageOptions(
             batch_size=self.batch_size,
@@ -572,8 +576,8 @@ def _group_by_category(vectors: np.ndarray, rows: list[CatalogueRow]) -> _Groupe
 
 
 def _write_shards(vdir: Path, g: _Grouped, options: BuildOptions, engine: BuildEngine) -> list[CategoryEntry]:
-    # Rows are grouped by category (sorted labels), so each shard's vectors are one contiguous slice: a view,
-    # not a copy of the catalogue's vectors.
+    # Rows are grouped by category (sorted labels), so each shard's vectors are one contiguous slice: a view of
+    # the grouped vectors, not one more copy.
     ends = np.searchsorted(g.labels, np.arange(len(g.categories)), side="right")
     spans = list(zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True))
     rels = [f"shards/{ci:04d}-{_slug(name)}{SHARD_SUFFIX[options.backend]}" for ci, name in enumerate(g.categories)]
@@ -672,7 +676,7 @@ def _manifest(
             n_clusters=g.n_clusters,
             catalogue_views=options.catalogue_views or 0,
             views_max_images=options.views_max_images,
-            rescore_factor=options.rescore_factor if options.backend == "faiss-sq8" else None,
+            rescore_factor=options.recorded_rescore_factor(),
         ),
         files=files,
     )

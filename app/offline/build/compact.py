@@ -47,8 +47,9 @@ from app.offline.datasets.images import PhotoProblem, decode_photo, read_photo
 log = logging.getLogger(__name__)
 # One engine call re-embeds at most this many images, or this many bytes of database blobs (API uploads travel
 # with their job; CSV imports are read where the engine runs), after a model change: what bounds the blobs held
-# in memory at once. Each call costs a Ray engine its actor pool's start (measured 4-5 s on this machine,
-# docs/bench/bench_ray_build.md), against minutes of embedding for a full call.
+# in memory at once (up to twice the bytes while the next call's part is read). Each call costs a Ray engine its
+# actor pool's start, a part of why whole Ray runs did 0.64-0.83x the local rate (docs/bench/bench_ray_build.md)
+# while the second 300 photos ran at 0.93x.
 MISSING_PER_CALL = 50_000
 MISSING_BYTES_PER_CALL = 512 * 1024 * 1024
 
@@ -217,15 +218,10 @@ def _holds(live: Manifest, catalogue_id: str, seq: int, model: str, options: Bui
         and live.catalogue_seq == seq
         and live.model.sha256 == model
         and (live.backend, b.M, b.ef_construction, b.ef_search, b.rescore_factor)
-        == (options.backend, options.M, options.ef_construction, options.ef_search, _rescore_factor(options))
+        == (options.backend, options.M, options.ef_construction, options.ef_search, options.recorded_rescore_factor())
         and live.router_report.get("kind") == options.router
         and _same_views(b.catalogue_views, b.views_max_images, options)
     )
-
-
-def _rescore_factor(options: BuildOptions) -> int | None:
-    """As the manifest records it: only compressed shards re-score."""
-    return options.rescore_factor if options.backend == "faiss-sq8" else None
 
 
 def _same_views(live_views: int, live_max_images: int, options: BuildOptions) -> bool:

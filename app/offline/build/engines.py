@@ -160,7 +160,7 @@ class EngineRunner:
 def build_shard_bytes(vectors: np.ndarray, options: StageOptions, scratch: Path) -> bytes:
     """A shard built into a scratch file and returned as bytes (for an engine whose workers do not share the
     driver's disk)."""
-    path = scratch / f"shard-{hashlib.sha256(vectors.tobytes()).hexdigest()[:16]}"
+    path = scratch / "shard"  # the scratch directory is the build's own
     build_shard(
         options.backend,
         vectors,
