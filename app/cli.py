@@ -1,4 +1,4 @@
-"""`vps`: serve, build-index, export-model, train, quantize-model, evaluate, grocery-catalogue.
+"""`vps`: serve, build-index, export-model, train, quantize-model, resize-model, evaluate, grocery-catalogue.
 
 A failure prints one line on stderr naming the file, line or option, and exits with the code of its kind
 (`describe_error`, README "Command line: errors and exit codes"); `vps --debug ...` or VPS_DEBUG=1 adds the
@@ -260,7 +260,9 @@ _ImagesRoot = Annotated[Path, typer.Option(exists=True, file_okay=False, help="R
 _IndexOut = Annotated[Path, typer.Option(help="Index directory (versions + CURRENT)")]
 _ModelOpt = Annotated[
     Path | None,
-    typer.Option(help="Model directory (default: VPS_MODEL_DIR, else the shipped models/grocery-lite0-ms512)"),
+    typer.Option(
+        help="Model directory (default: VPS_MODEL_DIR, else the shipped models/grocery-lite1-ms512-sp208-int8)"
+    ),
 ]
 _BACKEND_HELP = (
     "Shard index: faiss (HNSW over float vectors), faiss-sq8 (HNSW over 8-bit codes, a quarter of the bytes a "
@@ -761,6 +763,21 @@ def quantize_model_cmd(
         float_blocks=float_blocks,
     )
     typer.echo(f"quantised {out / 'model.onnx'} sha256={card.sha256}")
+
+
+@cli.command("resize-model")
+def resize_model_cmd(
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Model directory")],
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Input side in pixels")],
+    out: Annotated[Path, typer.Option(help="Directory for the resized model")],
+    name: Annotated[str | None, typer.Option(help="Model name for the card (default: the directory name)")] = None,
+) -> None:
+    """The same model served at another input size (graph and weights unchanged; measure it before serving)."""
+    from app.offline.export.resize import resize_model
+
+    configure_logging("INFO")
+    card = resize_model(model, out, size, name)
+    typer.echo(f"resized {out / 'model.onnx'} to {size} px sha256={card.sha256}")
 
 
 @cli.command()
