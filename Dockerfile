@@ -14,7 +14,7 @@ RUN ["sh", "deploy/docker/install-app.sh", "/opt/vps", "/src"]
 
 # --- demo-index: the demo catalogue's index, built with the image's own install ---------------------------------
 FROM build AS demo-index
-COPY models/grocery-lite0-ms512 ./models/grocery-lite0-ms512
+COPY models/grocery-lite1-ms512-sp208-int8 ./models/grocery-lite1-ms512-sp208-int8
 COPY examples/grocery ./examples/grocery
 COPY deploy/docker/build-demo-index.sh ./deploy/docker/build-demo-index.sh
 RUN ["sh", "deploy/docker/build-demo-index.sh", "/opt/vps", "/src", "/srv/index_data"]
@@ -24,7 +24,7 @@ RUN ["sh", "deploy/docker/build-demo-index.sh", "/opt/vps", "/src", "/srv/index_
 FROM rayproject/ray:2.60.0-py311-cpu AS ray-build
 COPY --chown=1000:100 pyproject.toml README.md /home/ray/vps-src/
 COPY --chown=1000:100 app /home/ray/vps-src/app
-COPY models/grocery-lite0-ms512 /srv/models/grocery-lite0-ms512
+COPY models/grocery-lite1-ms512-sp208-int8 /srv/models/grocery-lite1-ms512-sp208-int8
 RUN pip install --no-cache-dir --disable-pip-version-check --quiet "/home/ray/vps-src[ray]" \
  && vps --help > /dev/null
 ENV OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
@@ -34,7 +34,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 vps \
  && useradd --system --uid 10001 --gid vps --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vps
 COPY --from=build /opt/vps /opt/vps
-COPY models/grocery-lite0-ms512 /srv/models/grocery-lite0-ms512
+COPY models/grocery-lite1-ms512-sp208-int8 /srv/models/grocery-lite1-ms512-sp208-int8
 COPY --from=demo-index /srv/index_data /srv/index_data
 COPY examples/grocery/images /srv/catalogue-images
 COPY examples/grocery/LICENSE /srv/catalogue-images/LICENSE
@@ -42,7 +42,7 @@ ENV PATH=/opt/vps/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
-    VPS_MODEL_DIR=/srv/models/grocery-lite0-ms512 \
+    VPS_MODEL_DIR=/srv/models/grocery-lite1-ms512-sp208-int8 \
     VPS_INDEX_DIR=/srv/index_data \
     VPS_CATALOGUE_IMAGES_DIR=/srv/catalogue-images \
     PROMETHEUS_MULTIPROC_DIR=/tmp/vps-metrics \

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL_DIR ?= models/grocery-lite0-ms512
+MODEL_DIR ?= models/grocery-lite1-ms512-sp208-int8
 INDEX_DIR ?= index_data
 DEMO := examples/grocery
 

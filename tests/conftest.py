@@ -98,7 +98,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "grocery"
-DEFAULT_MODEL = ROOT / "models" / "grocery-lite0-ms512"
+DEFAULT_MODEL = ROOT / "models" / "grocery-lite1-ms512-sp208-int8"
 
 
 @pytest.fixture(scope="session")

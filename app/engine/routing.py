@@ -5,7 +5,7 @@
 - `LinearRouter`: a class-balanced softmax classifier over embeddings (categories with too few images keep
   centroid weights), temperature-scaled.
 
-Why prototypes by default (grocery, default model, train catalogue, `python scripts/compare_routers.py`): router
+Why prototypes by default (grocery, grocery-lite0-ms512, train catalogue, `python scripts/compare_routers.py`): router
 top-1 on val 0.865 against the linear router's 0.841, and the build's own measurement on held-out groups agrees
 with val (0.865 and 0.865; the linear router measured 0.873 for 0.841), so its probing policy is chosen on
 figures that hold for real queries. Both calibrate through app/offline/routing/calibrate.py.

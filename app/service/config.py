@@ -13,7 +13,7 @@ from app.engine.search import FILL_MAX_PROBES, OVERFETCH
 # The model the repository ships, found from the package rather than the working directory: a checkout or an
 # editable install keeps models/ beside app/. An installed wheel carries no models (the image copies one and sets
 # VPS_MODEL_DIR): there this path does not exist and `vps` says so.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "grocery-lite0-ms512"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "grocery-lite1-ms512-sp208-int8"
 
 
 def catalogue_database_url(url: str | None, index_dir: Path) -> str:

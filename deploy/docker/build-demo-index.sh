@@ -8,4 +8,4 @@ out="$3"
 "$prefix/bin/vps" build-index \
   --catalogue "$src/examples/grocery/catalogue.csv" --images-root "$src/examples/grocery/images" \
   --calibration-queries "$src/examples/grocery/calibration.csv" \
-  --model "$src/models/grocery-lite0-ms512" --out "$out"
+  --model "$src/models/grocery-lite1-ms512-sp208-int8" --out "$out"

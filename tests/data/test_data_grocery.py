@@ -110,7 +110,9 @@ def test_frozen_imagenet_model_floor(dataset_dir: Path, tmp_path: Path, measured
 def test_default_model_train_catalogue(dataset_dir: Path, tmp_path: Path, measured: dict[str, object]) -> None:
     f = search_quality(dataset_dir, DEFAULT_MODEL, "train", tmp_path, exhaustive_too=True)
     _report(measured, f"{DEFAULT_MODEL.name}, train catalogue", f)
-    assert f["recall@1"] >= 0.80
+    # grocery-lite1-ms512-sp208-int8 measured 0.851 / 0.966 here (0.848 / 0.973 by exact search): floors about
+    # 3 and 1.5 points (9 and 4 photos) below. Lite0, the default before, measured 0.828 / 0.976.
+    assert f["recall@1"] >= 0.82
     assert f["recall@5"] >= 0.95
     assert f["routing_loss_points"] <= 1.0
 
@@ -118,7 +120,9 @@ def test_default_model_train_catalogue(dataset_dir: Path, tmp_path: Path, measur
 def test_default_model_studio_catalogue(dataset_dir: Path, tmp_path: Path, measured: dict[str, object]) -> None:
     f = search_quality(dataset_dir, DEFAULT_MODEL, "iconic", tmp_path, exhaustive_too=True)
     _report(measured, f"{DEFAULT_MODEL.name}, studio catalogue", f)
-    assert f["recall@5"] >= 0.70
+    # Measured 0.699 / 0.905 (the model trained on half the SKUs' studio shots; Lite0: 0.530 / 0.878).
+    assert f["recall@1"] >= 0.66
+    assert f["recall@5"] >= 0.87
 
 
 def test_category_aware_model_routes_well(dataset_dir: Path, tmp_path: Path, measured: dict[str, object]) -> None:
@@ -143,9 +147,10 @@ def test_default_build_without_query_photos_routes_without_losing_products(
     _report(measured, f"{DEFAULT_MODEL.name}, train catalogue, no calibration queries", f)
     assert f["routing_loss_points"] <= 0.5
     assert f["routing_loss5_points"] <= 0.5
-    assert f["shards_per_query"] < 3.0  # measured 2.49 (docs/bench/compare_routers.md)
-    # Issue 14's bar: the build's own figure within 3 points of val's. The prototype router measured 0.865 on
-    # held-out groups and 0.865 on val; the linear router 0.873 against 0.841 (docs/routing.md).
+    assert f["shards_per_query"] < 3.0  # measured 2.13 (Lite0: 2.49, docs/bench/compare_routers.md)
+    # Issue 14's bar: the build's own figure within 3 points of val's. With the default model the prototype router
+    # measured 0.875 on held-out groups and 0.872 on val (Lite0: 0.865 and 0.865; the 240 px Lite1 models missed
+    # the bar, docs/routing.md).
     assert abs(f["build_router_top1"] - f["router_top1"]) <= 0.03
 
 

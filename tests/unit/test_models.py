@@ -22,6 +22,7 @@ from app.engine.embedding import OnnxEmbedder
         ("grocery-lite1-ms512-int8", 512),
         ("grocery-lite1-ms512-sp", 512),
         ("grocery-lite1-ms512-sp-int8", 512),
+        ("grocery-lite1-ms512-sp208-int8", 512),
     ],
 )
 def test_committed_models_match_their_cards(name: str, dim: int) -> None:
@@ -36,7 +37,7 @@ def test_committed_models_match_their_cards(name: str, dim: int) -> None:
 def test_the_default_model_is_the_trained_one() -> None:
     from app.service.config import Settings
 
-    assert Settings().model_dir.name == "grocery-lite0-ms512"
+    assert Settings().model_dir.name == "grocery-lite1-ms512-sp208-int8"
 
 
 def test_int8_cards_keep_the_fp32_figures_apart() -> None:

@@ -5,7 +5,7 @@ catalogue's own photos.
 Held-out groups: each SKU's photos are grouped into near-duplicates (connected components of cosine >=
 `near_duplicate_cosine`), and whole groups are held out. Catalogues are often burst shots: holding out single
 photos (the first version held out the last 20 % of each SKU) leaves a near-copy of every query in the fitting
-part. Grocery, default model, train catalogue, linear router: router top-1 0.995 on the last 20 %; on groups at
+part. Grocery, grocery-lite0-ms512, train catalogue, linear router: router top-1 0.995 on the last 20 %; on groups at
 cosine 0.85, 0.81-0.92 for one draw (by seed) and 0.873 for three draws pooled; the val photos give 0.841. The
 prototype router (the default) measures 0.865 on the pooled groups and 0.865 on val (docs/routing.md). That model
 was trained on those very photos, so no split of them is unseen: the build detects this from the model card's
@@ -38,7 +38,7 @@ from app.offline.evaluate.metrics import top_skus
 from app.offline.routing.fit import PROTOTYPES_PER_CATEGORY, RouterKind, fit_router, fit_temperature
 
 PROBE_MASS_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
-# Grocery, default model: groups at 0.85 leave held-out photos at a mean nearest-neighbour cosine of 0.77 to the
+# Grocery, grocery-lite0-ms512: groups at 0.85 leave held-out photos at a mean nearest-neighbour cosine of 0.77 to the
 # fitting part (val photos: 0.82; the last-20 % split: 0.93), so the held-out photos are no nearer than real ones.
 NEAR_DUPLICATE_COSINE = 0.85
 # Photos of one SKU grouped at most (the grouping is quadratic in them); the rest stay in the fitting part.
@@ -137,7 +137,7 @@ def grouped_holdout(
     take the held-out part past half once something is held out. A SKU with one photo is never held out.
 
     A burst of near-identical shots often links most of a SKU's photos into one group; holding that out leaves
-    few photos to fit on, which is what brings the measurement nearer real queries (grocery, default model: one
+    few photos to fit on, which is what brings the measurement nearer real queries (grocery, grocery-lite0-ms512: one
     draw 0.81-0.92 by seed, 0.84 on val; refusing such groups held out only 87 photos, at 0.98)."""
     rng = np.random.default_rng(seed)
     held = np.zeros(len(skus), dtype=bool)

@@ -10,9 +10,9 @@ import numpy as np
 from app.engine.routing import FittedRouter, LinearRouter, PrototypeRouter, softmax
 
 RouterKind = Literal["prototype", "linear"]
-# Prototypes per category. Grocery, default model, val photos (scripts/compare_routers.py): 8 -> top-1 0.851, 12 and
-# 16 -> 0.865, 24 -> 0.865, 32 -> 0.861; the build's held-out-group measurement was within 1 point of val from 8 to
-# 32 and 5 points above it at ~n/4 (up to 64), where prototypes become near-copies of single bursts.
+# Prototypes per category. Grocery, grocery-lite0-ms512, val photos (scripts/compare_routers.py): 8 -> top-1
+# 0.851, 12 and 16 -> 0.865, 24 -> 0.865, 32 -> 0.861; the build's held-out-group measurement was within 1 point of
+# val from 8 to 32 and 5 points above it at ~n/4 (up to 64), where prototypes become near-copies of single bursts.
 PROTOTYPES_PER_CATEGORY = 16
 # Prototypes in all: routing costs one product with each (one thread here: 688 prototypes 0.17 ms a query, 16,000
 # 1.6 ms; the linear router 0.05-0.07 ms), so many categories get fewer each (4 a category at 1,000 categories).
