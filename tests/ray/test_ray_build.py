@@ -1,6 +1,6 @@
 """`vps build-index --engine ray` on a real local Ray cluster (`ray start --head` on 127.0.0.1, started here): the
 same index as the local engine (faiss and hnswlib shards, and `vps compact` after a model change), stored vectors
-reused, a killed worker restarted and its work retried, a build whose workers keep dying failing with one line
+reused, a killed worker's work retried, a build whose workers keep dying failing with one line
 and publishing nothing, an unreachable cluster failing with one line, and --ray-address refused without --engine
 ray."""
 
@@ -380,7 +380,7 @@ def _kill_first_actor(
     build: subprocess.Popen[str], cluster: RayCluster, pool: int = RAY_WORKERS, settle_s: float = 2.0
 ) -> set[int]:
     """SIGKILL an embedding actor while the build runs, once the whole pool (`pool` actors) is up and one of them
-    has been alive for `settle_s` (past its start): any actor process seen after that is a restarted one. Returns
+    has been alive for `settle_s` (past its start), so the kill lands mid-build. Returns
     the actors seen up to the kill (empty: the build ended before one could be killed)."""
     seen: dict[int, float] = {}
     deadline = time.monotonic() + BUILD_TIMEOUT_S
@@ -413,16 +413,19 @@ def _kill_every_actor(build: subprocess.Popen[str], cluster: RayCluster) -> int:
     return killed
 
 
-def test_a_killed_ray_worker_is_restarted_and_the_build_completes(
+def test_a_killed_ray_worker_is_replaced_or_its_work_retried_and_the_build_completes(
     ray_cluster: RayCluster, slow_catalogue: Path, model: Path, tmp_path: Path
 ) -> None:
+    """An embedding actor is SIGKILLed mid-build (the build still running). Ray either restarts it or lets the
+    surviving actor take its blocks: which one depends on timing (a CI run saw the build finish on the survivor
+    before any replacement came up), so a new process is not required. What is: the build completes and its
+    index equals the local engine's, so no image was lost or embedded twice."""
     build = _build(slow_catalogue, model, tmp_path / "ray", address=ray_cluster.address)
     before = _kill_first_actor(build, ray_cluster)
     assert before, "the build ended before a worker could be killed: make the catalogue slower"
-    after = _watch_actors(build, ray_cluster)
+    assert build.poll() is None, "the build ended at the kill: make the catalogue slower"
     code, _, err = _run(build)
     assert code == 0, err
-    assert after - before, f"no new actor process after the kill (before {sorted(before)}, after {sorted(after)})"
     code, _, err = _run(_build(slow_catalogue, model, tmp_path / "local"))
     assert code == 0, err
     assert_same_index(tmp_path / "local", tmp_path / "ray")
