@@ -68,7 +68,8 @@ def describe_error(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, ModuleNotFoundError):
         return EXIT_UNEXPECTED, (
             f"module {exc.name} is not installed: this command needs an extra "
-            "(pip install -e '.[train]' for train, export-model and quantize-model; '.[eval]' for evaluate)"
+            "(pip install -e '.[train]' for train, export-model, quantize-model and resize-model; "
+            "'.[eval]' for evaluate)"
         )
     if isinstance(exc, ConnectionError):
         return EXIT_UNEXPECTED, _one_line(str(exc))

@@ -2,7 +2,7 @@
 
     python scripts/bench_batch.py [--rounds 20] [--out docs/bench]
 
-The demo catalogue's index and the shipped model; one worker with the service's defaults. Each round sends the
+The demo catalogue's index and grocery-lite0-ms512; one worker with the service's defaults. Each round sends the
 same 16 demo photos (a) as one POST /v1/search/batch, (b) as 16 POST /search one after another on one keep-alive
 connection, and (c) as 16 POST /search from 4 client threads at once; the order of (a), (b), (c) rotates round
 by round. Reports images per second for each (the median over rounds) and the ratios measured in the same
@@ -113,7 +113,7 @@ def main() -> None:
         "# Batch search against single requests",
         "",
         f"`{doc['command']}` — {m['cpus']} CPUs (shared), Python {m['python']}, commit {m['git_commit']}, load "
-        f"average {m['load_average_1m']}. `vps serve` (one worker, defaults), the demo index, the shipped model; "
+        f"average {m['load_average_1m']}. `vps serve` (one worker, defaults), the demo index, grocery-lite0-ms512; "
         f"the same {BATCH} demo photos per round, {args.rounds} rounds, the three ways taking turns.",
         "",
         "| how | 16 images p50 s | images/s | batch faster by (same rounds) |",

@@ -12,7 +12,7 @@ and search latency with a live delta against the compacted index, side by side i
    rotates. Four ways, so that the split shows: `embed` (decode + embed in process, no database), `store`
    (CatalogueStore.add_images with the vector precomputed: the commit alone), `store+sync` (the commit and the
    follower's sync into an in-process engine: what the route does after embedding) and `http` (a real
-   `vps serve`, the shipped model, an index of two photos a category of the demo catalogue that `vps build-index`
+   `vps serve`, grocery-lite0-ms512, an index of two photos a category of the demo catalogue that `vps build-index`
    imported into the scratch database: writes need a version built from the database). Every image has unique
    bytes (a counter after the JPEG's end), so every write stores a new blob and a new embedding.
 2. Visibility (`--parts visibility`): two `vps serve` processes (A, B) on different ports sharing the catalogue
@@ -856,7 +856,7 @@ def measure(variants: list[Variant], queries: np.ndarray, params: SearchParams, 
 
 
 def measure_requests(variants: list[Variant], queries: np.ndarray, params: SearchParams, n: int) -> dict[str, Any]:
-    """What a search request costs in process: decode and embed a demo photo (the shipped model), then search.
+    """What a search request costs in process: decode and embed a demo photo (grocery-lite0-ms512), then search.
     The search is of the synthetic query in place of the photo's embedding, which the synthetic router knows
     nothing of: the same shards and delta rows as the stage measured above. Per delta size, base + delta and
     compacted take turns query by query (the order alternating); ratios of medians and the median of the
@@ -1010,7 +1010,7 @@ def search_markdown(s: dict[str, Any]) -> list[str]:
         if r.get("requests"):
             lines += [
                 "",
-                "Search requests in process (decode + embed a demo photo with the shipped model, then the search "
+                "Search requests in process (decode + embed a demo photo with grocery-lite0-ms512, then the search "
                 "above), base + delta and compacted taking turns request by request:",
                 "",
                 "| delta items | requests | compacted p50 / p99 ms | base + delta p50 / p99 ms | p50 ratio | "
@@ -1078,7 +1078,7 @@ def writes_markdown(w: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         "(mode order rotating); closed loop, the client on the same cores. `embed`: decode + embed in process, no "
         "database; `store`: CatalogueStore.add_images with the vector given (the commit alone); `store+sync`: that "
         "and the follower's sync into an in-process engine (what the route adds after embedding); `http`: "
-        "`vps serve` (one worker, the shipped model, an index built through the scratch database from two photos a "
+        "`vps serve` (one worker, grocery-lite0-ms512, an index built through the scratch database from two photos a "
         "demo category), POST /v1/products/{sku}/images with one "
         "image, to 100 products spread over the index's categories. Unique bytes every write.",
         "",

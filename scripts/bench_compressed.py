@@ -2,7 +2,7 @@
 
     python scripts/bench_compressed.py --n 1000000 10000000 --out docs/bench
 
-Data: the `powerlaw` synthetic vectors of bench_search.py (spectra fitted to the shipped model's real embeddings;
+Data: the `powerlaw` synthetic vectors of bench_search.py (spectra fitted to grocery-lite0-ms512's real embeddings;
 100 categories of Zipf-like size; 5 vectors a SKU), written in chunks to a memory-mapped file so that 10M x 512
 floats (20 GB) never sit in RAM at once. Queries are fresh noisy views of random SKUs; exact top-10 over every
 vector is the ground truth.

@@ -4,7 +4,7 @@
     python scripts/bench_ray_build.py --render-only docs/bench/bench_ray_build.json  # the .md again, no run
 
 The embedding stage of a build (read, decode, preprocess, ONNX Runtime) over the same shelf photos with the
-default model, for each configuration: the local engine with 1 and 2 threads; Ray with 1 actor of 1 CPU, 2
+grocery-lite0-ms512, for each configuration: the local engine with 1 and 2 threads; Ray with 1 actor of 1 CPU, 2
 actors of 1 CPU and 1 actor of 2 CPUs, on a local cluster started once for all Ray rounds. Rounds interleave the
 configurations, so a noisy minute hits them alike. Images per second exclude the cluster's start (reported on its
 own) but include each Ray run's actor start-up, as a build pays it. From a conservative per-CPU rate (see
@@ -155,7 +155,8 @@ def write(
     lines = [
         "# Catalogue embedding: local engine against Ray",
         "",
-        f"`{command}` on {machine}. {raw['images']} GroceryStore train photos (every SKU), default model, "
+        f"`{command}` on {machine}. {raw['images']} GroceryStore train photos (every SKU), the model named in "
+        "the command (default grocery-lite0-ms512), "
         f"best of {len(rows[0]['rounds_s'])} interleaved rounds. The local Ray cluster took "
         f'{raw["cluster_start_s"]} s to start (in no figure). "Whole run" includes each run\'s start-up (a Ray '
         f"run's actors); \"steady\" is the last {raw['marginal_images']} images' rate, from a run of "
@@ -211,7 +212,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, help="GroceryStoreDataset directory (required unless --render-only)")
     p.add_argument("--render-only", type=Path, metavar="JSON", help="no run: rewrite the JSON's projection and .md")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (default: the default model)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (default: grocery-lite0-ms512)")
     p.add_argument("--images", type=int, default=300, help="n: each configuration embeds n, then 2n photos")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every configuration")
     p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")

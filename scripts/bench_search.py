@@ -2,7 +2,7 @@
 
     python scripts/bench_search.py --n 100000 1000000 --demo --out docs/bench
 
-Data: synthetic clustered unit vectors at the shipped model's dimension (--n each; --categories categories of
+Data: synthetic clustered unit vectors at grocery-lite0-ms512's dimension (--n each; --categories categories of
 uneven, Zipf-like size; 5 vectors per SKU; queries are fresh noisy views of random SKUs), and with --demo the
 real embeddings of the demo catalogue (queries: the demo's val and calibration photos).
 
@@ -139,7 +139,7 @@ def synthetic_powerlaw(
     n: int, n_cat: int, dim: int, n_queries: int, seed: int, spectra: dict[str, Any]
 ) -> dict[str, Any]:
     """Clustered like synthetic(), but each level spreads with the power-law spectrum and the variance measured
-    on the shipped model's real embeddings (embedding_spectra), each level along its own random orthonormal basis."""
+    on grocery-lite0-ms512's real embeddings (embedding_spectra), each level along its own random orthonormal basis."""
     rng = np.random.default_rng(seed)
     labels = _zipf_labels(n, n_cat)
     spread = level_spread(rng, dim, spectra)

@@ -33,6 +33,7 @@ import numpy as np
 from benchlib import free_port, synthetic_index
 
 from app.artifacts.manifest import resolve_current
+from app.service.config import SHIPPED_MODEL_DIR
 
 DEMO_INDEX = Path("index_data")
 SCENARIOS = ("warm, first start", "cold, first start", "warm, restart", "cold, restart")
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--categories", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model", type=Path, default=Path("models/grocery-lite0-ms512"))
+    ap.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR, help="the demo index's model (default: shipped)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench-startup")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     ap.add_argument("--build-only", action="store_true", help="build (and cache) the large index, measure nothing")
@@ -120,7 +121,7 @@ def main() -> None:
     if not (DEMO_INDEX / "CURRENT").exists():
         raise SystemExit("no demo index: run `make demo-index` first")
 
-    big_dir = args.work / f"index-{args.items}"
+    big_dir = args.work / f"index-{args.items}-{args.model.name}"  # an index holds its model's hash
     t0 = time.perf_counter()
     synthetic_index(big_dir, args.model, args.items, args.categories)
     build_s = time.perf_counter() - t0

@@ -324,7 +324,7 @@ def search_args(run: Runner, size: dict[str, Any]) -> list[str]:
 def startup_args(run: Runner, size: dict[str, Any]) -> list[str]:
     return [
         *("--items", str(size["items"]), "--categories", str(size["categories"]), "--repeats", str(size["repeats"])),
-        *("--work", run.rel(run.work / "startup"), "--out", run.rel(run.raw)),
+        *("--model", MODEL, "--work", run.rel(run.work / "startup"), "--out", run.rel(run.raw)),
         *(["--scenarios", *size["scenarios"]] if "scenarios" in size else []),
     ]
 
@@ -394,7 +394,7 @@ def part_search(run: Runner, size: dict[str, Any]) -> list[Figure]:
 def part_service(run: Runner, size: dict[str, Any]) -> list[Figure]:
     args = [
         *("--seconds", str(size["seconds"]), "--rounds", str(size["rounds"]), "--concurrency", "1", "4"),
-        *("--only", "default: fp32, intra 1, pool 3", "--per-round"),
+        *("--only", "shipped model, intra 1, pool 3", "--per-round"),
         *("--work", run.rel(run.work / "service"), "--out", run.rel(run.raw)),
     ]
     data, command = run.script("service", "bench_service.py", args)
@@ -403,7 +403,7 @@ def part_service(run: Runner, size: dict[str, Any]) -> list[Figure]:
     figures = []
     for ip, ht in zip(cfg["in_process"], cfg["http"], strict=True):
         c = ip["concurrency"]
-        what = f"service (default config), concurrency {c}"
+        what = f"service ({Path(MODEL).name}, default config), concurrency {c}"
         common = {"better": "higher", "command": command}
         figures += [
             Figure(

@@ -6,7 +6,7 @@ The issue's protocol on the shared dataset: the catalogue is the train photos; t
 pool, split (seeded, per repeat) into a labelling half and an evaluation half. From the labelling half, N photos
 (5 %, 10 %, 20 % of the pool) are chosen by `mine_vectors` (the miner over the index built from the catalogue)
 or at random, "labelled" with their true SKU, and added to the catalogue and as the router's calibration queries;
-the index is rebuilt (the service's build, `publish_vectors`, the shipped model; vectors embedded once) and the
+the index is rebuilt (the service's build, `publish_vectors`, grocery-lite0-ms512; vectors embedded once) and the
 evaluation half searched as the service searches (routing, fill; k=5). Reported: recall@1 and router top-1 on
 the evaluation half, their gain over the catalogue alone, mean and spread over repeats, and random at a third
 of the pool (the issue's goal: mined at a tenth >= random at a third).
