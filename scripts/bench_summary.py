@@ -41,11 +41,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.service.config import SHIPPED_MODEL_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 # The shipped default. The committed baseline (docs/bench/summary.json) was measured with grocery-lite0-ms512, the
 # default before issue 20's resize: the next run compares the new default against it and flags the change.
-MODEL = "models/grocery-lite1-ms512-sp208-int8"
+MODEL = f"models/{SHIPPED_MODEL_DIR.name}"
 MULTIPLE = 3.0  # a change is flagged beyond this many combined standard deviations
 
 # Sizes per mode. Full: the figures of docs/benchmarks.md at the sizes there, timings shortened to fit ~15 min.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.offline.build.build_index import BuildOptions, build_index
-from app.service.config import Settings
+from app.service.config import SHIPPED_MODEL_DIR, Settings
 from tests.helpers import make_catalogue, make_tiny_model
 
 
@@ -98,7 +98,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "grocery"
-DEFAULT_MODEL = ROOT / "models" / "grocery-lite1-ms512-sp208-int8"
+DEFAULT_MODEL = SHIPPED_MODEL_DIR
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.service.config import SHIPPED_MODEL_DIR
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +117,7 @@ def test_dockerfile_steps_install_bake_and_serve(tmp_path: Path) -> None:
         photo = next(query.glob("val/**/*.jpg"))
         r = httpx.post(f"http://127.0.0.1:{port}/search?k=3", files={"image": photo.read_bytes()}, timeout=30)
         assert r.status_code == 200 and r.json()["results"], r.text
-        assert r.json()["model"]["name"] == "grocery-lite1-ms512-sp208-int8"
+        assert r.json()["model"]["name"] == SHIPPED_MODEL_DIR.name
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
