@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 import numpy as np
@@ -32,8 +33,8 @@ from app.service.config import Settings
 from app.service.engines import load_engine, search_defaults
 from app.service.http.admin import admin
 from app.service.http.catalogue import catalogue
-from app.service.http.errors import PROBE_PATHS, error_response, install_error_handlers
-from app.service.http.routes import router
+from app.service.http.errors import PROBE_PATHS, error_response, install_error_handlers, plain_route
+from app.service.http.routes import router, search
 from app.service.http.web import DOCS_ASSETS, docs_assets, web
 from app.service.lifecycle import EngineLoader, IndexReloader, install_sigterm_drain
 from app.service.logs import configure_logging
@@ -69,6 +70,9 @@ class ObserveMiddleware:
         # Request ids: a random per-process prefix and a counter, unique across workers and restarts without a
         # system call per request (uuid4 reads os.urandom each time). Not secrets: they only correlate logs.
         self._id_prefix, self._id_counter = os.urandom(8).hex(), itertools.count()
+        # Labelled metric children by (route, status): labels() takes a lock and builds a key on each call. As
+        # bounded as the labels themselves (route templates, HTTP statuses).
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,8 +114,14 @@ class ObserveMiddleware:
                 await error_response(500, "internal_error", "internal error", request_id)(scope, receive, send_with_id)
         template = self._route_label(scope, status)
         elapsed = time.perf_counter() - t0
-        self.metrics.requests.labels(route=template, status=str(status)).inc()
-        self.metrics.request_duration.labels(route=template).observe(elapsed)
+        children = self._children.get((template, status))
+        if children is None:
+            children = self._children[(template, status)] = (
+                self.metrics.requests.labels(route=template, status=str(status)),
+                self.metrics.request_duration.labels(route=template),
+            )
+        children[0].inc()
+        children[1].observe(elapsed)
         extra = {
             "request_id": request_id,
             "method": scope["method"],
@@ -135,6 +145,35 @@ class ObserveMiddleware:
                 if scope["path"].startswith(prefix):
                     return prefix.rstrip("/")
         return UNMATCHED
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with plain lanes: the routes in `lanes` (POST /search) are served as plain ASGI apps ahead of
+    Starlette's middleware stack and FastAPI's router, which cost the hot path event-loop CPU on every request
+    (docs/benchmarks.md, "Where the service's own CPU goes"). A lane keeps its APIRoute (the OpenAPI schema, the
+    metrics label), runs inside its own ObserveMiddleware, and maps errors through the app's functions
+    (`plain_route` in app/service/http/errors.py); every other request takes FastAPI's path."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lanes: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.lanes:
+            lane = self.lanes.get((scope["method"], route_path(scope)))
+            if lane is not None:
+                scope["app"], scope["route"] = self, lane[0]
+                await lane[1](scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path a router matches: without the root path a proxy mounted the service under (Starlette's rule)."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 def _host(scope: Scope) -> str:
@@ -226,7 +265,27 @@ def new_state(settings: Settings, metrics: Metrics) -> AppState:
     )
 
 
-def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAPI:
+def add_routes(app: ServiceApp, state: AppState) -> None:
+    """The routes, the error handlers, the observing middleware, and POST /search's plain lane."""
+    install_error_handlers(app, state.settings.retry_after_s, state.metrics)
+    app.include_router(router)
+    app.include_router(admin)
+    app.include_router(catalogue)
+    app.include_router(web)
+    app.mount(DOCS_ASSETS, docs_assets(), name="docs-assets")
+
+    # Routes without path parameters that FastAPI adds itself (the schema): no APIRoute, maybe no route in the scope.
+    plain = frozenset(r.path for r in app.routes if isinstance(r, Route) and not isinstance(r, APIRoute))
+    mounts = tuple(r.path for r in app.routes if isinstance(r, Mount))
+    app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain, mounts=mounts)
+    search_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/search")
+    app.lanes[("POST", "/search")] = (
+        search_route,
+        ObserveMiddleware(plain_route(search, state.settings.retry_after_s, state.metrics), state),
+    )
+
+
+def create_app(settings: Settings, loader: EngineLoader = load_engine) -> ServiceApp:
     metrics = Metrics()
     state = new_state(settings, metrics)
 
@@ -257,7 +316,7 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
             stop_threads(state)
             mark_this_process_dead()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="Visual product search",
         version="0.1.0",
         summary="POST a product photo, get the top-k matching SKUs.",
@@ -270,22 +329,11 @@ def create_app(settings: Settings, loader: EngineLoader = load_engine) -> FastAP
         redoc_url=None,
     )
     app.state.vps = state
-    install_error_handlers(app, settings.retry_after_s, metrics)
-    app.include_router(router)
-    app.include_router(admin)
-    app.include_router(catalogue)
-    app.include_router(web)
-    app.mount(DOCS_ASSETS, docs_assets(), name="docs-assets")
-
-    # Routes without path parameters that FastAPI adds itself (the schema): no APIRoute, maybe no route in the scope.
-    plain = frozenset(r.path for r in app.routes if isinstance(r, Route) and not isinstance(r, APIRoute))
-    mounts = tuple(r.path for r in app.routes if isinstance(r, Mount))
-    app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain, mounts=mounts)
-
+    add_routes(app, state)
     return app
 
 
-def app_factory() -> FastAPI:
+def app_factory() -> ServiceApp:
     """Entry point for `uvicorn --factory` and `vps serve`: settings from the environment, JSON logs."""
     settings = Settings()
     configure_logging(settings.log_level)

@@ -130,7 +130,7 @@ def search_index(index_dir: Path | None, model_dir: Path, photos: list[Path], qu
             continue
         total = sum(outcome.timings_s.values())
         body = response_of(engine, outcome, total, images=settings.catalogue_images_dir is not None)
-        yield Answer(photo, body=body.model_dump(mode="json"))
+        yield Answer(photo, body=body)
 
 
 def _read(photo: Path) -> bytes | dict[str, Any]:
