@@ -160,9 +160,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         "# The service's own CPU a request (the pipeline answered from a memo)",
         "",
-        f"`{command}`: {os.cpu_count()} CPUs ({cpu_name()}), Python {sys.version.split()[0]}; the demo index and the shipped "
-        "model behind a memo of each photo's real answer; the client shares the cores. Median of the rounds "
-        "(min-max); each round's figure is in the JSON.",
+        f"`{command}`: {os.cpu_count()} CPUs ({cpu_name()}), Python {sys.version.split()[0]}; the demo index and "
+        "the shipped model behind a memo of each photo's real answer; the client shares the cores. Median of the "
+        "rounds (min-max); each round's figure is in the JSON.",
         "",
         "| request path | concurrency | requests/s | p50 ms | server CPU ms a request: median (min-max) |",
         "|---|---|---|---|---|",
