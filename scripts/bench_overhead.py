@@ -10,9 +10,11 @@ request id and access-log line, metrics, query validation, the multipart parse, 
 compute pool, the response model and its JSON. Everything else is the real service: `create_app` with its
 settings, uvicorn with `LimitedHttpProtocol`, JSON logs at INFO (to /dev/null).
 
-Two servers run side by side, in alternating rounds on the same photos: the service as it is (POST /search on its
-plain ASGI lane, `ServiceApp`), and the same app with the lane removed, so the request takes FastAPI's router and
-Starlette's middleware stack. CPU is the server process's (psutil, user + system) over each round; the client is
+Three servers run side by side, in alternating rounds on the same photos: the service as it is (POST /search on
+its plain ASGI lane, `ServiceApp`); the same app with the lane removed, so the request takes FastAPI's router and
+Starlette's middleware stack; and a floor, a bare ASGI app under the same protocol that reads the body, hops to a
+thread pool and back and sends a canned answer of the same size (what no Python service here can go below).
+CPU is the server process's (psutil, user + system) over each round; the client is
 this process, on the same cores. Many short rounds, because this machine's neighbours come and go: the minimum
 is the round least disturbed by them. Writes <out>/bench_overhead.json and .md.
 """
@@ -45,7 +47,11 @@ from app.engine.search import SearchEngine, SearchOutcome, SearchParams  # noqa:
 from app.offline.datasets.catalogue import read_catalogue  # noqa: E402
 from app.service.config import SHIPPED_MODEL_DIR, Settings  # noqa: E402
 
-PATHS = ("plain lane (the service)", "FastAPI router (lane removed)")
+PATHS = {
+    "lane": "plain lane (the service)",
+    "fastapi": "FastAPI router (lane removed)",
+    "floor": "floor: bare ASGI app (body read, pool hop, canned JSON)",
+}
 
 
 def memo_loader(settings: Settings, embedder: Embedder | None = None) -> SearchEngine:
@@ -67,7 +73,35 @@ def memo_loader(settings: Settings, embedder: Embedder | None = None) -> SearchE
     return engine
 
 
-def serve(port: int, lane: bool) -> None:
+def floor_app(body: bytes) -> Any:
+    """What any Python service on this server pays: uvicorn, the body read, a hop to a thread pool and back, a
+    canned JSON answer of the service's size. No request id, log line, metrics, parsing or response building."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(3)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        data = b""
+        while True:
+            message = await receive()
+            data += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await asyncio.get_running_loop().run_in_executor(pool, len, data)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def serve(port: int, path: str) -> None:
     """Server mode (a child process): the app on the memo engine, served as `vps serve` serves it."""
     import uvicorn
 
@@ -77,9 +111,11 @@ def serve(port: int, lane: bool) -> None:
 
     settings = Settings()
     configure_logging(settings.log_level)
-    app = create_app(settings, loader=memo_loader)
-    if not lane:
+    app: Any = create_app(settings, loader=memo_loader)
+    if path == "fastapi":
         app.lanes.clear()
+    if path == "floor":
+        app = floor_app(b'{"results": "' + b"x" * 4000 + b'"}')
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     uvicorn.run(
         app,
@@ -92,14 +128,14 @@ def serve(port: int, lane: bool) -> None:
     )
 
 
-def start(lane: bool, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+def start(path: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    cmd = [sys.executable, __file__, "--serve-on", str(port), *([] if lane else ["--no-lane"])]
+    cmd = [sys.executable, __file__, "--serve-on", str(port), "--path", path]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200 or path == "floor":
                 return server, port
         except httpx.TransportError:
             pass
@@ -111,7 +147,7 @@ def start(lane: bool, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int
 
 
 def measure(args: argparse.Namespace, payloads: list[bytes], env: dict[str, str]) -> list[dict[str, Any]]:
-    servers = [start(lane, env) for lane in (True, False)]
+    servers = [start(path, env) for path in PATHS]
     try:
         callers = []
         for _, port in servers:
@@ -122,12 +158,12 @@ def measure(args: argparse.Namespace, payloads: list[bytes], env: dict[str, str]
             callers.append(call)
         rows = []
         for c in args.concurrency:
-            rounds: list[list[dict[str, Any]]] = [[], []]
+            rounds: list[list[dict[str, Any]]] = [[] for _ in PATHS]
             for _ in range(args.rounds):
                 for i, ((proc, _), call) in enumerate(zip(servers, callers, strict=True)):
                     p = psutil.Process(proc.pid)
                     rounds[i].append(cpu_round(lambda p=p: process_cpu_s(p), call, payloads, c, args.seconds))
-            for name, rs in zip(PATHS, rounds, strict=True):
+            for name, rs in zip(PATHS.values(), rounds, strict=True):
                 per = [1000 * r["cpu_s"] / len(r["lat"]) for r in rs]
                 lat = [v for r in rs for v in r["lat"]]
                 rows.append(
@@ -185,10 +221,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     ap.add_argument("--serve-on", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--no-lane", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--path", choices=list(PATHS), default="lane", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_on:
-        serve(args.serve_on, lane=not args.no_lane)
+        serve(args.serve_on, args.path)
         return
     index = demo_index(args.model, args.work)
     env = {
