@@ -8,7 +8,8 @@ rounds. Here each server answers every search from a memo of the real answer for
 its first request), so what the server spends a request is what HTTP and the service add: the protocol, the
 request id and access-log line, metrics, query validation, the multipart parse, admission and the hand-off to the
 compute pool, the response model and its JSON. Everything else is the real service: `create_app` with its
-settings, uvicorn with `LimitedHttpProtocol`, JSON logs at INFO (to /dev/null).
+settings, uvicorn with `LimitedHttpProtocol`, JSON logs at INFO (to /dev/null). The shadow sampler keeps its
+default; on the demo index every search probes every shard already, so it never searches again.
 
 Three servers run side by side, in alternating rounds on the same photos: the service as it is (POST /search on
 its plain ASGI lane, `ServiceApp`); the same app with the lane removed, so the request takes FastAPI's router and
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +164,7 @@ def measure(args: argparse.Namespace, payloads: list[bytes], env: dict[str, str]
             for _ in range(args.rounds):
                 for i, ((proc, _), call) in enumerate(zip(servers, callers, strict=True)):
                     p = psutil.Process(proc.pid)
-                    rounds[i].append(cpu_round(lambda p=p: process_cpu_s(p), call, payloads, c, args.seconds))
+                    rounds[i].append(cpu_round(partial(process_cpu_s, p), call, payloads, c, args.seconds))
             for name, rs in zip(PATHS.values(), rounds, strict=True):
                 per = [1000 * r["cpu_s"] / len(r["lat"]) for r in rs]
                 lat = [v for r in rs for v in r["lat"]]

@@ -114,14 +114,7 @@ class ObserveMiddleware:
                 await error_response(500, "internal_error", "internal error", request_id)(scope, receive, send_with_id)
         template = self._route_label(scope, status)
         elapsed = time.perf_counter() - t0
-        children = self._children.get((template, status))
-        if children is None:
-            children = self._children[(template, status)] = (
-                self.metrics.requests.labels(route=template, status=str(status)),
-                self.metrics.request_duration.labels(route=template),
-            )
-        children[0].inc()
-        children[1].observe(elapsed)
+        self._count(template, status, elapsed)
         extra = {
             "request_id": request_id,
             "method": scope["method"],
@@ -133,6 +126,16 @@ class ObserveMiddleware:
             # The template alone cannot say what was missing; the path (bounded) can. Logs only, never a label.
             extra["path"] = scope["path"][:MAX_LOGGED_PATH]
         access_log.info("request", extra=extra)
+
+    def _count(self, template: str, status: int, elapsed: float) -> None:
+        children = self._children.get((template, status))
+        if children is None:
+            children = self._children[(template, status)] = (
+                self.metrics.requests.labels(route=template, status=str(status)),
+                self.metrics.request_duration.labels(route=template),
+            )
+        children[0].inc()
+        children[1].observe(elapsed)
 
     def _route_label(self, scope: Scope, status: int) -> str:
         route = scope.get("route")
@@ -150,22 +153,28 @@ class ObserveMiddleware:
 class ServiceApp(FastAPI):
     """FastAPI with plain lanes: the routes in `lanes` (POST /search) are served as plain ASGI apps ahead of
     Starlette's middleware stack and FastAPI's router, which cost the hot path event-loop CPU on every request
-    (docs/benchmarks.md, "Where the service's own CPU goes"). A lane keeps its APIRoute (the OpenAPI schema, the
+    (docs/benchmarks.md, "POST /search on a plain ASGI lane"). A lane keeps its APIRoute (the OpenAPI schema, the
     metrics label), runs inside its own ObserveMiddleware, and maps errors through the app's functions
     (`plain_route` in app/service/http/errors.py); every other request takes FastAPI's path."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.lanes: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
+        self.lanes: dict[tuple[str, str], ASGIApp] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.lanes:
+        if scope["type"] == "http" and self.lanes and not self._telemetry_on():
             lane = self.lanes.get((scope["method"], route_path(scope)))
             if lane is not None:
-                scope["app"], scope["route"] = self, lane[0]
-                await lane[1](scope, receive, send)
+                scope["app"] = self
+                await lane(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def _telemetry_on(self) -> bool:
+        """FastAPI's own OpenTelemetry (newer FastAPI, when a provider is configured) wraps requests in its
+        `__call__`: then every request takes that path, so POST /search keeps its spans and trace propagation."""
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())
 
 
 def route_path(scope: Scope) -> str:
@@ -279,10 +288,8 @@ def add_routes(app: ServiceApp, state: AppState) -> None:
     mounts = tuple(r.path for r in app.routes if isinstance(r, Mount))
     app.add_middleware(ObserveMiddleware, state=state, plain_routes=plain, mounts=mounts)
     search_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/search")
-    app.lanes[("POST", "/search")] = (
-        search_route,
-        ObserveMiddleware(plain_route(search, state.settings.retry_after_s, state.metrics), state),
-    )
+    lane = plain_route(search, search_route, state.settings.retry_after_s, state.metrics)
+    app.lanes[("POST", "/search")] = ObserveMiddleware(lane, state)
 
 
 def create_app(settings: Settings, loader: EngineLoader = load_engine) -> ServiceApp:

@@ -74,3 +74,59 @@ def test_the_lane_is_counted_and_logged_under_its_route(
     metrics = httpx.get(f"{lane}/metrics").text
     assert 'vps_requests_total{route="/search",status="200"}' in metrics
     assert json.loads(httpx.get(f"{lane}/openapi.json").text)["paths"]["/search"]["post"]  # still documented
+
+
+@pytest.fixture(scope="module")
+def guarded(faiss_index: Path, tiny_model: Path) -> Iterator[tuple[str, str]]:
+    """A pair with VPS_ALLOWED_HOSTS set, and whose engine fails unexpectedly on one photo (through the loader
+    port): the refusals that happen before the route and the last-resort 500."""
+    from app.service.engines import load_engine
+
+    def failing_loader(settings: Settings, embedder: Any = None) -> Any:
+        engine = load_engine(settings, embedder)
+        real = engine.search_image
+
+        def search_image(data: bytes, *args: Any, **kwargs: Any) -> Any:
+            if data == BOOM:
+                raise RuntimeError("secret detail that must not leak")
+            return real(data, *args, **kwargs)
+
+        engine.search_image = search_image  # type: ignore[method-assign]
+        return engine
+
+    settings = Settings(index_dir=faiss_index, model_dir=tiny_model, warmup_queries=0, allowed_hosts=["127.0.0.1"])
+    with_lane, without = create_app(settings, failing_loader), create_app(settings, failing_loader)
+    without.lanes.clear()
+    with live_server(with_lane) as a, live_server(without) as b:
+        yield a, b
+
+
+BOOM = encode(product_image("blue-milk", 3), "JPEG")
+
+
+def test_a_refused_host_and_an_unexpected_error_look_the_same_on_both_paths(
+    guarded: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    image = {"content-type": "image/jpeg"}
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        for i, base in enumerate(guarded):
+            refused = httpx.post(f"{base}/search", content=JPEG, headers={**image, "host": "evil.example"})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host"
+            failed = httpx.post(f"{base}/search", content=BOOM, headers={**image, "x-request-id": f"boom-{i}"})
+            assert failed.status_code == 500
+            assert failed.json()["error"] == {
+                "code": "internal_error",
+                "message": "internal error",
+                "request_id": f"boom-{i}",
+            }
+            assert "secret" not in failed.text
+            metrics = httpx.get(f"{base}/metrics").text
+            assert 'vps_requests_total{route="unmatched",status="400"} 1.0' in metrics  # not counted as /search
+            assert 'vps_requests_total{route="/search",status="500"} 1.0' in metrics
+    lines = [
+        (r.route, r.status, getattr(r, "path", None))
+        for r in caplog.records
+        if r.name == "app.access" and r.route != "/metrics"
+    ]  # type: ignore[attr-defined]
+    lane_lines, fastapi_lines = lines[: len(lines) // 2], lines[len(lines) // 2 :]
+    assert lane_lines == fastapi_lines == [("unmatched", 400, "/search"), ("/search", 500, None)]

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from app.errors import NotReady, Overloaded, ServiceError
@@ -64,6 +65,14 @@ def validation_error_response(exc: RequestValidationError, request_id: str | Non
     return error_response(422, "invalid_parameter", message, request_id)
 
 
+def http_error_response(exc: StarletteHTTPException, request_id: str | None) -> JSONResponse:
+    """Starlette's HTTP exceptions (no route, wrong method) in the same shape, with their headers (Allow)."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request refused")
+    return error_response(exc.status_code, code, message, request_id, dict(exc.headers or {}))
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -> None:
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)  # noqa: S101 - registered for ServiceError only
@@ -75,10 +84,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "http_error")
-        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request refused")
-        return error_response(exc.status_code, code, message, request_id_of(request), dict(exc.headers or {}))
+        return http_error_response(exc, request_id_of(request))
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -86,12 +92,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int, metrics: Metrics) -
 
 
 def plain_route(
-    handler: Callable[[Request], Awaitable[Response]], retry_after_s: int, metrics: Metrics
+    handler: Callable[[Request], Awaitable[Response]], route: BaseRoute, retry_after_s: int, metrics: Metrics
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """A route handler (Request -> Response) as a plain ASGI app with the same error mapping as the app's
-    handlers above: what `ServiceApp` serves ahead of Starlette's middleware stack and FastAPI's router."""
+    handlers above: what `ServiceApp` serves ahead of Starlette's middleware stack and FastAPI's router. The
+    route goes in the scope here, as FastAPI's router puts it, so a request refused before it (the Host check)
+    is labelled as unmatched, as on FastAPI's path; anything else unexpected is ObserveMiddleware's JSON 500."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route
         request = Request(scope, receive)
         response: Response
         try:
@@ -100,6 +109,8 @@ def plain_route(
             response = service_error_response(exc, request_id_of(request), retry_after_s, metrics)
         except RequestValidationError as exc:
             response = validation_error_response(exc, request_id_of(request))
+        except StarletteHTTPException as exc:
+            response = http_error_response(exc, request_id_of(request))
         await response(scope, receive, send)
 
     return asgi
