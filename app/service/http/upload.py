@@ -32,7 +32,7 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
     content_type = request.headers.get("content-type", "")
     is_multipart = content_type.lower().startswith("multipart/form-data")
     body = await read_body(request, max_bytes + MULTIPART_OVERHEAD if is_multipart else max_bytes)
-    data = image_from_multipart(content_type, body) if is_multipart else bytes(body)
+    data = image_from_multipart(content_type, body) if is_multipart else body
     if len(data) > max_bytes:
         raise ImageTooLarge()
     if not data:
@@ -54,36 +54,41 @@ async def read_images(request: Request, max_bytes: int, max_images: int) -> list
         raise ImageTooLarge()
     if not all(parts.images):
         raise EmptyBody()
-    return [bytes(i) for i in parts.images]
+    return parts.images
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body within `limit` bytes. Chunks are joined once at the end: growing a bytearray chunk by chunk cost
+    page faults on every request here (a 2 MB buffer grown by `+=` took 2.4 ms and ~950 minor faults; joining the
+    same bytes 0.07 ms and ~9; scratch timeit on this 2-core VM)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ImageTooLarge()  # refuse before reading a byte
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     try:
         async for chunk in request.stream():
-            body += chunk[: limit + 1 - len(body)]  # never hold more than cap + 1 bytes
-            if len(body) > limit:
+            chunks.append(chunk[: limit + 1 - size])  # never hold more than cap + 1 bytes
+            size += len(chunks[-1])
+            if size > limit:
                 raise ImageTooLarge()  # and stop reading at the first chunk past the cap
     except ClientDisconnect:
         raise ClientClosedRequest() from None
-    return body
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def image_from_multipart(content_type: str, body: bytes | bytearray) -> bytes:
+def image_from_multipart(content_type: str, body: bytes) -> bytes:
     """The `image` part's bytes (the last one if repeated, as a form dictionary would keep). python-multipart's
     parser driven directly with callbacks that keep only that part: Starlette's form parser also builds an
     UploadFile and a spooled file per part, work done on the event loop for parts this route throws away."""
     collector = _parse_multipart(content_type, body, max_files=MAX_FILES)
     if collector.image is None:
         raise MissingImage()
-    return bytes(collector.image)
+    return collector.image
 
 
 def _parse_multipart(
-    content_type: str, body: bytes | bytearray, *, max_files: int, too_many: type[ServiceError] = InvalidMultipart
+    content_type: str, body: bytes, *, max_files: int, too_many: type[ServiceError] = InvalidMultipart
 ) -> _ImagePart:
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
@@ -101,7 +106,7 @@ def _parse_multipart(
     }
     try:
         parser = MultipartParser(boundary, callbacks)
-        parser.write(bytes(body))
+        parser.write(body)
         parser.finalize()
     except FormParserError:
         raise InvalidMultipart() from None
@@ -114,14 +119,14 @@ class _ImagePart:
 
     def __init__(self, max_files: int = MAX_FILES, too_many: type[ServiceError] = InvalidMultipart) -> None:
         self._too_many = too_many
-        self.image: bytearray | None = None
-        self.images: list[bytearray] = []  # every image part, in order
+        self.image: bytes | None = None
+        self.images: list[bytes] = []  # every image part, in order
         self._max_files = max_files
         self._files = self._fields = self._field_bytes = self._images = 0
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._disposition = b""
-        self._data: bytearray | None = None
+        self._data: list[bytes] | None = None  # the image part's pieces, joined at its end (see read_body)
         self._is_field = False
 
     def on_part_begin(self) -> None:
@@ -155,11 +160,11 @@ class _ImagePart:
             self._files += 1
         if self._files > MAX_FILES or self._fields > MAX_FIELDS:
             raise InvalidMultipart()
-        self._data = bytearray() if name == IMAGE_FIELD else None
+        self._data = [] if name == IMAGE_FIELD else None
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._data is not None:
-            self._data += data[start:end]
+            self._data.append(data[start:end])
         elif self._is_field:
             self._field_bytes += end - start
             if self._field_bytes > MAX_FIELD_BYTES:
@@ -167,8 +172,8 @@ class _ImagePart:
 
     def on_part_end(self) -> None:
         if self._data is not None:
-            self.image = self._data
-            self.images.append(self._data)
+            self.image = self._data[0] if len(self._data) == 1 else b"".join(self._data)
+            self.images.append(self.image)
 
 
 async def read_image_parts(request: Request, max_bytes: int, max_images: int, max_total: int) -> list[bytes]:
@@ -181,4 +186,4 @@ async def read_image_parts(request: Request, max_bytes: int, max_images: int, ma
     parts = _parse_multipart(content_type, body, max_files=max_images, too_many=TooManyImages)
     if not parts.images:
         raise MissingImage()
-    return [bytes(i) for i in parts.images]
+    return parts.images
