@@ -23,6 +23,7 @@ is the round least disturbed by them. Writes <out>/bench_overhead.json and .md.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from bench_service import DEMO, cpu_round, demo_index, process_cpu_s, rate  # noqa: E402
 from benchlib import encode_search, free_port, keepalive_caller, write_report  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from app.engine.embedding import Embedder  # noqa: E402
 from app.engine.imaging import Collected  # noqa: E402
@@ -187,6 +189,13 @@ def measure(args: argparse.Namespace, payloads: list[bytes], env: dict[str, str]
             proc.wait(timeout=60)
 
 
+def phone_size(photo: bytes) -> bytes:
+    """The photo as a phone camera would send it: 12 MP, JPEG quality 90."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(photo)).convert("RGB").resize((4032, 3024)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -194,12 +203,13 @@ def cpu_name() -> str:
     return "CPU unknown"
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, photos: str) -> str:
     lines = [
         "# The service's own CPU a request (the pipeline answered from a memo)",
         "",
         f"`{command}`: {os.cpu_count()} CPUs ({cpu_name()}), Python {sys.version.split()[0]}; the demo index and "
-        "the shipped model behind a memo of each photo's real answer; the client shares the cores. Median of the "
+        f"the shipped model behind a memo of each photo's real answer ({photos}); the client shares the "
+        "cores. Median of the "
         "rounds (min-max); each round's figure is in the JSON.",
         "",
         "| request path | concurrency | requests/s | p50 ms | server CPU ms a request: median (min-max) |",
@@ -222,6 +232,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-bench")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
+    ap.add_argument(
+        "--phone",
+        action="store_true",
+        help="phone-size uploads: 8 of the photos upscaled to 12 MP JPEG (about 0.75 MB each) instead of the 60 as they are",
+    )
     ap.add_argument("--serve-on", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--path", choices=list(PATHS), default="lane", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -239,10 +254,14 @@ def main() -> None:
     }
     photos = read_catalogue(DEMO / "queries.csv")[0] + read_catalogue(DEMO / "calibration.csv")[0]
     payloads = [(DEMO / "images" / r.image).read_bytes() for r in photos]  # bench_service.py's 60 photos
+    if args.phone:
+        payloads = [phone_size(p) for p in payloads[:8]]
     rows = measure(args, payloads, env)
     command = "python scripts/bench_overhead.py " + " ".join(sys.argv[1:])
-    write_report(args.out, "bench_overhead", "", command, rows, markdown(rows, command))
-    print(markdown(rows, command))
+    sent = f"{len(payloads)} photos of {np.mean([len(p) for p in payloads]) / 1e3:.0f} kB on average"
+    text = markdown(rows, command, sent)
+    write_report(args.out, "bench_overhead", "phone" if args.phone else "", command, rows, text)
+    print(text)
 
 
 if __name__ == "__main__":
