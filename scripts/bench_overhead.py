@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument(
         "--phone",
         action="store_true",
-        help="phone-size uploads: 8 of the photos upscaled to 12 MP JPEG (about 0.75 MB each) instead of the 60 as they are",
+        help="phone-size uploads: 8 of the photos upscaled to 12 MP JPEG (about 0.75 MB) instead of the 60",
     )
     ap.add_argument("--serve-on", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--path", choices=list(PATHS), default="lane", help=argparse.SUPPRESS)
