@@ -22,6 +22,7 @@ from app.engine.embedding import OnnxEmbedder
         ("grocery-lite1-ms512-int8", 512),
         ("grocery-lite1-ms512-sp", 512),
         ("grocery-lite1-ms512-sp-int8", 512),
+        ("grocery-lite1-ms512-sp20", 512),
         ("grocery-lite1-ms512-sp208-int8", 512),
     ],
 )
