@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,10 @@ from typing import Any
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from bench_service import DEMO, cpu_round, demo_index, process_cpu_s, rate  # noqa: E402
-from benchlib import encode_search, free_port, keepalive_caller, write_report  # noqa: E402
+from benchlib import encode_search, free_port, keepalive_caller, wait_ready, write_report  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from app.engine.embedding import Embedder  # noqa: E402
@@ -136,18 +134,8 @@ def start(path: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-on", str(port), "--path", path]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200 or path == "floor":
-                return server, port
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        time.sleep(0.2)
-    server.kill()
-    raise SystemExit("the server did not become ready")
+    wait_ready(server, f"http://127.0.0.1:{port}", what=f"the {path} server")  # the floor answers 200 to any GET
+    return server, port
 
 
 def measure(args: argparse.Namespace, payloads: list[bytes], env: dict[str, str]) -> list[dict[str, Any]]:

@@ -100,18 +100,24 @@ def start_server(
     out = log if log is not None else subprocess.DEVNULL
     server = subprocess.Popen([vps, "serve", "--port", str(port), *args], env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
+    wait_ready(server, base, timeout_s, "vps serve")
+    return server, base
+
+
+def wait_ready(server: subprocess.Popen[bytes], base: str, timeout_s: float = 120, what: str = "the server") -> None:
+    """Wait until `base`/readyz answers 200; a server that exits or stays unready ends the run with one line."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return server, base
+                return
         except httpx.TransportError:
             pass
         if server.poll() is not None:
-            raise SystemExit(f"vps serve exited with {server.returncode}")
+            raise SystemExit(f"{what} exited with {server.returncode}")
         time.sleep(0.2)
     server.kill()
-    raise SystemExit("vps serve did not become ready")
+    raise SystemExit(f"{what} did not become ready")
 
 
 def synthetic_index(
