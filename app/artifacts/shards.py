@@ -63,6 +63,15 @@ def _float_view(flat: Any, n: int, d: int) -> np.ndarray:
     return view
 
 
+def _search_with_params(index: Any, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search(q, k, params=params)`. faiss.contrib.torch_utils, which pytorch-metric-learning's samplers
+    import (so a process that trains, such as a test run), replaces every Index.search with one that takes no
+    `params`; it keeps faiss's own as `search_numpy`."""
+    search = getattr(index, "search_numpy", index.search)
+    scores, ids = search(q, k, params=params)
+    return scores, ids
+
+
 def _bitmap_selector(allowed: np.ndarray) -> tuple[np.ndarray, Any]:
     """A faiss selector over `allowed` (one bool a local id) and the bits it reads, which the caller keeps alive
     through the search."""
@@ -130,7 +139,7 @@ class FaissHnswShard:
     ) -> tuple[np.ndarray, np.ndarray]:
         bits, selector = _bitmap_selector(allowed)
         params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search, k))  # type: ignore[attr-defined]
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        scores, ids = _search_with_params(self._index, np.ascontiguousarray(queries, dtype=np.float32), k, params)
         del bits  # faiss reads it, never owns it: alive until here
         return scores, ids
 
@@ -190,8 +199,7 @@ class FaissHnswSq8Shard:
     def _searched(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         index = self._base if self._factor == 0 else self._index
-        scores, ids = index.search(q, k, params=params)
-        return scores, ids
+        return _search_with_params(index, q, k, params)
 
     @staticmethod
     def build(

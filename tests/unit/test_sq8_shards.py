@@ -164,3 +164,24 @@ def test_concurrent_searches_of_one_shard_agree_with_one_by_one(
         got = list(pool.map(lambda i: shard.search(q[i : i + 1], ks[i % 3])[1], range(len(q))))
     for e, g in zip(expected, got, strict=True):
         np.testing.assert_array_equal(e, g)
+
+
+@pytest.mark.parametrize("backend", ["faiss-sq8", "faiss"])
+def test_searches_with_parameters_survive_faiss_torch_utils(
+    backend: str, data: tuple[np.ndarray, np.ndarray, Path, Path]
+) -> None:
+    """pytorch-metric-learning's samplers import faiss.contrib.torch_utils, which swaps every Index.search for one
+    that takes no `params` (a process that trains and then searches, as a test run does). The shards still
+    answer as before, through faiss's own search."""
+    pytest.importorskip("torch", reason="faiss.contrib.torch_utils needs torch (the dev install has it)")
+    x, q, sq8_path, flat_path = data
+    shard = load_shard(backend, sq8_path if backend == "faiss-sq8" else flat_path, dim=64, ef_search=64)
+    allowed = np.zeros(len(x), bool)
+    allowed[::7] = True
+    before = shard.search(q[:20], K), shard.search_subset(q[:20], K, allowed, ef_search=128)
+    import faiss.contrib.torch_utils  # noqa: F401 - imported for its side effect, as the samplers do
+
+    after = shard.search(q[:20], K), shard.search_subset(q[:20], K, allowed, ef_search=128)
+    for (s0, i0), (s1, i1) in zip(before, after, strict=True):
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_allclose(s0, s1)
