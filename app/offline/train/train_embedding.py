@@ -267,7 +267,7 @@ def hard_pair_batches(
     classes = np.asarray(sorted(by_class))
     P = min(P, len(classes))
     n_pairs = min(len(pairs), int(P * min(max(share, 0.0), 1.0)) // 2)
-    if n_pairs == 0 and len(pairs):
+    if n_pairs == 0 and len(pairs) and share > 0:  # share 0 asks for no pair batches: nothing to warn of
         log.warning("no confused pair fits in a batch: raise --P or --hard-share", extra={"P": P, "share": share})
     batches = []
     for _ in range(n_batches):
