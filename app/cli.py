@@ -852,7 +852,7 @@ def mine_cmd(
 
     model_dir, source = resolve_model_dir(model)
     typer.echo(model_line(model_dir, source))
-    engine = load_engine(Settings(index_dir=index, model_dir=model_dir, warmup_queries=0))
+    engine = load_engine(Settings(index_dir=index, model_dir=model_dir, warmup_queries=0, verify_shards="before_ready"))
     done = run_mine(
         engine, queries, out, budget, images_root=images_root, catalogue_root=catalogue_root,
         show_progress=sys.stderr.isatty(),

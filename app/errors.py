@@ -119,6 +119,14 @@ class Overloaded(ServiceError):
     code, status, message = "overloaded", 503, "the service is at capacity; retry shortly"
 
 
+class ShardUnavailable(ServiceError):
+    code, status, message = (
+        "shard_unavailable",
+        503,
+        "an index shard this search needs failed verification; retry on another replica",
+    )
+
+
 class NotReady(ServiceError):
     code, status, message = "not_ready", 503, "the service is not ready"
 

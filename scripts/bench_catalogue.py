@@ -743,7 +743,7 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # builds use every core; searches are measured on one
     base_dir = work / key
     build_s = build_base(data, base_dir, embedder, options)
-    base = load_engine(Settings(index_dir=base_dir, model_dir=MODEL))
+    base = load_engine(Settings(index_dir=base_dir, model_dir=MODEL, verify_shards="before_ready"))  # reads a shard
     version = resolve_current(base_dir)
     ef = int(base.shards[0].index._index.hnsw.efSearch)  # type: ignore[attr-defined]
     compacted_dirs = build_compacted(data, base, version, deltas, work / key, args.M)

@@ -6,7 +6,9 @@ import json
 import os
 import re
 import stat
+import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -139,41 +141,84 @@ def verify_files(version_dir: Path, manifest: Manifest, remembered: VerifiedFile
     truncated memory-mapped file would crash the process at query time, so nothing is served before this passes.
     With `remembered`, a file whose identity is the one recorded when it last hashed to the manifest's sha256
     is not read again (app/artifacts/verified.py); the record is updated after a pass."""
-    referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
-    referenced |= {manifest.attributes} if manifest.attributes else set()
-    missing = referenced - manifest.files.keys()
-    if missing:
-        raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
-    paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
-    stat_time_ns = time.time_ns()
-    identities: dict[str, FileIdentity] = {}
-    for rel, entry in manifest.files.items():  # sizes first: cheap, and catches truncated copies at once
-        path = paths[rel]
-        try:
-            st = path.stat()
-        except OSError:
-            raise ArtifactError(f"index file {path}: missing") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"index file {path}: not a regular file")
-        if st.st_size != entry.size:
-            raise ArtifactError(f"index file {path}: size expected {entry.size}, got {st.st_size}")
-        identities[rel] = FileIdentity.of(st)
-    to_hash = [
-        rel
-        for rel, entry in manifest.files.items()
-        if remembered is None or remembered.remembered(rel, identities[rel]) != entry.sha256
-    ]
-    # Hashing is most of the load time of a large index; hashlib releases the GIL, so files hash in parallel.
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        hashed = dict(zip(to_hash, pool.map(_hash_with_identity, [paths[rel] for rel in to_hash]), strict=True))
-    for rel, (identity, digest) in hashed.items():
-        if identity != identities[rel]:  # replaced or rewritten since the size check: not what was checked
-            raise ArtifactError(f"index file {paths[rel]}: changed while being verified")
-        if digest != manifest.files[rel].sha256:
-            raise ArtifactError(f"index file {paths[rel]}: sha256 expected {manifest.files[rel].sha256}, got {digest}")
-    if remembered is not None:
-        remembered.save({rel: (identities[rel], e.sha256) for rel, e in manifest.files.items()}, stat_time_ns)
-    return len(to_hash)
+    files = IndexFiles(version_dir, manifest, remembered)
+    hashed = files.verify(manifest.files)
+    files.remember()
+    return hashed
+
+
+class IndexFiles:
+    """One version's files against its manifest, in two steps: the constructor checks that every referenced
+    file is listed, present, regular and of its listed size (cheap: it catches truncated and half-copied
+    files at once); `verify(rels)` hashes those files (unless remembered), from any thread, so a service can
+    verify its shards after it starts while no shard is read before its own hash passed."""
+
+    def __init__(self, version_dir: Path, manifest: Manifest, remembered: VerifiedFiles | None = None) -> None:
+        referenced = {c.shard for c in manifest.categories} | {manifest.router, manifest.items, manifest.item_offsets}
+        referenced |= {manifest.attributes} if manifest.attributes else set()
+        missing = referenced - manifest.files.keys()
+        if missing:
+            raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
+        self.manifest, self.remembered = manifest, remembered
+        self.paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
+        self._stat_time_ns = time.time_ns()
+        self._identities = {rel: _checked_identity(self.paths[rel], e.size) for rel, e in manifest.files.items()}
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+
+    def path(self, rel: str) -> Path:
+        return self.paths[rel]
+
+    def verify(self, rels: Iterable[str]) -> int:
+        """Hash `rels` (those not remembered nor verified already) and check them; returns how many were hashed.
+        Raises ArtifactError naming the file and both hashes."""
+        with self._lock:
+            todo = [r for r in dict.fromkeys(rels) if r not in self._verified]
+        to_hash = [r for r in todo if self._remembered_sha(r) != self.manifest.files[r].sha256]
+        # Hashing is most of the load time of a large index; hashlib releases the GIL, so files hash in parallel.
+        if len(to_hash) == 1:  # a shard verified on its own: no pool to start
+            hashed = {to_hash[0]: _hash_with_identity(self.paths[to_hash[0]])}
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+                digests = pool.map(_hash_with_identity, [self.paths[r] for r in to_hash])
+                hashed = dict(zip(to_hash, digests, strict=True))
+        for rel, (identity, digest) in hashed.items():
+            if identity != self._identities[rel]:  # replaced or rewritten since the size check: not what was checked
+                raise ArtifactError(f"index file {self.paths[rel]}: changed while being verified")
+            expected = self.manifest.files[rel].sha256
+            if digest != expected:
+                raise ArtifactError(f"index file {self.paths[rel]}: sha256 expected {expected}, got {digest}")
+        for rel in set(todo) - hashed.keys():  # remembered: still the file whose identity was remembered?
+            if _checked_identity(self.paths[rel], self.manifest.files[rel].size) != self._identities[rel]:
+                raise ArtifactError(f"index file {self.paths[rel]}: changed while being verified")
+        with self._lock:
+            self._verified.update(todo)
+        return len(to_hash)
+
+    def _remembered_sha(self, rel: str) -> str | None:
+        return None if self.remembered is None else self.remembered.remembered(rel, self._identities[rel])
+
+    def remember(self) -> None:
+        """Record the verified files (all of them, once every file passed) for the next start."""
+        if self.remembered is None:
+            return
+        with self._lock:
+            if self._verified != self.manifest.files.keys():
+                return
+        files = self.manifest.files
+        self.remembered.save({rel: (self._identities[rel], e.sha256) for rel, e in files.items()}, self._stat_time_ns)
+
+
+def _checked_identity(path: Path, size: int) -> FileIdentity:
+    try:
+        st = path.stat()
+    except OSError:
+        raise ArtifactError(f"index file {path}: missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"index file {path}: not a regular file")
+    if st.st_size != size:
+        raise ArtifactError(f"index file {path}: size expected {size}, got {st.st_size}")
+    return FileIdentity.of(st)
 
 
 def _hash_with_identity(path: Path) -> tuple[FileIdentity, str]:

@@ -21,8 +21,9 @@ from app.engine.delta import Delta
 from app.engine.embedding import Embedder, decode_side
 from app.engine.filters import CompiledFilter, compile_filter, parse_filter
 from app.engine.imaging import MAX_DECODE_BYTES, Collected, DecodeBudget, Region, collect_warnings, decode_image
+from app.engine.pending import PendingShards
 from app.engine.routing import Probe, Router, select_probes
-from app.errors import InternalError, Overloaded, ServiceError, UnknownCategory
+from app.errors import InternalError, Overloaded, ServiceError, ShardUnavailable, UnknownCategory
 
 STAGES = ("decode", "embed", "route", "search", "group")
 
@@ -205,6 +206,8 @@ class SearchEngine:
         self._filters: OrderedDict[str, CompiledFilter] = OrderedDict()
         self._filters_lock = threading.Lock()
         self._hidden: tuple[Delta, np.ndarray] | None = None  # hidden_rows of the last delta snapshot asked
+        # Shards still to verify and load (app/engine/pending.py), or None: all were before the engine existed.
+        self.pending: PendingShards | None = None
 
     def category_id(self, name: str) -> int:
         try:
@@ -305,7 +308,11 @@ class SearchEngine:
                 out.append(d)
                 continue
             vector = next(found)
-            outcome = self.search_vector(vector, params)
+            try:
+                outcome = self.search_vector(vector, params)
+            except ShardUnavailable as exc:  # a shard this image routes to failed its hash: this image's error
+                out.append(exc)
+                continue
             outcome.timings_s = {**shared, **outcome.timings_s}
             outcome.vector = vector
             out.append(outcome)

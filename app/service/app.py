@@ -245,6 +245,8 @@ def start_threads(state: AppState) -> None:
 
 
 def stop_threads(state: AppState) -> None:
+    if state.engine is not None and state.engine.pending is not None:
+        state.engine.pending.stop()  # a shard verification pass still running ends with the shards in hand
     state.shadow.stop()
     state.capture.stop()
     if state.catalogue is not None:

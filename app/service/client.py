@@ -110,7 +110,7 @@ def search_index(index_dir: Path | None, model_dir: Path, photos: list[Path], qu
     from app.service.http.schemas import SearchQuery
 
     chosen: dict[str, Any] = {"index_dir": index_dir} if index_dir is not None else {}
-    settings = Settings(**chosen, model_dir=model_dir, warmup_queries=0)
+    settings = Settings(**chosen, model_dir=model_dir, warmup_queries=0, verify_shards="before_ready")
     engine = load_engine(settings)
     defaults = search_defaults(settings)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
     # Off by default: an operator should see a broken version, not silently serve an older catalogue.
     fallback_to_previous: bool = Field(
         False, description="When CURRENT's version is refused, serve the newest earlier version that verifies"
+    )
+    verify_shards: Literal["before_ready", "background"] = Field(
+        "background",
+        description="First start: hash and load shards before ready, or after it (each before its first search; "
+        "a swap always verifies first; before_ready whenever fallback_to_previous is set)",
     )
     remember_verification: bool = Field(True, description="Skip re-hashing index files unchanged since verified")
     verify_cache_dir: Path | None = Field(None, description="Verification records; default <index_dir>/.verified")

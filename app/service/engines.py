@@ -27,6 +27,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         max_decode_bytes=settings.max_decode_bytes,
         decode_budget=DecodeBudget(settings.decode_budget_bytes),
         verify_records=records,
+        # A corrupt shard found after start cannot fall back to an earlier version: with the fallback on, verify first.
+        defer_shards=settings.verify_shards == "background" and not settings.fallback_to_previous,
         intra_op_threads=settings.ort_intra_op_threads,
         inter_op_threads=settings.ort_inter_op_threads,
     )

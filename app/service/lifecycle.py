@@ -6,6 +6,10 @@ then swap `AppState.engine` in one assignment. A request takes its engine once a
 (`app/service/http/routes.py`), so requests in flight finish on the version they started on; the old engine is
 released when the last of them drops its reference. A refused version leaves the live one serving.
 
+The one exception to "verify completely" is a process's first load with `VPS_VERIFY_SHARDS=background`: nothing
+serves yet, so it goes live once all but the shards are verified, and a background thread hashes and loads the
+shards, each before its first read (app/engine/pending.py).
+
 Drain: SIGTERM turns /readyz 503 at once while requests are still served for `drain_s` (load balancers and
 Kubernetes endpoints stop sending), then uvicorn stops accepting, finishes requests in flight and the process
 exits 0.
@@ -30,7 +34,7 @@ import uvicorn
 from app.artifacts.manifest import resolve_current
 from app.engine.embedding import Embedder
 from app.engine.search import SearchEngine
-from app.errors import ArtifactError
+from app.errors import ArtifactError, ShardUnavailable
 from app.service.config import Settings
 from app.service.state import AppState, ReloadOutcome
 
@@ -57,7 +61,14 @@ class IndexReloader:
         engine = self._loader(self._state.settings, live.embedder if live is not None else None)
         if live is not None:
             engine.decode_budget = live.decode_budget  # one decode budget per process, across versions
-        self._warm_up(engine, self._state.settings.warmup_queries)
+            if engine.pending is not None:
+                # A swap goes live fully verified, as before: the old version serves meanwhile.
+                engine.pending.run()
+                engine.pending = None
+        try:
+            self._warm_up(engine, self._state.settings.warmup_queries)
+        except ShardUnavailable:  # a first start's warm-up met a shard that failed its hash: refused, as before
+            raise ArtifactError(engine.pending.failure if engine.pending else "index shard refused") from None
         if self._state.catalogue is not None:
             self._state.catalogue.catch_up(engine, live)  # live changes after the version's sequence number
         return engine
@@ -81,12 +92,16 @@ class IndexReloader:
                 log.error("index version refused: %s", exc, extra={"live_version": previous})
                 return ReloadOutcome("failed", previous, previous, reason=str(exc))
             load_s = time.perf_counter() - t0
-            if previous is not None and engine.manifest.version == previous and not only_if_changed:
+            live = state.engine
+            repaired = live is not None and live.pending is not None and live.pending.failure is not None
+            if previous is not None and engine.manifest.version == previous and not only_if_changed and not repaired:
                 # Same version: keep the live engine (nothing to swap), but count a successful verification.
                 metrics.index_reloads.labels(result="success").inc()
                 return ReloadOutcome("unchanged", previous, previous, load_s=load_s)
             old = state.engine
             state.engine = engine  # the swap: one reference assignment
+            if engine.pending is not None:  # a first start: its shards verify after ready (app/engine/pending.py)
+                threading.Thread(target=_verify_pending, args=(engine,), name="vps-verify-shards", daemon=True).start()
             if state.catalogue is not None:
                 # Writes applied to the old engine between the catch-up and the swap.
                 await anyio.to_thread.run_sync(state.catalogue.catch_up, engine)
@@ -115,6 +130,13 @@ class IndexReloader:
                 await self.reload(only_if_changed=True)
             except Exception:  # the watch must outlive any surprise; the reason is logged
                 log.exception("index watch failed")
+
+
+def _verify_pending(engine: SearchEngine) -> None:
+    """The background pass of a first start; a refused shard is logged by it and turns /readyz 503."""
+    assert engine.pending is not None  # noqa: S101 - only started for an engine with pending shards
+    with contextlib.suppress(ArtifactError):
+        engine.pending.run()
 
 
 def _current_name(settings: Settings) -> str | None:

@@ -5,12 +5,14 @@ the field. Fakes enter through create_app's loader port, never by patching priva
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -54,6 +56,9 @@ def faulty_loader(embedder: FaultyEmbedder) -> EngineLoader:
         return load_engine(settings, embedder)
 
     return load
+
+
+TOKEN = "fault-test-admin-token"  # noqa: S105 - test credential
 
 
 def _query() -> bytes:
@@ -104,6 +109,61 @@ def test_truncated_shard_file(faiss_index: Path, tiny_model: Path, tmp_path: Pat
     shard = sorted((index / version / "shards").iterdir())[0]
     shard.write_bytes(shard.read_bytes()[:100])
     _not_ready_because(_settings(index, tiny_model), shard.name)
+
+
+def _corrupt_a_shard(faiss_index: Path, tmp_path: Path) -> tuple[Path, str, Callable[[], None]]:
+    """A writable copy of the index with one shard's bytes flipped (same size); returns it, that category, and
+    how to repair it."""
+    index = tmp_path / "index"
+    shutil.copytree(faiss_index, index, copy_function=shutil.copyfile)
+    version = index / (index / "CURRENT").read_text().strip()
+    entry = json.loads((version / "manifest.json").read_text())["categories"][0]
+    shard = version / entry["shard"]
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return index, entry["name"], lambda: shard.write_bytes(good)
+
+
+def test_a_shard_that_fails_its_hash_after_ready_is_never_searched(
+    faiss_index: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """VPS_VERIFY_SHARDS=background: ready before the shards are hashed; the corrupt shard's searches answer 503
+    shard_unavailable (its bytes never read), the other shards' answer, and /readyz turns 503 once the
+    background pass has found it, so the replica leaves its load balancer."""
+    index, category, repair = _corrupt_a_shard(faiss_index, tmp_path)
+    app = create_app(_settings(index, tiny_model, verify_shards="background", admin_token=TOKEN))
+    with live_server(app) as base:
+        state: AppState = app.state.vps
+        assert state.engine is not None and state.engine.pending is not None
+        assert state.engine.pending.done.wait(30)
+        r = httpx.post(f"{base}/search", params={"category": category}, content=_query())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shard_unavailable", r.text
+        assert "sha256" not in r.text  # the reason is logged, not sent
+        other = next(c for c in state.engine.categories if c != category)
+        assert httpx.post(f"{base}/search", params={"category": other}, content=_query()).status_code == 200
+        # A batch whose images all route to it answers each with that error; the batch itself is answered.
+        files = [("image", (f"{i}.jpg", _query(), "image/jpeg")) for i in range(2)]
+        batch = httpx.post(f"{base}/v1/search/batch", params={"category": category}, files=files)
+        assert batch.status_code == 200, batch.text
+        assert [e["error"]["code"] for e in batch.json()["results"]] == ["shard_unavailable"] * 2
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        # The file repaired, a reload of the same version swaps in a fully verified engine: ready again.
+        repair()
+        reload = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert reload.status_code == 200 and reload.json()["result"] == "success", reload.text
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.post(f"{base}/search", params={"category": category}, content=_query()).status_code == 200
+
+
+def test_a_corrupt_shard_refuses_the_start_when_verified_first(
+    faiss_index: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    index, _, _ = _corrupt_a_shard(faiss_index, tmp_path)
+    _not_ready_because(_settings(index, tiny_model, verify_shards="before_ready"), "sha256 expected")
 
 
 @pytest.mark.parametrize("fault", ["raise", "nan"])

@@ -8,14 +8,16 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.artifacts.manifest import read_manifest, resolve_current, verify_files
 from app.artifacts.verified import RACY_MARGIN_NS, VerifiedFiles
 from app.engine.embedding import OnnxEmbedder
-from app.errors import ArtifactError
+from app.errors import ArtifactError, ShardUnavailable
 from app.service.config import Settings
 from app.service.engines import load_engine
 from tests.helpers import make_tiny_model
@@ -37,15 +39,60 @@ def test_a_good_index_loads(backend_index: str, request: pytest.FixtureRequest, 
     assert len(engine.shards) == 3 and engine.manifest.n_items == 18
 
 
+def _corrupt(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only its hash can tell
+    shard.write_bytes(bytes(data))
+
+
 def test_corrupted_shard_is_refused_naming_file_and_hashes(faiss_index: Path, tmp_path: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
     index, version = _copy(faiss_index, tmp_path)
     shard = _a_shard(version)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    _corrupt(shard)
     with pytest.raises(ArtifactError, match=r"sha256 expected [0-9a-f]{64}, got [0-9a-f]{64}") as err:
-        load_engine(settings_for(index))
+        load_engine(settings_for(index, verify_shards="before_ready"))
     assert shard.name in str(err.value)
+
+
+def test_deferred_shards_are_hashed_before_their_first_read(faiss_index: Path, tmp_path: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
+    """verify_shards=background: the engine exists before any shard is hashed; the corrupt one is never read,
+    its searches answer ShardUnavailable, the others answer, and the pass reports the file and both hashes."""
+    index, version = _copy(faiss_index, tmp_path)
+    shard = _a_shard(version)
+    _corrupt(shard)
+    engine = load_engine(settings_for(index, verify_shards="background"))
+    assert engine.pending is not None and engine.pending.loaded == 0
+    q = np.ones((1, engine.manifest.dim), np.float32) / np.sqrt(engine.manifest.dim)
+    with pytest.raises(ShardUnavailable):
+        engine.shards[0].index.search(q, 3)
+    _, ids = engine.shards[1].index.search(q, 3)
+    assert (ids >= 0).all() and engine.pending.loaded == 1
+    with pytest.raises(ArtifactError, match=r"sha256 expected [0-9a-f]{64}, got [0-9a-f]{64}") as err:
+        engine.pending.run()
+    assert shard.name in str(err.value) and engine.pending.loaded == 2 and engine.pending.done.is_set()
+
+
+def test_deferred_shards_search_as_verified_ones_and_load_once(faiss_index: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
+    eager = load_engine(settings_for(faiss_index, verify_shards="before_ready"))
+    lazy = load_engine(settings_for(faiss_index, verify_shards="background"))
+    assert eager.pending is None and lazy.pending is not None
+    q = np.random.default_rng(0).standard_normal((4, eager.manifest.dim)).astype(np.float32)
+    # Eight threads ask every shard at once: each shard loads once, and answers as the eagerly loaded one.
+    with ThreadPoolExecutor(8) as pool:
+        lazy_out = list(pool.map(lambda i: lazy.shards[i % 3].index.search(q, 5), range(24)))
+    for i, (scores, ids) in enumerate(lazy_out):
+        want_scores, want_ids = eager.shards[i % 3].index.search(q, 5)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores)
+    assert lazy.pending.loaded == 3
+    lazy.pending.run()  # nothing left to do, and no error
+    assert lazy.pending.failure is None
+
+
+def test_fallback_to_previous_verifies_before_ready(faiss_index: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
+    # A shard refused after start could not fall back: with the fallback on, shards are verified first.
+    engine = load_engine(settings_for(faiss_index, verify_shards="background", fallback_to_previous=True))
+    assert engine.pending is None
 
 
 def test_truncated_shard_is_refused_by_size(faiss_index: Path, tmp_path: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
@@ -130,7 +177,7 @@ def test_a_restart_does_not_rehash_unchanged_files_but_catches_a_rewrite(
     index, version = _copy(faiss_index, tmp_path)
     n_files = len(read_manifest(version).files)
     time.sleep(RACY_MARGIN_NS / 1e9 + 0.2)  # the copies must be older than the racy margin to be remembered
-    settings = settings_for(index, verify_cache_dir=tmp_path / "verified")
+    settings = settings_for(index, verify_cache_dir=tmp_path / "verified", verify_shards="before_ready")
     caplog.set_level(logging.INFO, logger="app.engine.assemble")
     load_engine(settings)
     load_engine(settings)
@@ -146,6 +193,25 @@ def test_a_restart_does_not_rehash_unchanged_files_but_catches_a_rewrite(
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(ArtifactError, match=r"sha256 expected"):
         load_engine(settings)
+
+
+def test_a_background_pass_is_remembered_once_every_shard_passed(
+    faiss_index: Path,
+    tmp_path: Path,
+    settings_for,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    index, version = _copy(faiss_index, tmp_path)
+    time.sleep(RACY_MARGIN_NS / 1e9 + 0.2)
+    record = tmp_path / "verified" / f"{version.name}.json"
+    lazy = settings_for(index, verify_cache_dir=tmp_path / "verified", verify_shards="background")
+    engine = load_engine(lazy)
+    assert engine.pending is not None and not record.exists()  # not before the shards passed
+    engine.pending.run()
+    assert record.is_file()
+    caplog.set_level(logging.INFO, logger="app.engine.assemble")
+    load_engine(settings_for(index, verify_cache_dir=tmp_path / "verified", verify_shards="before_ready"))
+    assert _hashed(caplog) == [0]
 
 
 def test_files_changed_within_the_racy_margin_are_not_remembered(faiss_index: Path, tmp_path: Path) -> None:
@@ -193,7 +259,7 @@ def test_an_unwritable_record_location_still_loads(
     blocker.write_text("not a directory")
     caplog.set_level(logging.INFO)
     time.sleep(RACY_MARGIN_NS / 1e9 + 0.2)
-    engine = load_engine(settings_for(index, verify_cache_dir=blocker / "verified"))
+    engine = load_engine(settings_for(index, verify_cache_dir=blocker / "verified", verify_shards="before_ready"))
     assert engine.manifest.n_items == 18
     assert any(r.getMessage() == "verification not remembered" for r in caplog.records)
 

@@ -331,7 +331,9 @@ async def healthz() -> Health:
 async def readyz(state: Annotated[AppState, Depends(get_state)]) -> Health:
     if state.draining:
         raise NotReady("the service is shutting down")
-    state.require_engine()
+    engine = state.require_engine()
+    if engine.pending is not None and engine.pending.failure is not None:
+        raise NotReady("an index shard failed verification (logged); this replica cannot answer every search")
     # Ready to search whatever the catalogue database does: a search never needs it. Degraded writes are said.
     if state.catalogue is not None and not state.catalogue.status.ok:
         return Health(status="ready", detail=f"catalogue: {state.catalogue.status.reason}; writes may be refused")
