@@ -328,6 +328,7 @@ def startup_args(run: Runner, size: dict[str, Any]) -> list[str]:
         *("--items", str(size["items"]), "--categories", str(size["categories"]), "--repeats", str(size["repeats"])),
         *("--model", MODEL, "--work", run.rel(run.work / "startup"), "--out", run.rel(run.raw)),
         *(["--scenarios", *size["scenarios"]] if "scenarios" in size else []),
+        *("--verify", "background"),  # the service's default (VPS_VERIFY_SHARDS)
     ]
 
 
@@ -444,7 +445,7 @@ def part_startup(run: Runner, size: dict[str, Any]) -> list[Figure]:
     starts = f"standard deviation of {size['repeats']} starts"
     figures = []
     for scenario in big:  # the scenarios measured, in the script's order
-        key = scenario.replace(", ", "-").replace(" start", "")
+        key = scenario.split(" · ")[0].replace(", ", "-").replace(" start", "")  # "cold, first start · background"
         big_walls = [r["wall_to_ready_s"] for r in big[scenario]["all"]]
         demo_walls = [r["wall_to_ready_s"] for r in demo[scenario]["all"]]
         wall = big[scenario]["median"]["wall_to_ready_s"]
