@@ -86,6 +86,8 @@ class ShadowSampler:
                 return  # a page past the first is compared with nothing: the exhaustive ranking's top is not it
             if len(outcome.probes) + len(outcome.added) >= len(engine.shards):
                 return  # the routed search already was exhaustive
+            if engine.pending is not None and engine.pending.failure is not None:
+                return  # a shard was refused: an every-shard search would fail, and /readyz already says so
             routed = tuple(str(h.item["sku"]) for h in outcome.results)
             self._worker.put(ShadowJob(engine, outcome.vector, params, routed))
         except Exception:

@@ -248,3 +248,39 @@ def test_sample_zero_starts_no_thread_and_counts_nothing(faiss_index: Path, tiny
             _search(base, sku)
         assert _shadow(base) == {"same": 0, "top1_missed": 0, "topk_missed": 0, "dropped": 0, "errors": 0}
         assert _value(httpx.get(f"{base}/metrics").text, "vps_top_score_count") == 2
+
+
+def test_no_shadow_search_once_a_shard_is_refused(faiss_index: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """A replica with a refused shard (VPS_VERIFY_SHARDS=background) still answers searches that avoid it; their
+    every-shard shadow would only fail on it, so none is queued and no shadow error is counted."""
+    import shutil
+
+    from app.artifacts.manifest import read_manifest, resolve_current
+    from app.service.metrics import SHADOW_OUTCOMES, Metrics
+    from app.service.shadow import ShadowSampler
+
+    index = tmp_path / "index"
+    shutil.copytree(faiss_index, index, copy_function=shutil.copyfile)
+    version = resolve_current(index)
+    shard = version / read_manifest(version).categories[0].shard  # "apple"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    engine = load_engine(Settings(index_dir=index, model_dir=tiny_model, verify_shards="background"))
+    assert engine.pending is not None
+    params = SearchParams(k=1, probe_mass=0.01, max_probes=1, fill_max_probes=0)
+    with pytest.raises(Exception, match="shard"):
+        engine.search_image(encode(product_image("red-apple", 1)), params)  # routes to the refused shard
+    outcome = engine.search_image(encode(product_image("blue-milk", 1)), params)  # routes to milk only
+    assert len(outcome.probes) == 1 and engine.pending.failure is not None
+    metrics = Metrics()
+    sampler = ShadowSampler(1.0, 8, metrics, seed=0)
+    sampler.start()
+    try:
+        sampler.offer(engine, params, outcome)
+        time.sleep(0.3)
+    finally:
+        sampler.stop()
+    assert metrics.registry.get_sample_value("vps_routing_shadow_errors_total") == 0
+    outcomes = [metrics.registry.get_sample_value("vps_routing_shadow_total", {"outcome": o}) for o in SHADOW_OUTCOMES]
+    assert outcomes == [0] * len(SHADOW_OUTCOMES)  # skipped, not searched
