@@ -28,6 +28,7 @@ Backend = Literal["faiss", "hnswlib", "faiss-sq8"]
 # float row (0.8-0.9 points lower at 128 and 256, scores within 0.0011).
 DEFAULT_RESCORE_FACTOR = 1
 CURRENT_FILE = "CURRENT"
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))  # files hashed at once (hashlib releases the GIL)
 MANIFEST_FILE = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -160,14 +161,14 @@ class IndexFiles:
         if missing:
             raise ArtifactError(f"manifest {version_dir}: files not listed in the manifest: {sorted(missing)}")
         self.manifest, self.remembered = manifest, remembered
-        self.paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
+        self._paths = {rel: safe_join(version_dir, rel) for rel in manifest.files}
         self._stat_time_ns = time.time_ns()
-        self._identities = {rel: _checked_identity(self.paths[rel], e.size) for rel, e in manifest.files.items()}
+        self._identities = {rel: _checked_identity(self._paths[rel], e.size) for rel, e in manifest.files.items()}
         self._verified: set[str] = set()
         self._lock = threading.Lock()
 
     def path(self, rel: str) -> Path:
-        return self.paths[rel]
+        return self._paths[rel]
 
     def verify(self, rels: Iterable[str]) -> int:
         """Hash `rels` (those not remembered nor verified already) and check them; returns how many were hashed.
@@ -176,21 +177,21 @@ class IndexFiles:
             todo = [r for r in dict.fromkeys(rels) if r not in self._verified]
         to_hash = [r for r in todo if self._remembered_sha(r) != self.manifest.files[r].sha256]
         # Hashing is most of the load time of a large index; hashlib releases the GIL, so files hash in parallel.
-        if len(to_hash) == 1:  # a shard verified on its own: no pool to start
-            hashed = {to_hash[0]: _hash_with_identity(self.paths[to_hash[0]])}
+        if len(to_hash) <= 1:  # a shard verified on its own: no pool to start
+            hashed = {r: _hash_with_identity(self._paths[r]) for r in to_hash}
         else:
-            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-                digests = pool.map(_hash_with_identity, [self.paths[r] for r in to_hash])
+            with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+                digests = pool.map(_hash_with_identity, [self._paths[r] for r in to_hash])
                 hashed = dict(zip(to_hash, digests, strict=True))
         for rel, (identity, digest) in hashed.items():
             if identity != self._identities[rel]:  # replaced or rewritten since the size check: not what was checked
-                raise ArtifactError(f"index file {self.paths[rel]}: changed while being verified")
+                raise ArtifactError(f"index file {self._paths[rel]}: changed while being verified")
             expected = self.manifest.files[rel].sha256
             if digest != expected:
-                raise ArtifactError(f"index file {self.paths[rel]}: sha256 expected {expected}, got {digest}")
+                raise ArtifactError(f"index file {self._paths[rel]}: sha256 expected {expected}, got {digest}")
         for rel in set(todo) - hashed.keys():  # remembered: still the file whose identity was remembered?
-            if _checked_identity(self.paths[rel], self.manifest.files[rel].size) != self._identities[rel]:
-                raise ArtifactError(f"index file {self.paths[rel]}: changed while being verified")
+            if _checked_identity(self._paths[rel], self.manifest.files[rel].size) != self._identities[rel]:
+                raise ArtifactError(f"index file {self._paths[rel]}: changed while being verified")
         with self._lock:
             self._verified.update(todo)
         return len(to_hash)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from app.artifacts.manifest import IndexFiles
+from app.artifacts.manifest import HASH_THREADS, IndexFiles
 from app.artifacts.shards import ShardIndex
 from app.errors import ArtifactError, ShardUnavailable
 
@@ -101,7 +100,7 @@ class PendingShards:
 
     def __init__(self, files: IndexFiles, shards: list[PendingShard], threads: int | None = None) -> None:
         self.files, self.shards = files, shards
-        self.threads = threads or max(1, min(4, os.cpu_count() or 1))  # as many as verify_files hashes with
+        self.threads = threads or HASH_THREADS
         self.done = threading.Event()
         self._stop = threading.Event()
 

@@ -33,6 +33,7 @@ import uvicorn
 
 from app.artifacts.manifest import resolve_current
 from app.engine.embedding import Embedder
+from app.engine.pending import PendingShards
 from app.engine.search import SearchEngine
 from app.errors import ArtifactError, ShardUnavailable
 from app.service.config import Settings
@@ -58,13 +59,12 @@ class IndexReloader:
         live = self._state.engine
         # The model does not change between index versions: reuse its ONNX session (the manifest check refuses
         # an index built with another model).
-        engine = self._loader(self._state.settings, live.embedder if live is not None else None)
+        settings = self._state.settings
+        if live is not None:  # a swap goes live fully verified, as before: the old version serves meanwhile
+            settings = settings.model_copy(update={"verify_shards": "before_ready"})
+        engine = self._loader(settings, live.embedder if live is not None else None)
         if live is not None:
             engine.decode_budget = live.decode_budget  # one decode budget per process, across versions
-            if engine.pending is not None:
-                # A swap goes live fully verified, as before: the old version serves meanwhile.
-                engine.pending.run()
-                engine.pending = None
         try:
             self._warm_up(engine, self._state.settings.warmup_queries)
         except ShardUnavailable:  # a first start's warm-up met a shard that failed its hash: refused, as before
@@ -101,7 +101,8 @@ class IndexReloader:
             old = state.engine
             state.engine = engine  # the swap: one reference assignment
             if engine.pending is not None:  # a first start: its shards verify after ready (app/engine/pending.py)
-                threading.Thread(target=_verify_pending, args=(engine,), name="vps-verify-shards", daemon=True).start()
+                pending = engine.pending
+                threading.Thread(target=_verify_pending, args=(pending,), name="vps-verify-shards", daemon=True).start()
             if state.catalogue is not None:
                 # Writes applied to the old engine between the catch-up and the swap.
                 await anyio.to_thread.run_sync(state.catalogue.catch_up, engine)
@@ -132,11 +133,10 @@ class IndexReloader:
                 log.exception("index watch failed")
 
 
-def _verify_pending(engine: SearchEngine) -> None:
+def _verify_pending(pending: PendingShards) -> None:
     """The background pass of a first start; a refused shard is logged by it and turns /readyz 503."""
-    assert engine.pending is not None  # noqa: S101 - only started for an engine with pending shards
     with contextlib.suppress(ArtifactError):
-        engine.pending.run()
+        pending.run()
 
 
 def _current_name(settings: Settings) -> str | None:

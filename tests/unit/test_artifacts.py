@@ -72,7 +72,7 @@ def test_deferred_shards_are_hashed_before_their_first_read(faiss_index: Path, t
     assert shard.name in str(err.value) and engine.pending.loaded == 2 and engine.pending.done.is_set()
 
 
-def test_deferred_shards_search_as_verified_ones_and_load_once(faiss_index: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
+def test_deferred_shards_search_as_verified_ones_from_many_threads(faiss_index: Path, settings_for) -> None:  # type: ignore[no-untyped-def]
     eager = load_engine(settings_for(faiss_index, verify_shards="before_ready"))
     lazy = load_engine(settings_for(faiss_index, verify_shards="background"))
     assert eager.pending is None and lazy.pending is not None
