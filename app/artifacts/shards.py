@@ -58,7 +58,7 @@ def _read_faiss(path: Path, mmap: bool) -> Any:
 def _float_view(flat: Any, n: int, d: int) -> np.ndarray:
     """A flat index's float vectors as a read-only view of its (memory-mapped) storage: no copy. The caller keeps
     the index's owner alive as long as the view."""
-    view: np.ndarray = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined]
+    view: np.ndarray = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)  # type: ignore[attr-defined,unused-ignore]  # faiss stubs differ by release
     view.setflags(write=False)
     return view
 
