@@ -28,6 +28,10 @@ from app.errors import ArtifactError, ShardUnavailable
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    return None
+
+
 class PendingShard:
     """A ShardIndex whose file is verified and loaded on first use. `dim` and `ntotal` come from the manifest,
     checked against the loaded index when it loads."""
@@ -36,6 +40,7 @@ class PendingShard:
         self.rel, self._files, self._dim, self._n, self._load = rel, files, dim, n_vectors, load
         self._index: ShardIndex | None = None
         self.error: str | None = None  # why it was refused (logged once, never sent to a client)
+        self.settled: Callable[[], None] = _nothing  # called once it is loaded or refused (PendingShards.watch)
         self._lock = threading.Lock()
 
     @property
@@ -50,6 +55,7 @@ class PendingShard:
         with self._lock:
             if self._index is None and self.error is None:
                 self._verify_and_load()
+                self.settled()
             if self._index is None:
                 raise ShardUnavailable()
             return self._index
@@ -107,6 +113,16 @@ class PendingShards:
     @property
     def loaded(self) -> int:
         return sum(s.loaded for s in self.shards)
+
+    @property
+    def refused(self) -> int:
+        return sum(s.error is not None for s in self.shards)
+
+    def watch(self, listener: Callable[[PendingShards], None]) -> None:
+        """Call `listener(self)` now and each time a shard is loaded or refused (the service's shard gauges)."""
+        for shard in self.shards:
+            shard.settled = lambda: listener(self)
+        listener(self)
 
     @property
     def failure(self) -> str | None:

@@ -100,6 +100,7 @@ class IndexReloader:
                 return ReloadOutcome("unchanged", previous, previous, load_s=load_s)
             old = state.engine
             state.engine = engine  # the swap: one reference assignment
+            _watch_shards(state, engine)
             if engine.pending is not None:  # a first start: its shards verify after ready (app/engine/pending.py)
                 pending = engine.pending
                 threading.Thread(target=_verify_pending, args=(pending,), name="vps-verify-shards", daemon=True).start()
@@ -131,6 +132,21 @@ class IndexReloader:
                 await self.reload(only_if_changed=True)
             except Exception:  # the watch must outlive any surprise; the reason is logged
                 log.exception("index watch failed")
+
+
+def _watch_shards(state: AppState, engine: SearchEngine) -> None:
+    """vps_index_shards follows the live engine: all verified, or its pending shards as each settles."""
+    metrics = state.metrics
+    if engine.pending is None:
+        metrics.set_shards(len(engine.shards), 0, 0)
+        return
+
+    def update(pending: PendingShards) -> None:
+        if state.engine is engine:  # an engine swapped out since must not overwrite the live one's figures
+            loaded, refused = pending.loaded, pending.refused
+            metrics.set_shards(loaded, len(pending.shards) - loaded - refused, refused)
+
+    engine.pending.watch(update)
 
 
 def _verify_pending(pending: PendingShards) -> None:

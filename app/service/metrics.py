@@ -24,6 +24,7 @@ _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 _SCORE_BUCKETS = (-0.5, 0.0, 0.2, *(round(0.3 + 0.05 * i, 2) for i in range(14)), 0.975, 1.0)  # 0.3-0.95 by 0.05
 # Outcomes of a shadow search (app/service/shadow.py: compare), routed top-k against the every-shard top-k.
 SHADOW_OUTCOMES = ("same", "top1_missed", "topk_missed")
+SHARD_STATES = ("verified", "pending", "refused")
 CATALOGUE_OPS = ("put_product", "add_images", "delete_image", "delete_product")
 
 
@@ -151,6 +152,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.index_shards = Gauge(
+            "vps_index_shards",
+            "Shards of the live index by state: verified (hashed and loaded), pending (verified after ready, not yet: "
+            "VPS_VERIFY_SHARDS=background), refused (failed verification: searches that need it answer 503)",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        for shard_state in SHARD_STATES:
+            self.index_shards.labels(state=shard_state)
         self.index_reloads = Counter("vps_index_reloads", "Index loads by result", ["result"], registry=r)
         for result in ("success", "failed"):
             self.index_reloads.labels(result=result)
@@ -180,6 +191,10 @@ class Metrics:
         )
         for result in ("stored", "dropped", "failed"):
             self.captures.labels(result=result)
+
+    def set_shards(self, verified: int, pending: int, refused: int) -> None:
+        for shard_state, n in zip(SHARD_STATES, (verified, pending, refused), strict=True):
+            self.index_shards.labels(state=shard_state).set(n)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         # The labelled child is looked up once per stage, not once per request (labels() takes a lock).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -151,12 +152,21 @@ def test_a_shard_that_fails_its_hash_after_ready_is_never_searched(
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
         assert httpx.get(f"{base}/healthz").status_code == 200
+        n = len(state.engine.categories)
+        assert _shard_gauges(base) == {"verified": n - 1, "pending": 0, "refused": 1}  # what an alert reads
         # The file repaired, a reload of the same version swaps in a fully verified engine: ready again.
         repair()
         reload = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
         assert reload.status_code == 200 and reload.json()["result"] == "success", reload.text
         assert httpx.get(f"{base}/readyz").status_code == 200
+        assert _shard_gauges(base) == {"verified": n, "pending": 0, "refused": 0}
         assert httpx.post(f"{base}/search", params={"category": category}, content=_query()).status_code == 200
+
+
+def _shard_gauges(base: str) -> dict[str, int]:
+    text = httpx.get(f"{base}/metrics").text
+    found = re.findall(r'^vps_index_shards\{state="(\w+)"\} ([0-9.]+)$', text, re.MULTILINE)
+    return {name: int(float(value)) for name, value in found}
 
 
 def test_a_corrupt_shard_refuses_the_start_when_verified_first(

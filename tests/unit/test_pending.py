@@ -119,3 +119,19 @@ def test_a_stopped_pass_leaves_the_remaining_shards_to_their_first_search(faiss_
     assert [loader.calls for loader in loaders[1:]] == [0] * (len(shards) - 1)
     shards[1].ready()  # a search still verifies and loads it
     assert loaders[1].calls == 1
+
+
+def test_a_watch_hears_each_shard_settle_loaded_or_refused(faiss_index: Path, tmp_path: Path) -> None:
+    """What the service's vps_index_shards gauges read: (loaded, refused) now, then after each shard settles."""
+    files, manifest, version = _setup(faiss_index, tmp_path)
+    _flip(version / manifest.categories[1].shard)
+    shards, _ = _pending(files, manifest, version)
+    passes = PendingShards(files, shards, threads=1)
+    heard: list[tuple[int, int]] = []
+    passes.watch(lambda p: heard.append((p.loaded, p.refused)))
+    shards[0].ready()
+    with pytest.raises(ShardUnavailable):
+        shards[1].ready()
+    with pytest.raises(ShardUnavailable):
+        shards[1].ready()  # refused for good: not heard again
+    assert heard == [(0, 0), (1, 0), (1, 1)]
