@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,9 +90,23 @@ def measured() -> dict[str, object]:
     return MEASURED
 
 
+def _cpu() -> str:
+    """The CPU and its VNNI flags: int8 models may compute differently without VNNI (app/offline/export/quantize.py)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    first = info.split("\n\n", 1)[0]  # one processor's block
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = fields.get("flags", "").split()
+    vnni = [f for f in flags if "vnni" in f]
+    return f"{fields.get('model name', '?')}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if MEASURED:
         terminalreporter.section("measured on the shared dataset")
+        terminalreporter.write_line(f"cpu: {_cpu()}")
         for key, value in MEASURED.items():
             terminalreporter.write_line(f"{key}: {value}")
 

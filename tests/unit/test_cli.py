@@ -142,7 +142,7 @@ def test_the_default_model_is_found_from_any_directory(catalogue: Path, tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
-        f"model: grocery-lite1-ms512-sp208-int8 1.0.0 sha256 9ea2def86101 ({SHIPPED_MODEL_DIR}, the shipped default)"
+        f"model: grocery-lite1-ms512-sp208-int8 1.1.0 sha256 552b984c78b0 ({SHIPPED_MODEL_DIR}, the shipped default)"
         in (result.stdout)
     )
     assert (tmp_path / "index_data" / "CURRENT").is_file()  # --out is still relative to where it runs
