@@ -37,7 +37,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from app.artifacts.hashing import sha256_file
 from app.engine.embedding import ModelCard
-from app.offline.datasets.catalogue import read_catalogue
+from app.offline.datasets.catalogue import CatalogueRow, read_catalogue
 from app.offline.datasets.images import model_input, read_photo
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,17 @@ def float_nodes(model_path: Path, float_blocks: int) -> list[str]:
     return early + tail
 
 
+def _calibration_batches(
+    card: ModelCard, calibration_csv: Path, images_root: Path, n_images: int, seed: int
+) -> tuple[list[CatalogueRow], list[np.ndarray]]:
+    """A seeded sample of the catalogue's photos, as the model's input, in batches of 16."""
+    rows, _ = read_catalogue(calibration_csv)
+    rng = np.random.default_rng(seed)
+    chosen = [rows[i] for i in sorted(rng.choice(len(rows), size=min(n_images, len(rows)), replace=False))]
+    arrays = [model_input(read_photo(images_root, r.image), card.input) for r in chosen]
+    return chosen, [np.stack(arrays[i : i + 16]) for i in range(0, len(arrays), 16)]
+
+
 def quantize_model(
     model_dir: Path,
     calibration_csv: Path,
@@ -94,11 +105,7 @@ def quantize_model(
     reduce_range: bool = True,
 ) -> ModelCard:
     card = ModelCard.load(model_dir)
-    rows, _ = read_catalogue(calibration_csv)
-    rng = np.random.default_rng(seed)
-    chosen = [rows[i] for i in sorted(rng.choice(len(rows), size=min(n_images, len(rows)), replace=False))]
-    arrays = [model_input(read_photo(images_root, r.image), card.input) for r in chosen]
-    batches = [np.stack(arrays[i : i + 16]) for i in range(0, len(arrays), 16)]
+    chosen, batches = _calibration_batches(card, calibration_csv, images_root, n_images, seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
