@@ -2,8 +2,9 @@
 
     python scripts/bench_largest_shard.py --n 1229391 --graph 16:80 32:200 --out docs/bench
 
-Every search of that run probed one shard (router top-1 1.0), so a 10M node's recall@10 is at least its largest
-shard's and its latency at most that shard's: this shard bounds the node, and builds in an eighth of the time.
+Every search of that run probed one shard (router top-1 1.0), and smaller shards recalled better in scratch runs,
+so a 10M node's recall@10 is at least its largest shard's; that shard's latency here, with its file cached, is a
+lower bound for the node's worst case (the 10M run's p99 was higher: page faults). It builds in an eighth of the time.
 A 10M build at the service's build default (M32/efConstruction 200) takes longer than a session on this machine;
 this measures what it would give.
 

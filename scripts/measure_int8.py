@@ -4,8 +4,9 @@ blocks left in float, each measured for recall as scripts/compare_models.py meas
     python scripts/measure_int8.py --dataset ../shared/datasets/grocery-store --model models/grocery-lite1-ms512 \
         --variants percentile:128:4 minmax:256:4 --out docs/bench --tag lite1
 
-A variant is METHOD:PHOTOS:FLOAT_BLOCKS. Calibration photos are drawn from the train split (seed 0). Writes
-<out>/measure_int8-TAG.json and .md; the quantised models stay under --work.
+A variant is METHOD:PHOTOS:FLOAT_BLOCKS. Weights are 7-bit, as `vps quantize-model`'s default; `--full-range` gives
+8-bit weights, which the outputs committed before model 1.1.0 used. Calibration photos are drawn from the train
+split (seed 0). Writes <out>/measure_int8-TAG.json and .md; the quantised models stay under --work.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vps-int8")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--full-range", action="store_true", help="8-bit weights (the runs before model 1.1.0)")
     args = ap.parse_args()
 
     calibration = args.work / "train.csv"
@@ -60,7 +62,7 @@ def main() -> None:
         t0 = time.perf_counter()
         quantize_model(
             args.model, calibration, args.dataset, out, n_images=int(photos), method=method,  # type: ignore[arg-type]
-            float_blocks=int(float_blocks),
+            float_blocks=int(float_blocks), reduce_range=not args.full_range,
         )  # fmt: skip
         rows.append({"variant": variant, "quantise_s": round(time.perf_counter() - t0, 1), **recall(out, args.dataset)})
         print(json.dumps(rows[-1]), flush=True)

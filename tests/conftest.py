@@ -98,7 +98,9 @@ def _cpu() -> str:
         return platform.processor() or "unknown"
     first = info.split("\n\n", 1)[0]  # one processor's block
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
-    flags = fields.get("flags", "").split()
+    if "flags" not in fields:  # not x86 (ARM says "Features")
+        return fields.get("model name", platform.processor() or "unknown")
+    flags = fields["flags"].split()
     vnni = [f for f in flags if "vnni" in f]
     return f"{fields.get('model name', '?')}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
 
