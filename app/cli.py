@@ -693,8 +693,14 @@ def train(
         Path | None, typer.Option(exists=True, file_okay=False, help="Root of the pairs' anchor photos")
     ] = None,
     hard_share: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of each batch's SKUs drawn as confused pairs")
-    ] = 0.5,
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of each batch's SKUs drawn as confused pairs (0: the anchors only; two seeds measured "
+            "no gain from pairs, docs/capture.md)",
+        ),
+    ] = 0.0,
     studio_pairs: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="Catalogue CSV of studio shots paired with shelf photos"),
