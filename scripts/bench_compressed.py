@@ -37,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,19 @@ CHUNK = 200_000  # rows generated, normalised or scanned at a time (200k x 512 f
 
 
 # --- data -------------------------------------------------------------------------------------------------------
+def write_unit_rows(path: Path, n: int, dim: int, rows: Callable[[int, int], np.ndarray]) -> None:
+    """n float32 rows made CHUNK at a time by `rows(start, count)`, in order, normalised to unit length and written
+    to a .npy file that appears whole or not at all."""
+    tmp = path.with_suffix(".tmp.npy")
+    x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    for i in range(0, n, CHUNK):
+        chunk = rows(i, min(CHUNK, n - i))
+        x[i : i + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    x.flush()
+    del x
+    os.replace(tmp, path)
+
+
 def powerlaw_memmap(
     n: int, n_cat: int, dim: int, n_queries: int, spectra: dict[str, Any], work: Path
 ) -> dict[str, Any]:
@@ -84,14 +98,7 @@ def powerlaw_memmap(
         for i in range(0, n_sku, CHUNK):
             m = min(CHUNK, n_sku - i)
             sku_centres[i : i + m] = cat_centres[sku_cat[i : i + m]] + spread(m, "sku")
-        x = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32, shape=(n, dim))
-        for i in range(0, n, CHUNK):
-            m = min(CHUNK, n - i)
-            rows = spread(m, "photo") + sku_centres[np.arange(i, i + m) // 5]
-            x[i : i + m] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-        x.flush()
-        del x
-        os.replace(path.with_suffix(".tmp.npy"), path)
+        write_unit_rows(path, n, dim, lambda i, m: spread(m, "photo") + sku_centres[np.arange(i, i + m) // 5])
         q_sku = rng.integers(0, n_sku, size=2 * n_queries)
         q = sku_centres[q_sku] + spread(len(q_sku), "photo")
         q /= np.linalg.norm(q, axis=1, keepdims=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from bench_compressed import mapped_resident, read_into_cache
+from bench_compressed import CHUNK, mapped_resident, read_into_cache, write_unit_rows
 from bench_search import cached_build, demo, level_spread, measure
 from benchlib import write_report
 
@@ -35,7 +35,6 @@ from app.artifacts.shards import FaissHnswSq8Shard, build_shard
 from app.engine.search import MIN_FETCH
 
 K = 10
-CHUNK = 200_000
 
 
 def one_category(n: int, dim: int, n_queries: int, spectra: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -52,14 +51,7 @@ def one_category(n: int, dim: int, n_queries: int, spectra: dict[str, Any], work
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     path = work / f"category-{n}.npy"
     if not path.exists():
-        x = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32, shape=(n, dim))
-        for i in range(0, n, CHUNK):
-            m = min(CHUNK, n - i)
-            rows = spread(m, "photo") + sku[np.arange(i, i + m) // 5]
-            x[i : i + m] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-        x.flush()
-        del x
-        path.with_suffix(".tmp.npy").replace(path)
+        write_unit_rows(path, n, dim, lambda i, m: spread(m, "photo") + sku[np.arange(i, i + m) // 5])
     x = np.load(path, mmap_mode="r")
     flat = faiss.IndexFlatIP(dim)
     for i in range(0, n, CHUNK):

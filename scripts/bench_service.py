@@ -110,6 +110,8 @@ def thread_cpu_s(proc: psutil.Process) -> dict[str, float]:
     event loop: HTTP parsing, routing, validation, serialisation, logging), `other` the rest (the search pool,
     ONNX Runtime's and faiss's threads). Python 3.11 does not name OS threads, so no finer split by name.
     Empty where /proc is missing (not Linux)."""
+    if not Path("/proc/self/task").is_dir():
+        return {}
     tick = os.sysconf("SC_CLK_TCK")
     out = {"loop": 0.0, "other": 0.0}
     for p in [proc, *proc.children(recursive=True)]:
@@ -123,8 +125,8 @@ def thread_cpu_s(proc: psutil.Process) -> dict[str, float]:
                 fields = (tasks / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # the thread ended
-            out["loop" if tid == p.pid else "other"] += (int(fields[11]) + int(fields[12])) / tick
-    return out if Path("/proc/self/task").is_dir() else {}
+            out["loop" if tid == p.pid else "other"] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
 
 
 def cpu_round(

@@ -12,9 +12,9 @@ photo in memory: 256 photos of Lite1 at 240 px took more than 21 GB, 128 fit.
 Weights are 7-bit (`reduce_range`, -64..64) by default. The 8-bit default model (grocery-lite1-ms512-sp208-int8
 1.0.0) measured val recall@1 0.848 on one machine (AMD EPYC, AVX-512 VNNI) and 0.821 in a CI run on another (its
 CPU not recorded), same commit and wheels, while every fp32 model measured the same to three decimals on both.
-The likely cause (that CI machine's CPU was not recorded), documented by ONNX Runtime: without VNNI its uint8 x int8
-kernel (VPMADDUBSW) sums pairs of products in a saturating int16, and 255 x 127 x 2 > 32767; 255 x 64 x 2 = 32640
-fits, so 7-bit weights avoid that saturation. Not measured on a CPU without VNNI (none was available)."""
+The likely cause, documented by ONNX Runtime: without VNNI its uint8 x int8 kernel (VPMADDUBSW) sums pairs of
+products in a saturating int16, and 255 x 127 x 2 > 32767; 255 x 64 x 2 = 32640 fits, so 7-bit weights avoid that
+saturation. Not measured on a CPU without VNNI (none was available)."""
 
 from __future__ import annotations
 
